@@ -1,0 +1,1807 @@
+#!/usr/bin/env python3
+"""kohaku-overlay host: the hub of a hub-and-spoke VXLAN overlay for a container cluster.
+
+One Host routes between up to 255 Runners. Each runner N gets the subnet 10.N.0.0/16 (by
+default) and a point-to-point VXLAN tunnel to the host (`vxkr<base36 N>` here, `vxlan0` there).
+Runners register over a small JSON HTTP API; the host allocates ids, builds the tunnels, keeps
+the FORWARD rules, the firewalld trusted zone and the VXLAN source filter in place, and
+persists every allocation so that a restart (or a crash) never costs a tunnel.
+
+Usage:
+    kohaku_overlay_host.py serve   [--config F] [--dry-run]
+    kohaku_overlay_host.py status  [--config F] [--json] [--ascii]
+    kohaku_overlay_host.py release NAME [--config F] [--yes]
+    kohaku_overlay_host.py cleanup [--config F] [--yes]
+    kohaku_overlay_host.py down    [--config F] [--dry-run]
+
+Exit codes: 0 success, 1 failure (an API error, a command that failed), 2 bad usage or config.
+
+Files: the config (~/.kohakuriver/host_config.py), the state file (OVERLAY_STATE_FILE,
+default /var/lib/kohakuriver/overlay-state.json), its lock `<state>.lock` (held around every
+read-modify-write) and `<state>.serve.lock` (held by `serve` for its whole life).
+"""
+
+import argparse
+import ast
+import collections
+import difflib
+import errno
+import fcntl
+import hmac
+import http.client
+import io
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+from urllib.parse import unquote
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("kohaku-overlay-host")
+
+# ---------------------------------------------------------------------------------------------
+# Constants and defaults
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG = "~/.kohakuriver/host_config.py"
+
+# name -> (type, default). The one place the host's configuration is described.
+CONFIG_KEYS = collections.OrderedDict([
+    ("HOST_REACHABLE_ADDRESS", (str, "")),
+    ("HOST_BIND_IP", (str, "0.0.0.0")),
+    ("HOST_PORT", (int, 8000)),
+    ("OVERLAY_ENABLED", (bool, False)),
+    ("OVERLAY_BRIDGE_NAME", (str, "kohaku-overlay")),
+    ("OVERLAY_HOST_IP", (str, "10.0.0.1")),
+    ("OVERLAY_HOST_PREFIX", (int, None)),  # None: the layout's NETWORK_PREFIX
+    ("OVERLAY_SUBNET", (str, "10.0.0.0/8/8/16")),
+    ("OVERLAY_VXLAN_ID", (int, 100)),
+    ("OVERLAY_VXLAN_PORT", (int, 4789)),
+    ("OVERLAY_MTU", (int, 1450)),
+    ("OVERLAY_STATE_FILE", (str, "/var/lib/kohakuriver/overlay-state.json")),
+    ("OVERLAY_TOKEN", (str, "")),
+    ("OVERLAY_INACTIVE_AFTER", (int, 30)),
+    ("OVERLAY_VXLAN_SOURCE_FILTER", (bool, True)),
+    ("OVERLAY_REPAIR_INTERVAL", (int, 10)),
+])
+
+HOST_DEVICE = "kohaku-host"
+DEVICE_PREFIX = "vxkr"
+RULE_COMMENT = "kohaku-overlay"
+FILTER_CHAIN = "KOHAKU-VXLAN"
+TRUSTED_ZONE = "trusted"
+
+MAX_BODY = 64 * 1024            # a registration is a few hundred bytes
+MAX_HEADER = 16 * 1024
+REQUEST_DEADLINE = 5.0          # seconds a client gets to send its whole request
+MAX_CONNECTIONS = 1024          # open connections; more are closed at once
+MAX_WORKERS = 32                # threads that run handlers (registration waits on a commit)
+MAX_PENDING = 512               # complete requests waiting for a worker; more get 503
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+STATE_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class OverlayError(Exception):
+    """An error the operator can act on: printed as one sentence, exit 1."""
+    exit_code = 1
+
+
+class ConfigError(OverlayError):
+    """Bad configuration or usage: exit 2."""
+    exit_code = 2
+
+
+class CommandError(OverlayError):
+    """An external command failed; carries its argv, exit code and stderr."""
+
+    def __init__(self, argv, returncode, stderr):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = (stderr or "").strip()
+        detail = self.stderr.splitlines()[-1] if self.stderr else "no error output"
+        super(CommandError, self).__init__(
+            "`{}` failed with exit code {}: {}".format(
+                " ".join(shlex.quote(a) for a in argv), returncode, detail))
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status and one sentence."""
+
+    def __init__(self, status, message):
+        super(ApiError, self).__init__(message)
+        self.status = int(status)
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# The command wrapper: the only door to subprocess
+# ---------------------------------------------------------------------------------------------
+
+DRY_RUN = False
+PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "iptables": "iptables",
+            "iptables-restore": "iptables", "firewall-cmd": "firewalld", "sysctl": "procps"}
+SPAWNED = [0]   # processes started, for the benchmark and the process-count tests
+
+Result = collections.namedtuple("Result", "returncode stdout stderr")
+
+
+def run(argv, check=True, mutates=True, input=None, timeout=60, echo=True):
+    """Run argv (a list, never a shell string) and return Result.
+
+    Mutating commands are logged as `[#] cmd`; under --dry-run they are printed and skipped
+    while read-only probes (mutates=False) still run.
+    """
+    shown = " ".join(shlex.quote(a) for a in argv)
+    if mutates and echo:
+        if DRY_RUN:
+            print("[#] " + shown)
+        else:
+            log.info("[#] %s", shown)
+    if mutates and DRY_RUN:
+        return Result(0, "", "")
+    SPAWNED[0] += 1
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise OverlayError("{} is not installed: install the {} package".format(
+                argv[0], PACKAGES.get(argv[0], argv[0])))
+        raise OverlayError("cannot run {}: {}".format(argv[0], exc.strerror))
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise OverlayError("`{}` did not finish within {} s".format(shown, timeout))
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, err)
+    return Result(proc.returncode, out, err)
+
+
+def run_ip_batch(lines, check=True):
+    """Run many `ip` commands in one process (`ip -force -batch -`); each is logged on its own."""
+    if not lines:
+        return Result(0, "", "")
+    for line in lines:
+        if DRY_RUN:
+            print("[#] ip " + line)
+        else:
+            log.info("[#] ip %s", line)
+    return run(["ip", "-force", "-batch", "-"], check=check, input="\n".join(lines) + "\n",
+               echo=False)
+
+
+def tool_exists(name):
+    return shutil.which(name) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: KohakuRiver-style Python files, parsed, never executed
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe_node(node):
+    names = {ast.Import: "an import", ast.ImportFrom: "an import", ast.FunctionDef: "a function",
+             ast.ClassDef: "a class", ast.Expr: "an expression", ast.If: "an if statement",
+             ast.For: "a loop", ast.While: "a loop", ast.With: "a with statement",
+             ast.AugAssign: "an augmented assignment"}
+    return names.get(type(node), "a {} statement".format(type(node).__name__))
+
+
+def _is_string(node):
+    try:
+        return isinstance(ast.literal_eval(node), str)
+    except ValueError:
+        return False
+
+
+def read_config(path, keys, explicit):
+    """Read NAME = literal lines from a config file into a dict of known keys.
+
+    Unknown names are a warning naming the line; statements that are not literal assignments
+    and values of the wrong type are a ConfigError naming the line or the key.
+    """
+    values = dict((k, d) for k, (t, d) in keys.items())
+    full = os.path.expanduser(path)
+    try:
+        with open(full, "rb") as fh:
+            source = fh.read()
+    except (IOError, OSError) as exc:
+        if not explicit and exc.errno == errno.ENOENT:
+            log.debug("no config at %s, using defaults", full)
+            return values
+        raise ConfigError("cannot read config {}: {}; pass --config with a readable file".format(
+            full, exc.strerror))
+    where = os.path.basename(full)
+    try:
+        tree = ast.parse(source, filename=full)
+    except (SyntaxError, ValueError) as exc:
+        raise ConfigError("{} line {}: not valid Python syntax ({}); fix that line".format(
+            where, getattr(exc, "lineno", "?"), getattr(exc, "msg", exc)))
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and _is_string(node.value):
+            continue  # a docstring or a bare string
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            raise ConfigError("{} line {}: only NAME = value lines are allowed, found {}; "
+                              "remove it".format(where, node.lineno, _describe_node(node)))
+        if not isinstance(target, ast.Name):
+            raise ConfigError("{} line {}: only NAME = value lines are allowed; remove it".format(
+                where, node.lineno))
+        name = target.id
+        if name not in keys:
+            close = difflib.get_close_matches(name, list(keys), n=1)
+            log.warning("%s line %d: unknown key %s%s, ignored", where, node.lineno, name,
+                        " (did you mean {}?)".format(close[0]) if close else "")
+            continue
+        try:
+            literal = ast.literal_eval(value)
+        except ValueError:
+            raise ConfigError("{} line {}: {} must be a plain literal, not an expression that "
+                              "runs code; write the value itself".format(where, node.lineno, name))
+        want = keys[name][0]
+        if type(literal) is not want:  # bool is not an int here, and int is not a bool
+            raise ConfigError("{}: {} must be {}, got {!r} on line {}".format(
+                where, name, {bool: "True or False", int: "an integer", str: "a string"}[want],
+                literal, node.lineno))
+        values[name] = literal
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Addressing: every overlay address comes from here
+# ---------------------------------------------------------------------------------------------
+
+
+def base36(n):
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
+class Layout(object):
+    """OVERLAY_SUBNET = BASE/NETWORK_PREFIX/NODE_BITS/SUBNET_BITS, plus the host address."""
+
+    def __init__(self, spec="10.0.0.0/8/8/16", host_ip="10.0.0.1", host_prefix=None):
+        parts = spec.split("/")
+        if len(parts) != 4:
+            raise ConfigError("OVERLAY_SUBNET {!r} must look like BASE/NETWORK_PREFIX/NODE_BITS/"
+                              "SUBNET_BITS, e.g. \"10.0.0.0/8/8/16\"".format(spec))
+        try:
+            prefix, node_bits, subnet_bits = (int(p) for p in parts[1:])
+            self.network = ipaddress.IPv4Network("{}/{}".format(parts[0], prefix))
+        except ValueError as exc:
+            raise ConfigError("OVERLAY_SUBNET {!r} is not valid ({}); use e.g. "
+                              "\"10.0.0.0/8/8/16\"".format(spec, exc))
+        if prefix + node_bits + subnet_bits != 32 or min(node_bits, subnet_bits) < 1:
+            raise ConfigError("OVERLAY_SUBNET {!r}: NETWORK_PREFIX + NODE_BITS + SUBNET_BITS must "
+                              "be 32 with both bit counts at least 1".format(spec))
+        if subnet_bits < 2:
+            raise ConfigError("OVERLAY_SUBNET {!r}: SUBNET_BITS must be at least 2 so a runner "
+                              "subnet holds a gateway and the host".format(spec))
+        self.prefix, self.node_bits, self.subnet_bits = prefix, node_bits, subnet_bits
+        self.max_id = (1 << node_bits) - 1
+        self.subnet_prefix = prefix + node_bits
+        try:
+            self.host_ip = ipaddress.IPv4Address(host_ip)
+        except ValueError:
+            raise ConfigError("OVERLAY_HOST_IP {!r} is not an IPv4 address".format(host_ip))
+        self.host_prefix = prefix if host_prefix is None else host_prefix
+        if not prefix <= self.host_prefix <= 32:
+            raise ConfigError("OVERLAY_HOST_PREFIX {} must be between {} and 32".format(
+                self.host_prefix, prefix))
+        if self.host_ip not in self.network:
+            raise ConfigError("OVERLAY_HOST_IP {} is outside the overlay network {}; pick an "
+                              "address inside it".format(host_ip, self.network))
+        if int(self.host_ip) - int(self.network.network_address) >= (1 << subnet_bits):
+            raise ConfigError("OVERLAY_HOST_IP {} lies inside runner {}'s subnet; pick an "
+                              "address in {} (node 0 is the host's)".format(
+                                  host_ip, self.node_of(self.host_ip), self.subnet(0)))
+
+    @property
+    def cidr(self):
+        return str(self.network)
+
+    def subnet(self, n):
+        base = int(self.network.network_address) + (n << self.subnet_bits)
+        return ipaddress.IPv4Network((base, self.subnet_prefix))
+
+    def node_of(self, addr):
+        return (int(addr) - int(self.network.network_address)) >> self.subnet_bits
+
+    def gateway(self, n):
+        return self.subnet(n).network_address + 1
+
+    def host_vxlan_ip(self, n):
+        net = self.subnet(n)
+        offset = 254 if net.num_addresses > 256 else net.num_addresses - 2
+        return net.network_address + offset
+
+    def host_vxlan_cidr(self, n):
+        return "{}/{}".format(self.host_vxlan_ip(n), self.subnet_prefix)
+
+    @staticmethod
+    def device(n):
+        return DEVICE_PREFIX + base36(n)
+
+    def id_of_device(self, name):
+        """vxkr<base36> -> id, or None when the name is not one of ours."""
+        if not name.startswith(DEVICE_PREFIX) or len(name) == len(DEVICE_PREFIX):
+            return None
+        digits = name[len(DEVICE_PREFIX):]
+        if not re.match(r"^[0-9a-z]+$", digits) or (len(digits) > 1 and digits[0] == "0"):
+            return None
+        n = int(digits, 36)
+        return n if 1 <= n <= self.max_id else None
+
+    def allocation(self, n, cfg):
+        """The answer to a registration, without the runner's own fields."""
+        return {
+            "runner_id": n,
+            "subnet": str(self.subnet(n)),
+            "gateway": str(self.gateway(n)),
+            "host_overlay_ip": str(self.host_ip),
+            "host_vxlan_ip": str(self.host_vxlan_ip(n)),
+            "host_physical_ip": cfg["HOST_REACHABLE_ADDRESS"],
+            "vni": cfg["OVERLAY_VXLAN_ID"] + n,
+            "vxlan_port": cfg["OVERLAY_VXLAN_PORT"],
+            "mtu": cfg["OVERLAY_MTU"],
+            "overlay_cidr": self.cidr,
+        }
+
+
+def load_settings(path, explicit):
+    """Config plus layout, validated together; ConfigError on anything wrong."""
+    cfg = read_config(path, CONFIG_KEYS, explicit)
+    layout = Layout(cfg["OVERLAY_SUBNET"], cfg["OVERLAY_HOST_IP"], cfg["OVERLAY_HOST_PREFIX"])
+    for key, low, high in (("HOST_PORT", 1, 65535), ("OVERLAY_VXLAN_PORT", 1, 65535),
+                           ("OVERLAY_MTU", 576, 9000), ("OVERLAY_INACTIVE_AFTER", 1, 86400),
+                           ("OVERLAY_REPAIR_INTERVAL", 1, 3600)):
+        if not low <= cfg[key] <= high:
+            raise ConfigError("{} = {} is out of range: use {}..{}".format(key, cfg[key], low, high))
+    if not 1 <= cfg["OVERLAY_VXLAN_ID"] or cfg["OVERLAY_VXLAN_ID"] + layout.max_id > 0xFFFFFF:
+        raise ConfigError("OVERLAY_VXLAN_ID = {} leaves no room for {} VNIs below 16777216".format(
+            cfg["OVERLAY_VXLAN_ID"], layout.max_id))
+    try:
+        ipaddress.IPv4Address(cfg["HOST_BIND_IP"])
+    except ValueError:
+        raise ConfigError("HOST_BIND_IP {!r} is not an IPv4 address".format(cfg["HOST_BIND_IP"]))
+    return cfg, layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: pure functions over tool output
+# ---------------------------------------------------------------------------------------------
+
+Link = collections.namedtuple("Link", "name kind up mtu vni local remote port learning addrs")
+
+
+def parse_links(text):
+    """`ip -j -d addr show` -> {name: Link}."""
+    links = {}
+    for item in json.loads(text or "[]"):
+        info = item.get("linkinfo") or {}
+        data = info.get("info_data") or {}
+        addrs = set("{}/{}".format(a["local"], a["prefixlen"]) for a in item.get("addr_info", [])
+                    if a.get("family") == "inet")
+        links[item["ifname"]] = Link(
+            name=item["ifname"], kind=info.get("info_kind"), up="UP" in item.get("flags", []),
+            mtu=item.get("mtu"), vni=data.get("id"), local=data.get("local"),
+            remote=data.get("remote"), port=data.get("port"), learning=data.get("learning"),
+            addrs=addrs)
+    return links
+
+
+def parse_rules(text):
+    """`iptables -S` -> (chains, {chain: [rule spec after '-A CHAIN ']})."""
+    chains, rules = set(), collections.defaultdict(list)
+    for line in text.splitlines():
+        if line.startswith("-N "):
+            chains.add(line.split()[1])
+        elif line.startswith("-A "):
+            _, chain, spec = line.split(" ", 2)
+            rules[chain].append(spec)
+    return chains, rules
+
+
+def local_addresses():
+    out = run(["ip", "-j", "addr", "show"], mutates=False).stdout
+    return set(a["local"] for item in json.loads(out or "[]") for a in item.get("addr_info", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel side: what the hub wants, and the commands that get it there
+# ---------------------------------------------------------------------------------------------
+
+
+class Kernel(object):
+    """Desired host devices and rules, compared with what the kernel has, turned into commands.
+
+    Only the hub's writer thread (or a one-shot command) uses it: one mutator, no races.
+    """
+
+    def __init__(self, cfg, layout):
+        self.cfg, self.layout = cfg, layout
+        self.links = {}           # last snapshot of the links, kept current by our own changes
+        self.chain_exists = False
+        self.firewalld = False
+
+    # -- rules -------------------------------------------------------------------------------
+    def forward_rules(self):
+        cidr = self.layout.cidr
+        return ["-s {} -m comment --comment {} -j ACCEPT".format(cidr, RULE_COMMENT),
+                "-d {} -m comment --comment {} -j ACCEPT".format(cidr, RULE_COMMENT)]
+
+    def input_rule(self):
+        return "-p udp -m udp --dport {} -m comment --comment {} -j {}".format(
+            self.cfg["OVERLAY_VXLAN_PORT"], RULE_COMMENT, FILTER_CHAIN)
+
+    def filter_chain_rules(self, ips):
+        return ["-s {}/32 -j ACCEPT".format(ip) for ip in ips] + ["-j DROP"]
+
+    def chain_lines(self, ips):
+        return [":{} - [0:0]".format(FILTER_CHAIN)] + [
+            "-A {} {}".format(FILTER_CHAIN, r) for r in self.filter_chain_rules(ips)]
+
+    def rules_plan(self, rules_text, ips):
+        """iptables-restore lines that put our rules first and the filter chain right, or []."""
+        chains, rules = parse_rules(rules_text)
+        want_forward = self.forward_rules()
+        use_filter = self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]
+        want_input = [self.input_rule()] if use_filter else []
+        ok = (rules["FORWARD"][:2] == want_forward
+              and sum(RULE_COMMENT in r for r in rules["FORWARD"]) == 2
+              and rules["INPUT"][:len(want_input)] == want_input
+              and sum(RULE_COMMENT in r for r in rules["INPUT"]) == len(want_input)
+              and (rules[FILTER_CHAIN] == self.filter_chain_rules(ips) if use_filter
+                   else FILTER_CHAIN not in chains))
+        self.chain_exists = FILTER_CHAIN in chains
+        if ok:
+            return []
+        lines = ["-D {} {}".format(chain, spec) for chain in ("FORWARD", "INPUT")
+                 for spec in rules[chain] if RULE_COMMENT in spec]
+        lines += ["-I FORWARD {} {}".format(i + 1, r) for i, r in enumerate(want_forward)]
+        if use_filter:
+            lines = self.chain_lines(ips) + lines + ["-I INPUT 1 " + want_input[0]]
+        elif FILTER_CHAIN in chains:
+            lines += ["-F " + FILTER_CHAIN, "-X " + FILTER_CHAIN]
+        return lines
+
+    def removal_plan(self, rules_text):
+        chains, rules = parse_rules(rules_text)
+        lines = ["-D {} {}".format(chain, spec) for chain in ("FORWARD", "INPUT")
+                 for spec in rules[chain] if RULE_COMMENT in spec]
+        if FILTER_CHAIN in chains:
+            lines += ["-F " + FILTER_CHAIN, "-X " + FILTER_CHAIN]
+        return lines
+
+    @staticmethod
+    def restore(lines):
+        if lines:
+            run(["iptables-restore", "--noflush"], input="*filter\n" + "\n".join(lines) + "\nCOMMIT\n")
+
+    def read_rules(self):
+        return run(["iptables", "-S"], mutates=False).stdout
+
+    def set_source_filter(self, ips):
+        """The registration path: rewrite only the filter chain (one process)."""
+        if not self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
+            return
+        if not self.chain_exists:
+            self.ensure_rules(ips)
+            return
+        self.restore(self.chain_lines(ips))
+
+    def ensure_rules(self, ips):
+        """Probe once, then repair in one iptables-restore. Returns the lines applied."""
+        lines = self.rules_plan(self.read_rules(), ips)
+        self.restore(lines)
+        if lines:
+            self.chain_exists = self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]
+        return lines
+
+    # -- devices -----------------------------------------------------------------------------
+    def refresh(self):
+        self.links = parse_links(run(["ip", "-j", "-d", "addr", "show"], mutates=False).stdout)
+        return self.links
+
+    def tunnel_spec(self, n, remote):
+        return Link(name=self.layout.device(n), kind="vxlan", up=True, mtu=self.cfg["OVERLAY_MTU"],
+                    vni=self.cfg["OVERLAY_VXLAN_ID"] + n,
+                    local=self.cfg["HOST_REACHABLE_ADDRESS"], remote=remote,
+                    port=self.cfg["OVERLAY_VXLAN_PORT"], learning=False,
+                    addrs={self.layout.host_vxlan_cidr(n)})
+
+    def tunnel_plan(self, n, remote):
+        """ip batch lines that make vxkrN what allocation n wants (none when it already is)."""
+        want = self.tunnel_spec(n, remote)
+        have = self.links.get(want.name)
+        lines = []
+        identity = ("kind", "vni", "local", "remote", "port", "learning")
+        if have is not None and any(getattr(have, f) != getattr(want, f) for f in identity):
+            lines.append("link del " + want.name)
+            have = None
+        if have is None:
+            lines.append("link add {} type vxlan id {} local {} remote {} dstport {} nolearning"
+                         .format(want.name, want.vni, want.local, want.remote, want.port))
+        if have is None or have.mtu != want.mtu:
+            lines.append("link set {} mtu {}".format(want.name, want.mtu))
+        for extra in sorted((have.addrs if have else set()) - want.addrs):
+            lines.append("addr del {} dev {}".format(extra, want.name))
+        if have is None or not want.addrs <= have.addrs:
+            lines.append("addr replace {} dev {}".format(self.layout.host_vxlan_cidr(n), want.name))
+        if have is None or not have.up:
+            lines.append("link set {} up".format(want.name))
+        return lines, want
+
+    def host_device_plan(self):
+        """Lines for kohaku-host; the device type is chosen at apply time (dummy or bridge)."""
+        have = self.links.get(HOST_DEVICE)
+        cidr = "{}/{}".format(self.layout.host_ip, self.layout.host_prefix)
+        lines = []
+        if have is not None and have.kind not in ("dummy", "bridge"):
+            lines.append("link del " + HOST_DEVICE)
+            have = None
+        for extra in sorted((have.addrs if have else set()) - {cidr}):
+            lines.append("addr del {} dev {}".format(extra, HOST_DEVICE))
+        if have is None or cidr not in have.addrs:
+            lines.append("addr replace {} dev {}".format(cidr, HOST_DEVICE))
+        if have is None or not have.up:
+            lines.append("link set {} up".format(HOST_DEVICE))
+        return have is None, lines
+
+    def ensure_host_device(self):
+        """Create kohaku-host (a dummy, or an empty bridge without dummy support)."""
+        missing, lines = self.host_device_plan()
+        if missing:
+            kind = "dummy"
+            if DRY_RUN:
+                run(["ip", "link", "add", HOST_DEVICE, "type", "dummy"])
+            else:
+                res = run(["ip", "link", "add", HOST_DEVICE, "type", "dummy"], check=False)
+                if res.returncode != 0:
+                    kind = "bridge"
+                    log.info("this kernel has no dummy device type (%s); %s is an empty bridge",
+                             res.stderr.strip() or "ip failed", HOST_DEVICE)
+                    run(["ip", "link", "add", HOST_DEVICE, "type", "bridge"])
+            log.info("created %s (%s) with %s/%s", HOST_DEVICE, kind, self.layout.host_ip,
+                     self.layout.host_prefix)
+        run_ip_batch(lines)
+        return lines
+
+    def sync_tunnels(self, wanted, prune):
+        """Bring every vxkr* in line with {id: remote}; remove the others when prune.
+
+        Returns ({id: error or None}, lines run). One `ip` process however many tunnels.
+        """
+        lines, specs = [], {}
+        per_id = {}
+        for n, remote in sorted(wanted.items()):
+            plan, spec = self.tunnel_plan(n, remote)
+            per_id[n] = plan
+            specs[spec.name] = (n, spec)
+            lines += plan
+        if prune:
+            for name, link in sorted(self.links.items()):
+                n = self.layout.id_of_device(name)
+                if link.kind == "vxlan" and name.startswith(DEVICE_PREFIX) and (
+                        n is None or n not in wanted):
+                    lines.append("link del " + name)
+        errors = dict((n, None) for n in wanted)
+        if not lines:
+            return errors, lines
+        res = run_ip_batch(lines, check=False)
+        if DRY_RUN:
+            return errors, lines
+        if res.returncode == 0:
+            for name, (n, spec) in specs.items():
+                self.links[name] = spec
+            for line in lines:
+                if line.startswith("link del "):
+                    name = line.split()[2]
+                    if name not in specs:
+                        self.links.pop(name, None)
+        else:
+            self.refresh()
+            for n, remote in wanted.items():
+                if self.tunnel_plan(n, remote)[0]:
+                    errors[n] = res.stderr.strip().splitlines()[0] if res.stderr.strip() else \
+                        "ip -batch failed"
+        return errors, lines
+
+    # -- sysctl and firewalld ----------------------------------------------------------------
+    @staticmethod
+    def ensure_forwarding():
+        with open("/proc/sys/net/ipv4/ip_forward") as fh:
+            if fh.read().strip() == "1":
+                return False
+        run(["sysctl", "-w", "net.ipv4.ip_forward=1"])
+        return True
+
+    def detect_firewalld(self):
+        """True when firewalld runs here. Cheap when it does not: no python process spawned."""
+        self.firewalld = False
+        if not tool_exists("firewall-cmd") or not _firewalld_process():
+            return False
+        self.firewalld = run(["firewall-cmd", "--state"], check=False,
+                             mutates=False).returncode == 0
+        return self.firewalld
+
+    def trust(self, names):
+        """Runtime-only trusted zone for the given interfaces (one firewall-cmd call)."""
+        if names and self.firewalld:
+            run(["firewall-cmd", "--zone=" + TRUSTED_ZONE] +
+                ["--change-interface=" + n for n in sorted(names)])
+
+    def ensure_trusted(self, names):
+        if not self.detect_firewalld():
+            return []
+        listed = run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--list-interfaces"],
+                     mutates=False).stdout.split()
+        missing = sorted(set(names) - set(listed))
+        self.trust(missing)
+        return missing
+
+
+def _firewalld_process():
+    """Is a firewalld process running on this machine? (/proc, no process spawned)"""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/{}/cmdline".format(pid), "rb") as fh:
+                argv = fh.read().split(b"\0")[:2]
+        except (IOError, OSError):
+            continue
+        if any(os.path.basename(a) == b"firewalld" for a in argv):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The state store: flock on a lock file that is never replaced, atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+class StateStore(object):
+    """Allocations in a JSON file: {"version": 1, "allocations": [{...}, ...]}.
+
+    Every read-modify-write holds an flock on `<path>.lock`; writes go to a temp file that is
+    fsynced, renamed over the state and followed by an fsync of the folder. Mode 0600.
+    """
+
+    FIELDS = ("runner_id", "runner_name", "physical_ip", "last_seen")
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.folder = os.path.dirname(self.path)
+        self.lock_path = self.path + ".lock"
+        self.serve_lock_path = self.path + ".serve.lock"
+        self.writes = 0
+
+    def _ensure_folder(self):
+        try:
+            os.makedirs(self.folder, 0o700)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise OverlayError("cannot create the state folder {}: {}".format(
+                    self.folder, exc.strerror))
+
+    def _open_lock(self, path):
+        self._ensure_folder()
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise OverlayError("cannot open the lock file {}: {}; run as root".format(
+                path, exc.strerror))
+
+    def hold_serve_lock(self):
+        """Taken by `serve` for its lifetime; a second `serve` on the same state refuses."""
+        fd = self._open_lock(self.serve_lock_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (IOError, OSError):
+            os.close(fd)
+            raise OverlayError("another kohaku_overlay_host.py serve already uses {}: stop it "
+                               "first (systemctl stop kohakuriver-overlay-host)".format(self.path))
+        os.ftruncate(fd, 0)
+        os.write(fd, "{}\n".format(os.getpid()).encode())
+        return fd
+
+    def serve_running(self):
+        """True while some process holds the serve lock."""
+        if not os.path.exists(self.serve_lock_path):
+            return False
+        fd = os.open(self.serve_lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except (IOError, OSError):
+            return True
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _validate(data):
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION or \
+                not isinstance(data.get("allocations"), list):
+            raise ValueError("not a version {} state file".format(STATE_VERSION))
+        allocs = {}
+        for item in data["allocations"]:
+            if not isinstance(item, dict):
+                raise ValueError("an allocation is not an object")
+            n, name, ip = item.get("runner_id"), item.get("runner_name"), item.get("physical_ip")
+            if type(n) is not int or n < 1 or n in allocs:
+                raise ValueError("bad or duplicate runner_id {!r}".format(n))
+            if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
+                raise ValueError("bad runner_name {!r}".format(name))
+            ipaddress.IPv4Address(ip)
+            seen = item.get("last_seen", 0)
+            if not isinstance(seen, (int, float)) or isinstance(seen, bool):
+                raise ValueError("bad last_seen {!r}".format(seen))
+            allocs[n] = {"runner_id": n, "runner_name": name, "physical_ip": ip,
+                         "last_seen": float(seen)}
+        names = [a["runner_name"] for a in allocs.values() if a["runner_name"]]
+        if len(names) != len(set(names)):
+            raise ValueError("a runner name appears twice")
+        return allocs
+
+    def read(self, move_aside=True):
+        """(allocations {id: dict} or None when there is no usable file, corrupt_moved_to)."""
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read()
+        except (IOError, OSError) as exc:
+            if exc.errno == errno.ENOENT:
+                return None, None
+            raise OverlayError("cannot read the state file {}: {}".format(self.path, exc.strerror))
+        try:
+            return self._validate(json.loads(raw.decode("utf-8"))), None
+        except (ValueError, UnicodeDecodeError, TypeError) as exc:
+            if not move_aside:
+                return None, None
+            aside = "{}.corrupt-{}".format(self.path, time.strftime("%Y%m%dT%H%M%S"))
+            os.rename(self.path, aside)
+            log.error("the state file %s is corrupt (%s); kept it as %s and rebuilding the "
+                      "allocations from the vxkr* devices", self.path, exc, aside)
+            return None, aside
+
+    def _write(self, allocs):
+        self._ensure_folder()
+        body = json.dumps({"version": STATE_VERSION, "allocations": [
+            dict((f, allocs[n][f]) for f in self.FIELDS) for n in sorted(allocs)]},
+            indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.folder)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, body)
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
+            os.replace(tmp, self.path)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.writes += 1
+
+    def update(self, change, fallback=None):
+        """Read, apply change(allocs) in place, write; all under the lock. Returns allocs.
+
+        fallback: the allocations to start from when the file is missing or corrupt.
+        """
+        fd = self._open_lock(self.lock_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            allocs, _ = self.read()
+            if allocs is None:
+                allocs = dict((n, dict(a)) for n, a in (fallback or {}).items())
+            change(allocs)
+            self._write(allocs)
+            return allocs
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocation rules (pure: a dict of allocations in, a decision out)
+# ---------------------------------------------------------------------------------------------
+
+
+def allocate(allocs, max_id, name, physical_ip, previous_id, is_active):
+    """Choose the runner id for a registration and update allocs in place.
+
+    Returns (runner_id, evicted allocation or None). Raises ApiError(503) when every id is
+    held by an active runner. The rules, in order: the same name gets its id back; a
+    recovered tunnel (no name) is claimed by the runner at its physical IP; a free
+    previous_runner_id is granted; the lowest free id; else the least recently seen inactive
+    allocation is evicted.
+    """
+    by_name = dict((a["runner_name"], n) for n, a in allocs.items() if a["runner_name"])
+    n, evicted = by_name.get(name), None
+    if n is None:
+        recovered = sorted(i for i, a in allocs.items()
+                           if a["runner_name"] is None and a["physical_ip"] == physical_ip)
+        if recovered:
+            n = recovered[0]
+        elif previous_id is not None and 1 <= previous_id <= max_id and previous_id not in allocs:
+            n = previous_id
+        else:
+            free = (i for i in range(1, max_id + 1) if i not in allocs)
+            n = next(free, None)
+        if n is None:
+            idle = [a for a in allocs.values() if not is_active(a)]
+            if not idle:
+                raise ApiError(503, "no free runner id: all {} are held by active runners; "
+                                    "release one (kohaku_overlay_host.py release NAME) or use "
+                                    "a larger OVERLAY_SUBNET node range".format(max_id))
+            evicted = min(idle, key=lambda a: (a["last_seen"], a["runner_id"]))
+            n = evicted["runner_id"]
+            log.warning("evicting inactive runner %s (id %d, last seen %s) for %s",
+                        evicted["runner_name"] or "(recovered)", n,
+                        _when(evicted["last_seen"]), name)
+    allocs[n] = {"runner_id": n, "runner_name": name, "physical_ip": physical_ip,
+                 "last_seen": time.time()}
+    return n, evicted
+
+
+def _when(stamp):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "never"
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub: allocations in memory (a mirror of the state file), one writer thread
+# ---------------------------------------------------------------------------------------------
+
+
+class Job(object):
+    """A change to the allocations, applied by the writer thread in a group commit."""
+
+    def __init__(self, kind, **args):
+        self.kind, self.args = kind, args
+        self.done = threading.Event()
+        self.status, self.answer = 500, {"error": "the request was not processed"}
+        self.new = False       # register: the allocation did not exist before
+        self.runner_id = None
+
+    def finish(self, status, answer):
+        self.status, self.answer = status, answer
+        self.done.set()
+
+
+class Hub(object):
+    def __init__(self, cfg, layout, store, kernel):
+        self.cfg, self.layout, self.store, self.kernel = cfg, layout, store, kernel
+        self.allocs = {}            # id -> {"runner_id", "runner_name", "physical_ip", "last_seen"}
+        self.beats = {}             # name -> time.monotonic() of its last heartbeat since start
+        self.seen = {}              # name -> wall-clock time of its last heartbeat, not yet saved
+        self.lock = threading.Lock()
+        self.jobs = queue.Queue()
+        self.stop = threading.Event()
+        self.ready = False
+
+    # -- reading ------------------------------------------------------------------------------
+    def is_active(self, alloc):
+        t = self.beats.get(alloc["runner_name"])
+        return t is not None and time.monotonic() - t <= self.cfg["OVERLAY_INACTIVE_AFTER"]
+
+    def runner_ips(self, allocs=None):
+        return sorted(set(a["physical_ip"] for a in (allocs or self.allocs).values()),
+                      key=lambda ip: ipaddress.IPv4Address(ip))
+
+    def status(self):
+        with self.lock:
+            allocs = dict(self.allocs)
+            seen = dict(self.seen)
+        rows = []
+        for n in sorted(allocs):
+            a = allocs[n]
+            rows.append({
+                "runner_name": a["runner_name"], "runner_id": n,
+                "subnet": str(self.layout.subnet(n)), "gateway": str(self.layout.gateway(n)),
+                "host_vxlan_ip": str(self.layout.host_vxlan_ip(n)),
+                "physical_ip": a["physical_ip"], "vxlan_device": self.layout.device(n),
+                "vni": self.cfg["OVERLAY_VXLAN_ID"] + n, "active": self.is_active(a),
+                "last_seen": seen.get(a["runner_name"], a["last_seen"]) or None})
+        active = sum(r["active"] for r in rows)
+        return {"enabled": self.cfg["OVERLAY_ENABLED"], "host_ip": str(self.layout.host_ip),
+                "host_prefix": self.layout.host_prefix,
+                "bridge": self.cfg["OVERLAY_BRIDGE_NAME"], "overlay_cidr": self.layout.cidr,
+                "total": len(rows), "active": active, "inactive": len(rows) - active,
+                "available_ids": self.layout.max_id - len(rows), "max_ids": self.layout.max_id,
+                "allocations": rows}
+
+    def heartbeat(self, name, peer):
+        with self.lock:
+            alloc = next((a for a in self.allocs.values() if a["runner_name"] == name), None)
+            if alloc is None:
+                raise ApiError(404, "runner {} is not registered here: register again".format(name))
+            if alloc["physical_ip"] != peer:
+                raise ApiError(404, "runner {} is registered from {}, not {}: register again".format(
+                    name, alloc["physical_ip"], peer))
+            self.beats[name] = time.monotonic()
+            self.seen[name] = time.time()
+
+    def submit(self, kind, timeout=30, **args):
+        """Queue a change for the writer thread and wait for its answer."""
+        job = Job(kind, **args)
+        self.jobs.put(job)
+        if not job.done.wait(timeout):
+            raise ApiError(503, "the host is busy: try again")
+        return job.status, job.answer
+
+    # -- start-up -----------------------------------------------------------------------------
+    def recovered(self, links):
+        """Allocations rebuilt from vxkr* devices whose VNI matches their name."""
+        found = {}
+        for name, link in links.items():
+            n = self.layout.id_of_device(name)
+            if n is None or link.kind != "vxlan" or link.vni != self.cfg["OVERLAY_VXLAN_ID"] + n:
+                continue
+            try:
+                usable = _physical_ip_problem(link.remote or "", self.layout) is None
+            except ValueError:
+                usable = False
+            if usable:
+                found[n] = {"runner_id": n, "runner_name": None, "physical_ip": link.remote,
+                            "last_seen": 0.0}
+        return found
+
+    def load(self):
+        """Read the state file, or rebuild it from the devices when it is missing or corrupt."""
+        allocs, aside = self.store.read()
+        links = self.kernel.refresh()
+        if allocs is None:
+            found = self.recovered(links)
+            if found or aside:
+                log.warning("recovered %d allocation(s) from vxkr* devices: %s", len(found),
+                            ", ".join("{} -> {}".format(self.layout.device(n), a["physical_ip"])
+                                      for n, a in sorted(found.items())) or "none")
+            allocs = found if DRY_RUN else self.store.update(lambda a: None, fallback=found)
+        self.allocs = allocs
+        log.info("%d allocation(s) loaded from %s", len(allocs), self.store.path)
+
+    def reconcile(self, startup=False):
+        """Make the kernel match the allocations: devices, forwarding, rules, firewalld zone.
+
+        Reads the kernel with a constant number of commands, whatever the number of runners.
+        """
+        repairs = []
+        if self.kernel.ensure_forwarding():
+            repairs.append("net.ipv4.ip_forward=1")
+        if not startup:
+            self.kernel.refresh()
+        if self.kernel.ensure_host_device():
+            repairs.append(HOST_DEVICE)
+        with self.lock:
+            allocs = dict(self.allocs)
+        wanted = dict((n, a["physical_ip"]) for n, a in allocs.items())
+        errors, lines = self.kernel.sync_tunnels(wanted, prune=True)
+        repairs += sorted(set(line.split()[2] if line.startswith("link") else line.split()[-1]
+                              for line in lines))
+        for n, err in sorted(errors.items()):
+            if err:
+                log.error("cannot build %s for %s: %s", self.layout.device(n),
+                          allocs[n]["runner_name"] or "(recovered)", err)
+        if self.kernel.ensure_rules(self.runner_ips(allocs)):
+            repairs.append("iptables rules")
+        trusted = self.kernel.ensure_trusted([HOST_DEVICE] + [self.layout.device(n)
+                                                             for n in allocs])
+        if trusted:
+            repairs.append("firewalld zone {} for {}".format(TRUSTED_ZONE, " ".join(trusted)))
+        if repairs and not startup:
+            log.warning("repaired drift: %s", ", ".join(repairs))
+        elif repairs:
+            log.info("start-up reconcile put in place: %s", ", ".join(repairs))
+        if self.seen and not DRY_RUN:
+            self._save(lambda allocs: None)
+        return repairs
+
+    # -- the writer ---------------------------------------------------------------------------
+    def _save(self, change):
+        """One read-modify-write of the state file, merging the heartbeats seen since the last."""
+        with self.lock:
+            seen, self.seen = self.seen, {}
+            fallback = self.allocs
+
+        def apply(allocs):
+            for a in allocs.values():
+                if a["runner_name"] in seen:
+                    a["last_seen"] = max(a["last_seen"], seen[a["runner_name"]])
+            change(allocs)
+
+        try:
+            allocs = self.store.update(apply, fallback=fallback)
+        except BaseException:
+            with self.lock:
+                seen.update(self.seen)
+                self.seen = seen
+            raise
+        with self.lock:
+            self.allocs = allocs
+        return allocs
+
+    def _apply(self, job, allocs):
+        kind, args = job.kind, job.args
+        try:
+            if kind == "register":
+                name = args["runner_name"]
+                existed = any(a["runner_name"] == name for a in allocs.values())
+                n, evicted = allocate(allocs, self.layout.max_id, name, args["physical_ip"],
+                                      args.get("previous_runner_id"), self.is_active)
+                job.runner_id, job.new = n, not existed
+                if evicted is not None:
+                    self.beats.pop(evicted["runner_name"], None)
+            elif kind == "release":
+                n = next((i for i, a in allocs.items() if a["runner_name"] == args["name"]), None)
+                if n is None:
+                    raise ApiError(404, "runner {} has no allocation".format(args["name"]))
+                del allocs[n]
+                job.finish(200, {"released": True})
+            elif kind == "cleanup":
+                idle = [n for n, a in allocs.items() if not self.is_active(a)]
+                for n in idle:
+                    del allocs[n]
+                job.finish(200, {"released": len(idle)})
+        except ApiError as exc:
+            job.finish(exc.status, {"error": exc.message})
+
+    def commit(self, jobs):
+        """Apply a group of jobs: one state write, one `ip` batch, one filter update."""
+        before_ips = self.runner_ips()
+        before_ids = set(self.allocs)
+        try:
+            allocs = self._save(lambda allocs: [self._apply(j, allocs) for j in jobs])
+        except Exception as exc:  # a failed write answers everyone; nothing was applied
+            log.error("cannot save the state: %s", exc)
+            for job in jobs:
+                if not job.done.is_set():
+                    job.finish(500, {"error": "the host cannot save its state: {}".format(exc)})
+            return
+        wanted = dict((n, a["physical_ip"]) for n, a in allocs.items())
+        errors, _ = self.kernel.sync_tunnels(wanted, prune=True)
+        failed = [j for j in jobs if j.kind == "register" and not j.done.is_set()
+                  and errors.get(j.runner_id)]
+        if failed:
+            new = [j for j in failed if j.new]
+            if new:
+                allocs = self._save(lambda allocs: [allocs.pop(j.runner_id, None) for j in new])
+            for j in failed:
+                j.finish(500, {"error": "the host could not build {}: {}".format(
+                    self.layout.device(j.runner_id), errors[j.runner_id])})
+        ips = self.runner_ips(allocs)
+        if ips != before_ips:
+            try:
+                self.kernel.set_source_filter(ips)
+            except OverlayError as exc:
+                log.error("cannot update the VXLAN source filter: %s", exc)
+        added = [self.layout.device(n) for n in set(allocs) - before_ids]
+        try:
+            self.kernel.trust(added)
+        except OverlayError as exc:
+            log.error("cannot add %s to the firewalld zone %s: %s", " ".join(added),
+                      TRUSTED_ZONE, exc)
+        now = time.monotonic()
+        for j in jobs:
+            if j.kind == "register" and not j.done.is_set():
+                name = j.args["runner_name"]
+                with self.lock:
+                    self.beats[name] = now
+                answer = {"runner_name": name}
+                answer.update(self.layout.allocation(j.runner_id, self.cfg))
+                log.info("registered %s as runner %d (%s) from %s", name, j.runner_id,
+                         answer["subnet"], j.args["physical_ip"])
+                j.finish(200, answer)
+            elif j.kind == "release" and j.status == 200:
+                log.info("released runner %s", j.args["name"])
+
+    def writer(self):
+        """The only thread that changes the state file or the kernel while serving."""
+        interval = self.cfg["OVERLAY_REPAIR_INTERVAL"]
+        next_pass = time.monotonic() + interval
+        while not self.stop.is_set():
+            try:
+                jobs = [self.jobs.get(timeout=max(0.0, next_pass - time.monotonic()))]
+            except queue.Empty:
+                jobs = []
+            while True:
+                try:
+                    jobs.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            jobs = [j for j in jobs if j is not None]
+            if jobs:
+                try:
+                    self.commit(jobs)
+                except Exception as exc:
+                    log.exception("internal error while applying changes: %r", exc)
+                    for job in jobs:
+                        if not job.done.is_set():
+                            job.finish(500, {"error": "internal error: {}".format(exc)})
+            if time.monotonic() >= next_pass and not self.stop.is_set():
+                try:
+                    self.reconcile()
+                except OverlayError as exc:
+                    log.error("repair pass failed: %s", exc)
+                except Exception as exc:
+                    log.exception("internal error in the repair pass: %r", exc)
+                next_pass = time.monotonic() + interval
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.finish(503, {"error": "the host is shutting down: try again"})
+
+
+def _physical_ip_problem(value, layout, host_address=None):
+    """Why an address cannot be a runner's physical IP, or None."""
+    ip = ipaddress.IPv4Address(value)
+    for flag, what in ((ip.is_loopback, "a loopback address"),
+                       (ip.is_unspecified, "the unspecified address"),
+                       (ip.is_multicast, "a multicast address"),
+                       (ip.is_link_local, "a link-local address"),
+                       (ip == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address"),
+                       (ip.is_reserved, "a reserved address"),
+                       (ip in layout.network, "inside the overlay {}".format(layout.cidr)),
+                       (host_address is not None and value == host_address,
+                        "the host's own address")):
+        if flag:
+            return what
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The API: a pure dispatch() behind a small selectors-based HTTP/1.1 server
+# ---------------------------------------------------------------------------------------------
+
+REGISTER_FIELDS = (("runner_name", str), ("physical_ip", str), ("vxlan_id", int),
+                   ("vxlan_port", int), ("mtu", int))
+SETTINGS = (("vxlan_id", "OVERLAY_VXLAN_ID"), ("vxlan_port", "OVERLAY_VXLAN_PORT"),
+            ("mtu", "OVERLAY_MTU"))
+
+
+class Api(object):
+    def __init__(self, hub):
+        self.hub = hub
+        self.token = hub.cfg["OVERLAY_TOKEN"].encode("utf-8")
+
+    def dispatch(self, method, path, headers, body, peer):
+        """(method, path, {lowercase header: value}, body bytes or None, peer ip) -> (status, obj)."""
+        try:
+            return self._route(method, path.split("?", 1)[0], headers, body, peer)
+        except ApiError as exc:
+            return exc.status, {"error": exc.message}
+
+    def _authorized(self, headers):
+        if not self.token:
+            return True
+        given = headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode("latin-1", "replace"), self.token)
+
+    def _route(self, method, path, headers, body, peer):
+        if path == "/healthz":
+            self._method(method, "GET")
+            return 200, {"ok": True}
+        if not path.startswith("/api/overlay/"):
+            raise ApiError(404, "no such endpoint: {} {}".format(method, path[:100]))
+        if not self._authorized(headers):
+            raise ApiError(401, "missing or wrong bearer token: send Authorization: Bearer "
+                                "<OVERLAY_TOKEN>")
+        parts = path[len("/api/overlay/"):].split("/")
+        verb, arg = parts[0], unquote("/".join(parts[1:])) if len(parts) > 1 else None
+        if verb == "status" and arg is None:
+            self._method(method, "GET")
+            return 200, self.hub.status()
+        if verb == "register" and arg is None:
+            self._method(method, "POST")
+            return self._register(body, peer)
+        if verb == "cleanup" and arg is None:
+            self._method(method, "POST")
+            self._enabled()
+            return self.hub.submit("cleanup")
+        if verb in ("heartbeat", "release") and arg is not None:
+            self._method(method, "PUT" if verb == "heartbeat" else "POST")
+            if not NAME_RE.match(arg):
+                raise ApiError(400, "bad runner name {!r}: use 1-63 of A-Za-z0-9._- starting "
+                                    "with a letter or digit".format(arg[:80]))
+            self._enabled()
+            if verb == "release":
+                return self.hub.submit("release", name=arg)
+            self.hub.heartbeat(arg, peer)
+            return 200, {"ok": True}
+        raise ApiError(404, "no such endpoint: {} {}".format(method, path[:100]))
+
+    @staticmethod
+    def _method(method, want):
+        if method != want:
+            raise ApiError(405, "use {} for this endpoint".format(want))
+
+    def _enabled(self):
+        if not self.hub.cfg["OVERLAY_ENABLED"]:
+            raise ApiError(503, "the overlay is disabled on this host (OVERLAY_ENABLED = False "
+                                "in host_config.py); containers use kohakuriver-net")
+
+    def _register(self, body, peer):
+        if body is None:
+            raise ApiError(411, "a registration needs a JSON body sent with Content-Length")
+        try:
+            req = json.loads(body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid UTF-8 JSON")
+        if not isinstance(req, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        for field, kind in REGISTER_FIELDS:
+            if field not in req:
+                raise ApiError(400, "missing field {}".format(field))
+            if type(req[field]) is not kind:
+                raise ApiError(400, "field {} must be {}".format(
+                    field, "a string" if kind is str else "an integer"))
+        prev = req.get("previous_runner_id")
+        if prev is not None and type(prev) is not int:
+            raise ApiError(400, "field previous_runner_id must be an integer or null")
+        name, ip = req["runner_name"], req["physical_ip"]
+        if not NAME_RE.match(name):
+            raise ApiError(400, "bad runner_name {!r}: use 1-63 of A-Za-z0-9._- starting with "
+                                "a letter or digit".format(name[:80]))
+        try:
+            problem = _physical_ip_problem(ip, self.hub.layout,
+                                           self.hub.cfg["HOST_REACHABLE_ADDRESS"])
+        except ValueError:
+            raise ApiError(400, "physical_ip {!r} is not an IPv4 address".format(ip[:80]))
+        if problem:
+            raise ApiError(400, "physical_ip {} is {}: use the runner's underlay address".format(
+                ip, problem))
+        if ip != peer:
+            raise ApiError(400, "physical_ip {} is not the address this request came from ({}): "
+                                "set RUNNER_ADDRESS to the runner's underlay address".format(ip, peer))
+        for field, key in SETTINGS:
+            mine = self.hub.cfg[key]
+            if req[field] != mine:
+                raise ApiError(409, "{} is {} on the runner but {} on the host: set {} = {} in "
+                                    "runner_config.py".format(field, req[field], mine, key, mine))
+        self._enabled()
+        return self.hub.submit("register", runner_name=name, physical_ip=ip,
+                               previous_runner_id=prev)
+
+
+class _Conn(object):
+    __slots__ = ("sock", "peer", "deadline", "buf")
+
+    def __init__(self, sock, peer, deadline):
+        self.sock, self.peer, self.deadline, self.buf = sock, peer, deadline, b""
+
+
+def parse_request(buf):
+    """Bytes received so far -> None (need more) or (method, path, headers, body or None).
+
+    Raises ApiError for a request that can never be valid (too large, chunked, malformed).
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEADER:
+            raise ApiError(431, "request headers over {} bytes".format(MAX_HEADER))
+        return None
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    request = lines[0].split(" ")
+    if len(request) != 3 or not request[2].startswith("HTTP/1."):
+        raise ApiError(400, "malformed request line")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ApiError(400, "malformed header line")
+        name, value = name.lower(), value.strip()
+        if name in headers and name == "content-length" and headers[name] != value:
+            raise ApiError(400, "conflicting Content-Length headers")
+        headers[name] = value
+    if "transfer-encoding" in headers:
+        raise ApiError(400, "chunked or encoded request bodies are not accepted: send "
+                            "Content-Length")
+    if "content-length" not in headers:
+        return request[0], request[1], headers, None
+    length = headers["content-length"]
+    if not length.isdigit() or len(length) > 12:
+        raise ApiError(400, "Content-Length must be a non-negative integer")
+    if int(length) > MAX_BODY:
+        raise ApiError(413, "request body over {} bytes".format(MAX_BODY))
+    body = buf[end + 4:end + 4 + int(length)]
+    if len(body) < int(length):
+        return None
+    return request[0], request[1], headers, body
+
+
+def http_response(status, obj):
+    body = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    head = "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n" \
+           "Connection: close\r\nCache-Control: no-store\r\n\r\n".format(status, phrase, len(body))
+    return head.encode() + body
+
+
+class ApiServer(object):
+    """One thread reads every request in whole, with a deadline for the whole request (a
+    client trickling a byte at a time holds no thread); a bounded pool runs the handlers."""
+
+    def __init__(self, dispatch, address, port, deadline=REQUEST_DEADLINE, workers=MAX_WORKERS):
+        self.dispatch, self.deadline = dispatch, deadline
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((address, port))
+        except OSError as exc:
+            self.sock.close()
+            raise OverlayError("cannot listen on {}:{}: {}; set HOST_BIND_IP/HOST_PORT or stop "
+                               "what uses the port".format(address, port, exc.strerror))
+        self.sock.listen(512)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.conns = {}
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pending = [0]
+        self.pending_lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def serve(self):
+        try:
+            while not self.stopped.is_set():
+                for key, _ in self.sel.select(timeout=0.25):
+                    if key.fileobj is self.sock:
+                        self._accept()
+                    else:
+                        self._read(self.conns.get(key.fileobj))
+                self._expire()
+        finally:
+            for conn in list(self.conns.values()):
+                self._drop(conn)
+            self.sel.close()
+            self.sock.close()
+            self.pool.shutdown(wait=False)
+
+    def shutdown(self):
+        self.stopped.set()
+
+    def _accept(self):
+        for _ in range(64):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                log.warning("accept failed: %s", exc)
+                return
+            if len(self.conns) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, addr[0], time.monotonic() + self.deadline)
+            self.conns[sock] = conn
+            self.sel.register(sock, selectors.EVENT_READ)
+
+    def _drop(self, conn):
+        self.conns.pop(conn.sock, None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _close(self, conn, status=None, answer=None):
+        self._drop(conn)
+        if status is not None:
+            try:
+                conn.sock.send(http_response(status, answer))
+            except OSError:
+                pass
+        conn.sock.close()
+
+    def _read(self, conn):
+        if conn is None:
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.buf += data
+        try:
+            request = parse_request(conn.buf)
+        except ApiError as exc:
+            self._close(conn, exc.status, {"error": exc.message})
+            return
+        if request is None:
+            return
+        with self.pending_lock:
+            if self.pending[0] >= MAX_PENDING:
+                busy = True
+            else:
+                busy = False
+                self.pending[0] += 1
+        if busy:
+            self._close(conn, 503, {"error": "the host is busy: try again"})
+            return
+        self._drop(conn)
+        self.pool.submit(self._handle, conn, request)
+
+    def _expire(self):
+        now = time.monotonic()
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            self._close(conn, 408, {"error": "the request was not complete within {} s".format(
+                self.deadline)})
+
+    def _handle(self, conn, request):
+        method, path, headers, body = request
+        try:
+            try:
+                status, answer = self.dispatch(method, path, headers, body, conn.peer)
+            except Exception as exc:  # never a traceback to the client
+                log.exception("internal error on %s %s: %r", method, path[:100], exc)
+                status, answer = 500, {"error": "internal error: {}".format(exc)}
+            if status >= 400:
+                log.info("%s %s from %s: %d %s", method, path[:100], conn.peer, status,
+                         answer.get("error"))
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(2.0)
+            conn.sock.sendall(http_response(status, answer))
+        except OSError:
+            pass
+        finally:
+            with self.pending_lock:
+                self.pending[0] -= 1
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+
+
+def notify_systemd(message):
+    """sd_notify without libsystemd: a datagram to $NOTIFY_SOCKET, if set."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect(path)
+        sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Status rendering: the guide's panel and table
+# ---------------------------------------------------------------------------------------------
+
+BOX = {"unicode": dict(zip("tl tr bl br h v Tl Tm Tr Th Tv Hl Hm Hr Bl Bm Br".split(),
+                           "╭ ╮ ╰ ╯ ─ │ ┏ ┳ ┓ ━ ┃ ┡ ╇ ┩ └ ┴ ┘".split())),
+       "ascii": dict(zip("tl tr bl br h v Tl Tm Tr Th Tv Hl Hm Hr Bl Bm Br".split(),
+                         "+ + + + - | + + + = | + + + + + +".split()))}
+PANEL_TITLE, TABLE_TITLE = "Overlay Network Status", "Runner Allocations"
+PANEL_WIDTH = 64                # inner width, as the guide prints it
+TABLE_TITLE_INDENT = 10
+COLUMNS = (("Runner", 14, "<"), ("ID", 2, ">"), ("Subnet", 13, "<"), ("Physical IP", 13, "<"),
+           ("Status", 6, "<"))
+
+
+def render_status(st, ascii_only=False):
+    b = BOX["ascii" if ascii_only else "unicode"]
+    lines = ["Host IP: {}/{}".format(st["host_ip"], st["host_prefix"]),
+             "Bridge: {}".format(st["bridge"]),
+             "Total Allocations: {}".format(st["total"]),
+             "Active: {} | Inactive: {}".format(st["active"], st["inactive"]),
+             "Available IDs: {}/{}".format(st["available_ids"], st["max_ids"])]
+    if not st["enabled"]:
+        lines.insert(0, "Overlay: disabled (OVERLAY_ENABLED = False)")
+    inner = max([PANEL_WIDTH] + [len(l) + 2 for l in lines])
+    dashes = inner - len(PANEL_TITLE) - 2
+    out = [b["tl"] + b["h"] * (dashes // 2) + " " + PANEL_TITLE + " " +
+           b["h"] * (dashes - dashes // 2) + b["tr"]]
+    out += [b["v"] + " " + l.ljust(inner - 2) + " " + b["v"] for l in lines]
+    out += [b["bl"] + b["h"] * inner + b["br"], ""]
+    rows = [[a["runner_name"] or "(recovered)", str(a["runner_id"]), a["subnet"],
+             a["physical_ip"], "Active" if a["active"] else "Inactive"]
+            for a in st["allocations"]]
+    widths = [max([w, len(title)] + [len(r[i]) for r in rows])
+              for i, (title, w, _) in enumerate(COLUMNS)]
+
+    def row(cells, sep):
+        return sep + sep.join(" " + (c.rjust(w) if align == ">" else c.ljust(w)) + " "
+                              for c, w, (_, _, align) in zip(cells, widths, COLUMNS)) + sep
+
+    def rule(left, mid, right, h):
+        return left + mid.join(h * (w + 2) for w in widths) + right
+
+    out.append(" " * TABLE_TITLE_INDENT + TABLE_TITLE)
+    out.append(rule(b["Tl"], b["Tm"], b["Tr"], b["Th"]))
+    out.append(row([c[0] for c in COLUMNS], b["Tv"]))
+    out.append(rule(b["Hl"], b["Hm"], b["Hr"], b["Th"]))
+    out += [row(r, b["v"]) for r in rows]
+    out.append(rule(b["Bl"], b["Bm"], b["Br"], b["h"]))
+    return "\n".join(out)
+
+
+def can_print_unicode(stream):
+    try:
+        "╭━┃".encode(getattr(stream, "encoding", None) or "ascii")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def api_call(cfg, method, path):
+    """Talk to the running host's API (127.0.0.1 when it binds every address)."""
+    address = "127.0.0.1" if cfg["HOST_BIND_IP"] == "0.0.0.0" else cfg["HOST_BIND_IP"]
+    where = "http://{}:{}".format(address, cfg["HOST_PORT"])
+    headers = {"Content-Length": "0"}
+    if cfg["OVERLAY_TOKEN"]:
+        headers["Authorization"] = "Bearer " + cfg["OVERLAY_TOKEN"]
+    conn = http.client.HTTPConnection(address, cfg["HOST_PORT"], timeout=10)
+    try:
+        conn.request(method, path, body=b"", headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise OverlayError("cannot reach the host API at {}: {}; is `kohaku_overlay_host.py "
+                           "serve` running? (systemctl status kohakuriver-overlay-host)".format(
+                               where, getattr(exc, "strerror", None) or exc))
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        raise OverlayError("the host API at {} answered {} with something that is not "
+                           "JSON".format(where, resp.status))
+    if resp.status != 200:
+        raise OverlayError("the host API answered {}: {}".format(resp.status, answer.get("error")))
+    return answer
+
+
+def check_reachable_address(cfg):
+    value = cfg["HOST_REACHABLE_ADDRESS"]
+    if not value:
+        raise ConfigError("HOST_REACHABLE_ADDRESS is not set: set it in host_config.py to this "
+                          "host's underlay IP that runners can reach")
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ConfigError("HOST_REACHABLE_ADDRESS {!r} is not an IPv4 address: set it to this "
+                          "host's underlay IP".format(value))
+    if ip.is_loopback or ip.is_unspecified:
+        raise ConfigError("HOST_REACHABLE_ADDRESS is {}, which runners cannot reach (VXLAN "
+                          "tunnels would fail): set it to the Host's actual IP".format(value))
+    if value not in local_addresses():
+        raise ConfigError("HOST_REACHABLE_ADDRESS {} is not an address of this machine: set it "
+                          "to one of this host's own IPs (see `ip -br addr`)".format(value))
+
+
+def confirm(question, yes):
+    if yes or not sys.stdin.isatty():
+        return True
+    try:
+        answer = input(question + " [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_serve(args, cfg, layout):
+    global DRY_RUN
+    DRY_RUN = args.dry_run
+    store = StateStore(cfg["OVERLAY_STATE_FILE"])
+    kernel = Kernel(cfg, layout)
+    hub = Hub(cfg, layout, store, kernel)
+    enabled = cfg["OVERLAY_ENABLED"]
+    if enabled:
+        check_reachable_address(cfg)
+    if DRY_RUN:
+        if enabled:
+            hub.load()
+            hub.reconcile(startup=True)
+        print("dry run: the commands above would run; nothing was changed")
+        return 0
+    store.hold_serve_lock()  # held until the process exits
+    if not cfg["OVERLAY_TOKEN"]:
+        log.warning("OVERLAY_TOKEN is empty: anyone who reaches port %d can register runners "
+                    "and release allocations; set OVERLAY_TOKEN on the host and every runner",
+                    cfg["HOST_PORT"])
+    if enabled:
+        hub.load()
+    else:
+        log.warning("OVERLAY_ENABLED is False: serving status only, registrations are refused")
+        hub.allocs = store.read(move_aside=False)[0] or {}
+    server = ApiServer(Api(hub).dispatch, cfg["HOST_BIND_IP"], cfg["HOST_PORT"])
+
+    def stop(signum, frame):
+        log.info("signal %d: stopping; tunnels stay in place", signum)
+        hub.stop.set()
+        hub.jobs.put(None)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    thread = threading.Thread(target=server.serve, name="api")
+    thread.daemon = True
+    thread.start()
+    try:
+        if enabled:
+            hub.reconcile(startup=True)
+        log.info("serving the overlay API on %s:%d (overlay %s, %d runner(s))",
+                 cfg["HOST_BIND_IP"], server.port, layout.cidr, len(hub.allocs))
+        notify_systemd("READY=1")
+        if enabled:
+            hub.writer()
+        else:
+            while not hub.stop.wait(3600):
+                pass
+    finally:
+        notify_systemd("STOPPING=1")
+        server.shutdown()
+        thread.join(5)
+    return 0
+
+
+def cmd_status(args, cfg, layout):
+    st = api_call(cfg, "GET", "/api/overlay/status")
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(render_status(st, args.ascii or not can_print_unicode(sys.stdout)))
+    return 0
+
+
+def cmd_release(args, cfg, layout):
+    if not NAME_RE.match(args.name):
+        raise ConfigError("bad runner name {!r}: use 1-63 of A-Za-z0-9._-".format(args.name))
+    if not confirm("Release runner {}? Its tunnel is removed and its containers lose the "
+                   "overlay.".format(args.name), args.yes):
+        print("nothing released")
+        return 1
+    api_call(cfg, "POST", "/api/overlay/release/" + args.name)
+    print("released {}".format(args.name))
+    return 0
+
+
+def cmd_cleanup(args, cfg, layout):
+    if not confirm("Release every inactive runner's allocation and tunnel?", args.yes):
+        print("nothing released")
+        return 1
+    answer = api_call(cfg, "POST", "/api/overlay/cleanup")
+    print("released {} inactive allocation(s)".format(answer["released"]))
+    return 0
+
+
+def cmd_down(args, cfg, layout):
+    """Remove kohaku-host, every vxkr*, the rules and zone entries; allocations are kept."""
+    global DRY_RUN
+    DRY_RUN = args.dry_run
+    store = StateStore(cfg["OVERLAY_STATE_FILE"])
+    if store.serve_running():
+        raise OverlayError("kohaku_overlay_host.py serve is running and would rebuild everything: "
+                           "stop it first (systemctl stop kohakuriver-overlay-host)")
+    kernel = Kernel(cfg, layout)
+    links = kernel.refresh()
+    names = sorted(n for n, l in links.items() if n == HOST_DEVICE or (
+        l.kind == "vxlan" and layout.id_of_device(n) is not None))
+    if kernel.detect_firewalld():
+        listed = set(run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--list-interfaces"],
+                         mutates=False).stdout.split())
+        ours = sorted(set(names) & listed)
+        if ours:
+            run(["firewall-cmd", "--zone=" + TRUSTED_ZONE] +
+                ["--remove-interface=" + n for n in ours])
+    run_ip_batch(["link del " + n for n in names])
+    rules = kernel.removal_plan(kernel.read_rules())
+    kernel.restore(rules)
+    what = "would remove" if DRY_RUN else "removed"
+    print("{} {} device(s) and {} rule change(s); allocations kept in {}".format(
+        what, len(names), len(rules), store.path))
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="kohaku_overlay_host.py",
+                                description="kohaku-overlay host: the VXLAN hub.")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name, helptext, func):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--config", default=None, help="config file (default {})".format(
+            DEFAULT_CONFIG))
+        sp.set_defaults(func=func)
+        return sp
+
+    add("serve", "run the hub (foreground; systemd ExecStart)", cmd_serve).add_argument(
+        "--dry-run", action="store_true", help="print the commands it would run, change nothing")
+    sp = add("status", "print the allocation table from the running hub", cmd_status)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--ascii", action="store_true", help="plain ASCII borders")
+    sp = add("release", "release one runner's allocation and tunnel", cmd_release)
+    sp.add_argument("name")
+    sp.add_argument("--yes", action="store_true", help="do not ask")
+    add("cleanup", "release every inactive allocation", cmd_cleanup).add_argument(
+        "--yes", action="store_true", help="do not ask")
+    add("down", "remove kohaku-host, every vxkr* and the rules", cmd_down).add_argument(
+        "--dry-run", action="store_true", help="print the commands it would run, change nothing")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    daemon = args.command == "serve" and not getattr(args, "dry_run", False)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO if args.command in ("serve", "down") else
+        logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s" if daemon else "%(message)s")
+    try:
+        cfg, layout = load_settings(args.config or DEFAULT_CONFIG, args.config is not None)
+        return args.func(args, cfg, layout)
+    except OverlayError as exc:
+        print("error: {}".format(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        log.debug("internal error", exc_info=True)
+        print("error: internal error: {!r}; please report it".format(exc), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
