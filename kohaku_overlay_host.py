@@ -945,7 +945,8 @@ class Hub(object):
                 "bridge": self.cfg["OVERLAY_BRIDGE_NAME"], "overlay_cidr": self.layout.cidr,
                 "total": len(rows), "active": active, "inactive": len(rows) - active,
                 "available_ids": self.layout.max_id - len(rows), "max_ids": self.layout.max_id,
-                "allocations": rows}
+                "vxlan_id": self.cfg["OVERLAY_VXLAN_ID"], "vxlan_port": self.cfg["OVERLAY_VXLAN_PORT"],
+                "mtu": self.cfg["OVERLAY_MTU"], "allocations": rows}
 
     def heartbeat(self, name, peer):
         with self.lock:
