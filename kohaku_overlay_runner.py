@@ -1,0 +1,1432 @@
+#!/usr/bin/env python3
+"""kohaku_overlay_runner.py: the Runner agent of the kohaku-overlay VXLAN hub-and-spoke overlay.
+
+It registers this Docker node with the Host's overlay API, builds the runner end of the tunnel
+(vxlan0 enslaved to the bridge that carries the gateway 10.N.0.1/16, the overlay route via the
+Host's 10.N.0.254, FORWARD/NAT rules, firewalld trusted zone, the Docker network
+kohakuriver-overlay), then heartbeats and repairs drift.
+
+Usage:
+    kohaku_overlay_runner.py serve   [--config F]               # register, build, heartbeat forever
+    kohaku_overlay_runner.py up      [--config F] [--dry-run]   # register and build once
+    kohaku_overlay_runner.py down    [--config F] [--force] [--dry-run]
+    kohaku_overlay_runner.py status  [--config F] [--json]
+    kohaku_overlay_runner.py network [--config F]               # the Docker network to join
+
+Exit codes: 0 success, 1 failure, 2 bad usage or bad config (or a host that refuses our settings).
+
+Touches: links vxlan0 and OVERLAY_BRIDGE_NAME, the route of the overlay CIDR, iptables rules
+marked `-m comment --comment kohaku-overlay` (filter FORWARD, nat POSTROUTING), firewalld's
+runtime trusted zone, net.ipv4.ip_forward, the Docker networks OVERLAY_NETWORK_NAME and
+DOCKER_NETWORK_NAME, and the local state file OVERLAY_STATE_FILE. Docker is reached with the plain
+`docker` CLI (DOCKER_HOST is honoured).
+"""
+
+__version__ = "0.1.0"
+
+# ---- imports ----------------------------------------------------------------------------------
+
+import argparse
+import ast
+import contextlib
+import difflib
+import errno
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import namedtuple
+
+# ---- constants and defaults -------------------------------------------------------------------
+
+DEFAULT_CONFIG = "~/.kohakuriver/runner_config.py"
+VXLAN_DEV = "vxlan0"
+MARKER = "kohaku-overlay"           # iptables comment on every rule we add
+TRUSTED_ZONE = "trusted"
+BACKOFF_START = 0.5                 # seconds before the first registration retry
+BACKOFF_MAX = 30.0                  # cap of the exponential backoff
+REPAIR_EVERY = 3                    # serve re-checks the local build every N heartbeats
+HTTP_TIMEOUT = 10.0
+STATE_VERSION = 1
+
+# key -> (accepted types, default). A default of None is computed at load time.
+RUNNER_KEYS = [
+    ("HOST_ADDRESS", (str,), ""),
+    ("HOST_PORT", (int,), 8000),
+    ("RUNNER_NAME", (str,), ""),
+    ("RUNNER_ADDRESS", (str,), ""),
+    ("OVERLAY_ENABLED", (bool,), False),
+    ("OVERLAY_NETWORK_NAME", (str,), "kohakuriver-overlay"),
+    ("OVERLAY_BRIDGE_NAME", (str,), "kohaku-overlay"),
+    ("OVERLAY_VXLAN_ID", (int,), 100),
+    ("OVERLAY_VXLAN_PORT", (int,), 4789),
+    ("OVERLAY_MTU", (int,), 1450),
+    ("OVERLAY_TOKEN", (str,), ""),
+    ("HEARTBEAT_INTERVAL", (int, float), 5),
+    ("DOCKER_NETWORK_NAME", (str,), "kohakuriver-net"),
+    ("DOCKER_NETWORK_SUBNET", (str,), "172.30.0.0/16"),
+    ("DOCKER_NETWORK_GATEWAY", (str,), "172.30.0.1"),
+    ("OVERLAY_STATE_FILE", (str,), "/var/lib/kohakuriver/overlay-runner.json"),
+]
+KEY_TYPES = {k: t for k, t, _ in RUNNER_KEYS}
+KEY_DEFAULTS = {k: d for k, _, d in RUNNER_KEYS}
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
+PACKAGES = {"ip": "iproute2", "iptables": "iptables", "iptables-restore": "iptables",
+            "docker": "docker.io (or docker-ce)", "firewall-cmd": "firewalld", "sysctl": "procps"}
+ALLOCATION_KEYS = ("runner_name", "runner_id", "subnet", "gateway", "host_overlay_ip",
+                   "host_vxlan_ip", "host_physical_ip", "vni", "vxlan_port", "mtu", "overlay_cidr")
+
+log = logging.getLogger("kohaku-overlay-runner")
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+class OverlayError(Exception):
+    """A failure the user can fix; the message is one sentence. exit_code is what main() returns."""
+    exit_code = 1
+
+
+class ConfigError(OverlayError):
+    """Bad config or settings the host refuses: exit 2."""
+    exit_code = 2
+
+
+class CommandError(OverlayError):
+    """An external command failed; carries argv, exit code and stderr."""
+
+    def __init__(self, message, argv=None, rc=None, stderr=""):
+        OverlayError.__init__(self, message)
+        self.argv = argv or []
+        self.rc = rc
+        self.stderr = stderr
+
+
+class HostUnreachable(OverlayError):
+    """The host's API did not answer (connection refused, timeout, 5xx): retried."""
+
+
+class NotRegistered(OverlayError):
+    """The host answered 404 to a heartbeat: it no longer knows this runner."""
+
+
+class ContainersAttached(OverlayError):
+    """A Docker network that must be removed still has containers."""
+
+    def __init__(self, message, containers):
+        OverlayError.__init__(self, message)
+        self.containers = containers
+
+
+# ---- the command wrapper ----------------------------------------------------------------------
+
+Result = namedtuple("Result", "rc out err")
+DRY_RUN = False
+
+
+def quote(argv):
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def run(argv, check=True, mutates=True, input=None, timeout=30, echo=None):
+    """Run argv (a list, never a shell string): the only door to subprocess.
+
+    A mutating command is logged as `[#] ip link add ...` (echo: the lines to show instead of
+    argv, for batches fed on stdin); under --dry-run it is printed to stdout and not run.
+    """
+    argv = [str(a) for a in argv]
+    if mutates:
+        lines = echo if echo is not None else [quote(argv)]
+        for line in lines:
+            if DRY_RUN:
+                print("[#] " + line)
+            else:
+                log.info("[#] %s", line)
+        if DRY_RUN:
+            return Result(0, "", "")
+    try:
+        proc = subprocess.run(argv, input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout)
+    except FileNotFoundError:
+        raise CommandError("%s is not installed: install %s" % (
+            argv[0], PACKAGES.get(argv[0], "the package that provides it")), argv, 127)
+    except subprocess.TimeoutExpired:
+        raise CommandError("`%s` did not finish within %s s: check that the service it talks to "
+                           "is responsive" % (quote(argv), timeout), argv, None)
+    res = Result(proc.returncode, proc.stdout, proc.stderr)
+    if check and res.rc != 0:
+        raise CommandError("`%s` failed (exit %d): %s" % (
+            quote(argv[:6]) + (" ..." if len(argv) > 6 else ""), res.rc, first_line(res.err)),
+            argv, res.rc, res.err)
+    return res
+
+
+def first_line(text):
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return "no error message"
+
+
+# ---- config reader ----------------------------------------------------------------------------
+
+
+def type_name(types):
+    return " or ".join("a number" if t is float else "an %s" % t.__name__ if t is int
+                       else "a %s" % t.__name__ for t in types)
+
+
+def type_ok(value, types):
+    if isinstance(value, bool):          # bool is not an int, int is not a bool
+        return bool in types
+    return isinstance(value, tuple(t for t in types if t is not bool))
+
+
+def parse_config_text(text, filename="runner_config.py"):
+    """Parse `NAME = literal` / `NAME: type = literal` lines with ast, never executing the file.
+
+    Returns (values, warnings). Raises ConfigError for code or a wrong type.
+    """
+    try:
+        tree = ast.parse(text, filename)
+    except SyntaxError as e:
+        raise ConfigError("%s line %s: not valid Python (%s); fix the line" % (
+            filename, e.lineno, e.msg))
+    values, warnings = {}, []
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and is_string_literal(node.value):
+            continue                         # docstring or bare string
+        target, value = None, None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        if not isinstance(target, ast.Name):
+            raise ConfigError("%s line %d: only NAME = literal lines are allowed (found %s); "
+                              "remove it" % (filename, node.lineno, describe_node(node)))
+        try:
+            literal = ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ConfigError("%s line %d: the value of %s is not a literal (found %s); write a "
+                              "plain value" % (filename, node.lineno, target.id,
+                                               describe_node(value)))
+        name = target.id
+        if name not in KEY_TYPES:
+            close = difflib.get_close_matches(name, list(KEY_TYPES), n=1)
+            hint = " (did you mean %s?)" % close[0] if close else ""
+            warnings.append("%s line %d: unknown key %s%s, ignored" % (
+                filename, node.lineno, name, hint))
+            continue
+        if not type_ok(literal, KEY_TYPES[name]):
+            raise ConfigError("%s line %d: %s must be %s, not %r; fix the value" % (
+                filename, node.lineno, name, type_name(KEY_TYPES[name]), literal))
+        values[name] = literal
+    return values, warnings
+
+
+def is_string_literal(node):
+    try:
+        return isinstance(ast.literal_eval(node), str)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+
+
+def describe_node(node):
+    kind = type(node).__name__
+    names = {"Import": "an import", "ImportFrom": "an import", "Call": "a call",
+             "FunctionDef": "a function", "ClassDef": "a class", "JoinedStr": "an f-string",
+             "Attribute": "an attribute", "Expr": "an expression", "If": "an if",
+             "For": "a loop", "While": "a loop", "With": "a with block", "Subscript": "a subscript",
+             "AugAssign": "an augmented assignment", "Name": "a name", "BinOp": "an expression"}
+    return names.get(kind, "a %s statement" % kind)
+
+
+def load_config(path=None):
+    """Defaults overlaid with the file at path (default ~/.kohakuriver/runner_config.py).
+
+    A missing default file means defaults; a missing explicit --config is an error.
+    """
+    explicit = path is not None
+    path = os.path.expanduser(path or DEFAULT_CONFIG)
+    cfg = dict(KEY_DEFAULTS)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("config file %s does not exist: pass an existing file to --config"
+                              % path)
+        text = None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("cannot read config file %s (%s): fix its permissions or encoding"
+                          % (path, e))
+    if text is not None:
+        values, warnings = parse_config_text(text, os.path.basename(path))
+        for w in warnings:
+            log.warning("%s", w)
+        cfg.update(values)
+    cfg["_path"] = path
+    if not cfg["RUNNER_NAME"]:
+        cfg["RUNNER_NAME"] = socket.gethostname().split(".")[0]
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    """Range and format checks that do not depend on the command."""
+    f = os.path.basename(cfg.get("_path", "runner_config.py"))
+
+    def bad(key, why, fix):
+        raise ConfigError("%s in %s %s: %s" % (key, f, why, fix))
+
+    if not NAME_RE.match(cfg["RUNNER_NAME"]):
+        bad("RUNNER_NAME", "is %r, not 1-63 of A-Za-z0-9._- starting alphanumeric"
+            % cfg["RUNNER_NAME"], "set a valid name")
+    for key in ("HOST_PORT", "OVERLAY_VXLAN_PORT"):
+        if not 1 <= cfg[key] <= 65535:
+            bad(key, "is %d, not a port (1-65535)" % cfg[key], "fix the value")
+    if not 1 <= cfg["OVERLAY_VXLAN_ID"] <= 16777215 - 255:
+        bad("OVERLAY_VXLAN_ID", "is %d, out of range" % cfg["OVERLAY_VXLAN_ID"],
+            "use a base between 1 and 16776960 (the host's value)")
+    if not 576 <= cfg["OVERLAY_MTU"] <= 9000:
+        bad("OVERLAY_MTU", "is %d, out of range" % cfg["OVERLAY_MTU"],
+            "use the host's value (1450 for a 1500-byte underlay)")
+    if not 0 < cfg["HEARTBEAT_INTERVAL"] <= 3600:
+        bad("HEARTBEAT_INTERVAL", "is %r" % cfg["HEARTBEAT_INTERVAL"], "use 1 to 3600 seconds")
+    for key in ("OVERLAY_BRIDGE_NAME",):
+        if not IFNAME_RE.match(cfg[key]) or cfg[key] == VXLAN_DEV:
+            bad(key, "is %r, not a valid interface name" % cfg[key],
+                "use up to 15 of A-Za-z0-9._- (default kohaku-overlay)")
+    for key in ("OVERLAY_NETWORK_NAME", "DOCKER_NETWORK_NAME"):
+        if not NAME_RE.match(cfg[key]):
+            bad(key, "is %r, not a valid Docker network name" % cfg[key], "fix the value")
+    if cfg["RUNNER_ADDRESS"]:
+        ip = parse_ipv4(cfg["RUNNER_ADDRESS"])
+        if ip is None or ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+            bad("RUNNER_ADDRESS", "is %r, not a usable IPv4 address" % cfg["RUNNER_ADDRESS"],
+                "set this runner's underlay address or remove the line")
+    try:
+        net = ipaddress.IPv4Network(cfg["DOCKER_NETWORK_SUBNET"])
+    except ValueError:
+        bad("DOCKER_NETWORK_SUBNET", "is %r, not an IPv4 network" % cfg["DOCKER_NETWORK_SUBNET"],
+            "use a form like 172.30.0.0/16")
+    gw = parse_ipv4(cfg["DOCKER_NETWORK_GATEWAY"])
+    if gw is None or gw not in net:
+        bad("DOCKER_NETWORK_GATEWAY", "is %r, not an address inside %s" % (
+            cfg["DOCKER_NETWORK_GATEWAY"], net), "use an address of DOCKER_NETWORK_SUBNET")
+    token = cfg["OVERLAY_TOKEN"]
+    if any(not 33 <= ord(c) <= 126 for c in token):
+        bad("OVERLAY_TOKEN", "holds spaces or characters outside printable ASCII",
+            "use the host's token exactly")
+    if not cfg["OVERLAY_STATE_FILE"]:
+        bad("OVERLAY_STATE_FILE", "is empty", "give a file path")
+
+
+def require_host(cfg):
+    if not cfg["HOST_ADDRESS"]:
+        raise ConfigError("HOST_ADDRESS is not set in %s: set it to the host's address" %
+                          os.path.basename(cfg["_path"]))
+
+
+def parse_ipv4(text):
+    try:
+        return ipaddress.IPv4Address(text)
+    except (ValueError, TypeError):
+        return None
+
+
+# ---- parsers (pure functions over tool output) ------------------------------------------------
+
+
+def parse_json(text, what):
+    try:
+        return json.loads(text or "[]")
+    except ValueError:
+        raise CommandError("could not parse the JSON output of %s: update iproute2 / docker" % what)
+
+
+def parse_links(text):
+    """`ip -j -d addr show` -> {ifname: link dict with addr_info}."""
+    return {link["ifname"]: link for link in parse_json(text, "ip -j -d addr show")
+            if "ifname" in link}
+
+
+def link_kind(link):
+    return (link.get("linkinfo") or {}).get("info_kind")
+
+
+def link_up(link):
+    return "UP" in (link.get("flags") or [])
+
+
+def ipv4_addrs(link):
+    return ["%s/%s" % (a["local"], a["prefixlen"]) for a in link.get("addr_info") or []
+            if a.get("family") == "inet"]
+
+
+def vxlan_mismatch(link, want):
+    """What differs between a vxlan link and want (dict id/local/remote/port): list of words."""
+    if link_kind(link) != "vxlan":
+        return ["type %s" % (link_kind(link) or "unknown")]
+    data = link["linkinfo"].get("info_data") or {}
+    diff = []
+    for key in ("id", "local", "remote", "port"):
+        if data.get(key) != want[key]:
+            diff.append("%s %s (want %s)" % (key, data.get(key), want[key]))
+    if data.get("learning", False):
+        diff.append("learning on")
+    return diff
+
+
+def parse_rules(text):
+    """`iptables -S CHAIN` -> list of rule lines ("-A CHAIN ...")."""
+    return [line.strip() for line in (text or "").splitlines() if line.startswith("-A ")]
+
+
+def is_marked(rule):
+    try:
+        words = shlex.split(rule)
+    except ValueError:
+        return False
+    return any(w == "--comment" and i + 1 < len(words) and words[i + 1] == MARKER
+               for i, w in enumerate(words))
+
+
+def forward_rules(cidr):
+    return ["-A FORWARD -s %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER),
+            "-A FORWARD -d %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER)]
+
+
+def nat_rule(cidr):
+    return "-A POSTROUTING -s %s ! -d %s -m comment --comment %s -j MASQUERADE" % (
+        cidr, cidr, MARKER)
+
+
+def docker_network_mismatch(net, want):
+    """Differences between `docker network inspect` output and want: list of words."""
+    diff = []
+    if net.get("Driver") != "bridge":
+        diff.append("driver %s" % net.get("Driver"))
+    cfgs = ((net.get("IPAM") or {}).get("Config") or [{}])
+    ipam = cfgs[0] if cfgs else {}
+    if ipam.get("Subnet") != want["subnet"]:
+        diff.append("subnet %s (want %s)" % (ipam.get("Subnet"), want["subnet"]))
+    if ipam.get("Gateway") != want["gateway"]:
+        diff.append("gateway %s (want %s)" % (ipam.get("Gateway"), want["gateway"]))
+    if want["host_vxlan_ip"] not in (ipam.get("AuxiliaryAddresses") or {}).values():
+        diff.append("%s not reserved" % want["host_vxlan_ip"])
+    opts = net.get("Options") or {}
+    if opts.get("com.docker.network.bridge.name") != want["bridge"]:
+        diff.append("bridge %s (want %s)" % (opts.get("com.docker.network.bridge.name"),
+                                             want["bridge"]))
+    if opts.get("com.docker.network.driver.mtu") != str(want["mtu"]):
+        diff.append("mtu %s (want %s)" % (opts.get("com.docker.network.driver.mtu"), want["mtu"]))
+    return diff
+
+
+def container_names(net):
+    return sorted((c.get("Name") or cid[:12]) for cid, c in (net.get("Containers") or {}).items())
+
+
+def parse_allocation(obj):
+    """Validate the host's registration answer; derive prefixlen. Raises OverlayError."""
+    if not isinstance(obj, dict) or any(k not in obj for k in ALLOCATION_KEYS):
+        missing = [k for k in ALLOCATION_KEYS if not isinstance(obj, dict) or k not in obj]
+        raise OverlayError("the host's registration answer lacks %s: update the host script"
+                           % ", ".join(missing))
+    try:
+        subnet = ipaddress.IPv4Network(obj["subnet"])
+        cidr = ipaddress.IPv4Network(obj["overlay_cidr"])
+        for key in ("gateway", "host_vxlan_ip", "host_physical_ip", "host_overlay_ip"):
+            ipaddress.IPv4Address(obj[key])
+        if ipaddress.IPv4Address(obj["gateway"]) not in subnet or \
+                ipaddress.IPv4Address(obj["host_vxlan_ip"]) not in subnet:
+            raise ValueError("gateway outside subnet")
+        if any(isinstance(obj[k], bool) or not isinstance(obj[k], int)
+               for k in ("runner_id", "vni", "vxlan_port", "mtu")):
+            raise ValueError("not an int")
+    except (ValueError, TypeError) as e:
+        raise OverlayError("the host's registration answer is malformed (%s): update the host "
+                           "script" % e)
+    alloc = {k: obj[k] for k in ALLOCATION_KEYS}
+    alloc["prefixlen"] = subnet.prefixlen
+    alloc["overlay_cidr"] = str(cidr)
+    return alloc
+
+
+# ---- local state file -------------------------------------------------------------------------
+
+
+def write_json_atomic(path, obj):
+    """tmp file, fsync, os.replace, fsync of the folder; mode 0600."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            fd = None
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if fd is not None:
+            os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_state(path):
+    """The saved state dict, or {} when missing or unreadable (a bad file is only a warning)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable state file %s (%s)", path, e)
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def save_state(path, alloc, **extra):
+    if DRY_RUN:
+        return
+    state = {k: alloc[k] for k in ALLOCATION_KEYS}
+    state.update(version=STATE_VERSION, saved_at=time.time())
+    state.update(extra)
+    try:
+        write_json_atomic(path, state)
+    except OSError as e:
+        raise OverlayError("cannot write the state file %s (%s): fix the folder or set "
+                           "OVERLAY_STATE_FILE" % (path, e))
+
+
+def saved_allocation(state):
+    try:
+        return parse_allocation(state)
+    except OverlayError:
+        return None
+
+
+# ---- idempotent primitives: probes ------------------------------------------------------------
+
+
+def probe_links():
+    return parse_links(run(["ip", "-j", "-d", "addr", "show"], mutates=False).out)
+
+
+def probe_route(cidr):
+    routes = parse_json(run(["ip", "-j", "route", "show", "exact", cidr], mutates=False).out,
+                        "ip -j route show")
+    return routes[0] if routes else None
+
+
+def probe_rules(table, chain):
+    argv = ["iptables", "-S", chain] if table == "filter" else ["iptables", "-t", table, "-S",
+                                                                  chain]
+    return parse_rules(run(argv, mutates=False).out)
+
+
+def read_sysctl(name):
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def firewalld_running():
+    """True when firewall-cmd exists and `firewall-cmd --state` says running."""
+    try:
+        res = run(["firewall-cmd", "--state"], check=False, mutates=False, timeout=15)
+    except CommandError as e:
+        if e.rc == 127:
+            return False
+        raise
+    return res.rc == 0 and res.out.strip() == "running"
+
+
+def trusted_interfaces():
+    res = run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--list-interfaces"], mutates=False,
+              timeout=15)
+    return set(res.out.split())
+
+
+def docker_inspect(name):
+    """The network's inspect dict, or None when Docker has no such network."""
+    res = run(["docker", "network", "inspect", name], check=False, mutates=False)
+    if res.rc == 0:
+        data = parse_json(res.out, "docker network inspect")
+        return data[0] if data else None
+    err = res.err.lower()
+    if "no such network" in err or "not found" in err:
+        return None
+    raise CommandError("docker is not reachable (%s): start dockerd or fix DOCKER_HOST"
+                       % first_line(res.err), ["docker", "network", "inspect", name], res.rc,
+                       res.err)
+
+
+def route_source(host):
+    """The source address of the route to host (`ip -j route get`), the default RUNNER_ADDRESS."""
+    routes = parse_json(run(["ip", "-j", "route", "get", host], mutates=False).out,
+                        "ip -j route get")
+    route = routes[0] if routes else {}
+    if route.get("type") == "local" or route.get("dev") == "lo":
+        raise ConfigError("HOST_ADDRESS %s is an address of this machine: set it to the host's "
+                          "address" % host)
+    if not route.get("prefsrc"):
+        raise ConfigError("no source address on the route to %s: set RUNNER_ADDRESS" % host)
+    return route["prefsrc"]
+
+
+def resolve_host(cfg):
+    host = cfg["HOST_ADDRESS"]
+    if parse_ipv4(host):
+        return host
+    try:
+        return socket.gethostbyname(host)
+    except (socket.gaierror, UnicodeError) as e:
+        raise HostUnreachable("cannot resolve HOST_ADDRESS %s (%s)" % (host, e))
+
+
+def runner_address(cfg):
+    return cfg["RUNNER_ADDRESS"] or route_source(resolve_host(cfg))
+
+
+# ---- idempotent primitives: ensure / remove ---------------------------------------------------
+
+
+def undo(stack, description, argv, input=None, echo=None):
+    """Register an undo callback that never raises (rollback must go on)."""
+    def callback():
+        log.warning("rolling back: %s", description)
+        try:
+            run(argv, check=False, input=input, echo=echo)
+        except OverlayError as e:
+            log.warning("rollback step failed: %s", e)
+    stack.callback(callback)
+
+
+def ensure_ip_forward():
+    if read_sysctl("net.ipv4.ip_forward") == "1":
+        return []
+    run(["sysctl", "-w", "net.ipv4.ip_forward=1"])
+    return ["net.ipv4.ip_forward set to 1"]
+
+
+def plan_links(cfg, alloc, address, links, route):
+    """The `ip -batch` lines that bring vxlan0, the bridge and the route to the wanted state.
+
+    Pure: returns (lines, changes, created) where created names the links this plan adds.
+    """
+    br, mtu = cfg["OVERLAY_BRIDGE_NAME"], alloc["mtu"]
+    gw_addr = "%s/%d" % (alloc["gateway"], alloc["prefixlen"])
+    cidr = ipaddress.IPv4Network(alloc["overlay_cidr"])
+    lines, changes, created = [], [], []
+
+    bridge = links.get(br)
+    if bridge is not None and link_kind(bridge) != "bridge":
+        raise ConfigError("%s exists and is a %s, not a bridge: remove it (ip link del %s) or set "
+                          "OVERLAY_BRIDGE_NAME" % (br, link_kind(bridge) or "device", br, ))
+    if bridge is None:
+        lines.append("link add %s mtu %d type bridge" % (br, mtu))
+        changes.append("bridge %s created" % br)
+        created.append(br)
+        addrs = []
+    else:
+        addrs = ipv4_addrs(bridge)
+        if bridge.get("mtu") != mtu:
+            lines.append("link set dev %s mtu %d" % (br, mtu))
+            changes.append("%s mtu %s -> %d" % (br, bridge.get("mtu"), mtu))
+    for a in addrs:      # a stale gateway of an older allocation, inside the overlay
+        if a != gw_addr and ipaddress.IPv4Interface(a).ip in cidr:
+            lines.append("addr del %s dev %s" % (a, br))
+            changes.append("stale address %s removed from %s" % (a, br))
+    if gw_addr not in addrs:
+        lines.append("addr add %s dev %s" % (gw_addr, br))
+        changes.append("gateway %s added to %s" % (gw_addr, br))
+
+    want = {"id": alloc["vni"], "local": address, "remote": alloc["host_physical_ip"],
+            "port": alloc["vxlan_port"]}
+    vx = links.get(VXLAN_DEV)
+    if vx is not None:
+        diff = vxlan_mismatch(vx, want)
+        if diff:
+            lines.append("link del %s" % VXLAN_DEV)
+            changes.append("%s recreated (%s)" % (VXLAN_DEV, ", ".join(diff)))
+            vx = None
+    if vx is None:
+        lines.append("link add %s mtu %d type vxlan id %d local %s remote %s dstport %d "
+                     "nolearning" % (VXLAN_DEV, mtu, want["id"], want["local"], want["remote"],
+                                     want["port"]))
+        if not changes or not changes[-1].startswith(VXLAN_DEV):
+            changes.append("%s created (vni %d, remote %s)" % (VXLAN_DEV, want["id"],
+                                                                 want["remote"]))
+        created.append(VXLAN_DEV)
+        lines.append("link set dev %s master %s up" % (VXLAN_DEV, br))
+    else:
+        attrs, words = [], []
+        if vx.get("mtu") != mtu:
+            attrs.append("mtu %d" % mtu)
+            words.append("mtu %s -> %d" % (vx.get("mtu"), mtu))
+        if vx.get("master") != br:
+            attrs.append("master %s" % br)
+            words.append("attached to %s" % br)
+        if not link_up(vx):
+            attrs.append("up")
+            words.append("set up")
+        if attrs:
+            lines.append("link set dev %s %s" % (VXLAN_DEV, " ".join(attrs)))
+            changes.append("%s %s" % (VXLAN_DEV, ", ".join(words)))
+    if bridge is None or not link_up(bridge):
+        lines.append("link set dev %s up" % br)
+        if bridge is not None:
+            changes.append("%s set up" % br)
+
+    if not route or route.get("gateway") != alloc["host_vxlan_ip"] or route.get("dev") != br:
+        lines.append("route replace %s via %s dev %s" % (cidr, alloc["host_vxlan_ip"], br))
+        changes.append("route %s via %s %s" % (cidr, alloc["host_vxlan_ip"],
+                                               "fixed" if route else "added"))
+    return lines, changes, created
+
+
+def ensure_links(cfg, alloc, address, stack):
+    links = probe_links()
+    route = probe_route(alloc["overlay_cidr"])
+    lines, changes, created = plan_links(cfg, alloc, address, links, route)
+    if not lines:
+        return []
+    for name in created:
+        undo(stack, "delete %s" % name, ["ip", "link", "del", name])
+    run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", echo=["ip " + l for l in lines])
+    return changes
+
+
+def plan_rules(cidr, forward, nat):
+    """iptables-restore input that puts our FORWARD rules first and our NAT rule in place.
+
+    Pure: returns (restore_text, echo_lines, changes, undo_text). Stale or misplaced marked rules
+    are deleted in the same transaction (no window without them).
+    """
+    want_fwd, want_nat = forward_rules(cidr), nat_rule(cidr)
+    filt, natl, changes, echo = [], [], [], []
+    undo_filt, undo_nat = [], []
+    if forward[:2] != want_fwd:
+        marked = [r for r in forward if is_marked(r)]
+        for r in marked:
+            filt.append("-D" + r[2:])
+        filt.append("-I FORWARD 1" + want_fwd[0][len("-A FORWARD"):])
+        filt.append("-I FORWARD 2" + want_fwd[1][len("-A FORWARD"):])
+        changes.append("FORWARD accept rules for %s %s" % (
+            cidr, "moved to the top" if marked else "added"))
+        if not marked:
+            undo_filt = ["-D" + r[2:] for r in want_fwd]
+    marked_nat = [r for r in nat if is_marked(r)]
+    if marked_nat != [want_nat]:
+        for r in marked_nat:
+            if r != want_nat:
+                natl.append("-D" + r[2:])
+        if want_nat not in marked_nat:
+            natl.append(want_nat)
+            undo_nat = ["-D" + want_nat[2:]]
+        changes.append("NAT masquerade for %s %s" % (cidr, "fixed" if marked_nat else "added"))
+    return (restore_text(filt, natl), ["iptables -t filter " + l for l in filt] +
+            ["iptables -t nat " + l for l in natl], changes, restore_text(undo_filt, undo_nat))
+
+
+def restore_text(filt, nat):
+    text = ""
+    if filt:
+        text += "*filter\n" + "".join(l + "\n" for l in filt) + "COMMIT\n"
+    if nat:
+        text += "*nat\n" + "".join(l + "\n" for l in nat) + "COMMIT\n"
+    return text
+
+
+def ensure_rules(cidr, stack):
+    text, echo, changes, undo_text = plan_rules(cidr, probe_rules("filter", "FORWARD"),
+                                                probe_rules("nat", "POSTROUTING"))
+    if not text:
+        return []
+    if undo_text:
+        undo(stack, "delete the rules added for %s" % cidr, ["iptables-restore", "--noflush"],
+             input=undo_text, echo=["iptables-restore --noflush  # undo"])
+    run(["iptables-restore", "--noflush"], input=text, echo=echo)
+    return changes
+
+
+def ensure_firewalld(ifaces, stack):
+    if not firewalld_running():
+        return []
+    have = trusted_interfaces()
+    changes = []
+    for iface in ifaces:
+        if iface in have:
+            continue
+        undo(stack, "take %s out of the trusted zone" % iface,
+             ["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--remove-interface=" + iface])
+        run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--change-interface=" + iface],
+            timeout=15)
+        changes.append("%s added to the firewalld trusted zone" % iface)
+    return changes
+
+
+def docker_create_argv(cfg, alloc):
+    return ["docker", "network", "create", "--driver", "bridge",
+            "--subnet", alloc["subnet"], "--gateway", alloc["gateway"],
+            "--aux-address", "host=" + alloc["host_vxlan_ip"],
+            "-o", "com.docker.network.bridge.name=" + cfg["OVERLAY_BRIDGE_NAME"],
+            "-o", "com.docker.network.driver.mtu=%d" % alloc["mtu"],
+            cfg["OVERLAY_NETWORK_NAME"]]
+
+
+def docker_want(cfg, alloc):
+    return {"subnet": alloc["subnet"], "gateway": alloc["gateway"],
+            "host_vxlan_ip": alloc["host_vxlan_ip"], "bridge": cfg["OVERLAY_BRIDGE_NAME"],
+            "mtu": alloc["mtu"]}
+
+
+def attached_error(name, containers, why):
+    return ContainersAttached(
+        "the Docker network %s %s but containers are still attached (%s): remove them "
+        "(docker rm -f %s) or run `kohaku_overlay_runner.py down --force`" % (
+            name, why, ", ".join(containers), " ".join(containers)), containers)
+
+
+def check_docker_network(cfg, alloc):
+    """Probe the overlay network first: (net or None, diff). Refuses to plan a removal of a
+    network that has containers."""
+    name = cfg["OVERLAY_NETWORK_NAME"]
+    net = docker_inspect(name)
+    if net is None:
+        return None, []
+    diff = docker_network_mismatch(net, docker_want(cfg, alloc))
+    if diff and container_names(net):
+        raise attached_error(name, container_names(net), "must be recreated (%s)"
+                             % ", ".join(diff))
+    return net, diff
+
+
+def remove_mismatched_network(cfg, diff):
+    name = cfg["OVERLAY_NETWORK_NAME"]
+    run(["docker", "network", "rm", name])
+    return ["Docker network %s removed (%s)" % (name, ", ".join(diff))]
+
+
+def create_docker_network(cfg, alloc, stack):
+    name = cfg["OVERLAY_NETWORK_NAME"]
+    run(docker_create_argv(cfg, alloc))
+    undo(stack, "remove the Docker network %s" % name, ["docker", "network", "rm", name])
+    return ["Docker network %s created on %s" % (name, cfg["OVERLAY_BRIDGE_NAME"])]
+
+
+def ensure_default_network(cfg):
+    name = cfg["DOCKER_NETWORK_NAME"]
+    if docker_inspect(name) is not None:
+        return False
+    run(["docker", "network", "create", "--driver", "bridge",
+         "--subnet", cfg["DOCKER_NETWORK_SUBNET"], "--gateway", cfg["DOCKER_NETWORK_GATEWAY"],
+         name])
+    return True
+
+
+# ---- the domain: runner build and teardown ----------------------------------------------------
+
+
+def build(cfg, alloc, address, errors=None):
+    """Bring the runner end to the allocation: probe, compare, act. Returns the changes made.
+
+    Without errors (up): a failing step raises, and everything this call created is undone.
+    With an errors list (serve's repairs): every step runs, what got fixed stays, failures are
+    appended to errors. Either way a Docker network with containers is never removed.
+    """
+    try:
+        net, diff = check_docker_network(cfg, alloc)
+    except ContainersAttached:
+        raise
+    except CommandError as e:
+        if errors is None:
+            raise
+        errors.append(e)                    # Docker unreachable: repair the rest meanwhile
+        net, diff = None, None
+    with contextlib.ExitStack() as stack:
+        steps = [ensure_ip_forward,
+                 lambda: ensure_links(cfg, alloc, address, stack),
+                 lambda: ensure_rules(alloc["overlay_cidr"], stack),
+                 lambda: ensure_firewalld([cfg["OVERLAY_BRIDGE_NAME"], VXLAN_DEV], stack)]
+        if diff:        # removed before the bridge changes under it, created again last
+            steps.insert(0, lambda: remove_mismatched_network(cfg, diff))
+        if diff or (net is None and diff is not None):
+            steps.append(lambda: create_docker_network(cfg, alloc, stack))
+        changes = []
+        for step in steps:
+            try:
+                changes += step()
+            except OverlayError as e:
+                if errors is None:
+                    raise
+                errors.append(e)
+        stack.pop_all()
+    return changes
+
+
+def plan_teardown(cfg, links, route, forward_all, nat_all):
+    """What `down` removes, found by name and marker (not recomputed from config)."""
+    br = cfg["OVERLAY_BRIDGE_NAME"]
+    lines, changes = [], []
+    if route is not None and route.get("dev") == br:
+        lines.append("route del %s dev %s" % (route["dst"], br))
+        changes.append("route %s removed" % route["dst"])
+    if link_kind(links.get(VXLAN_DEV) or {}) == "vxlan":
+        lines.append("link del %s" % VXLAN_DEV)
+        changes.append("%s removed" % VXLAN_DEV)
+    if link_kind(links.get(br) or {}) == "bridge":
+        lines.append("link del %s" % br)
+        changes.append("bridge %s removed" % br)
+    filt = ["-D" + r[2:] for r in forward_all if is_marked(r)]
+    nat = ["-D" + r[2:] for r in nat_all if is_marked(r)]
+    if filt or nat:
+        changes.append("%d marked iptables rule(s) removed" % (len(filt) + len(nat)))
+    return lines, restore_text(filt, nat), (["iptables -t filter " + l for l in filt] +
+                                            ["iptables -t nat " + l for l in nat]), changes
+
+
+def teardown(cfg, force=False):
+    """`down`: Docker network, zone entries, rules (by marker), route, vxlan0, bridge."""
+    changes = []
+    name, br = cfg["OVERLAY_NETWORK_NAME"], cfg["OVERLAY_BRIDGE_NAME"]
+    net = docker_inspect(name)
+    if net is not None:
+        containers = container_names(net)
+        if containers and not force:
+            raise attached_error(name, containers, "cannot be removed")
+        for c in containers:
+            run(["docker", "network", "disconnect", "-f", name, c])
+            changes.append("container %s disconnected from %s" % (c, name))
+        run(["docker", "network", "rm", name])
+        changes.append("Docker network %s removed" % name)
+    if firewalld_running():
+        have = trusted_interfaces()
+        for iface in (br, VXLAN_DEV):
+            if iface in have:
+                run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--remove-interface=" + iface],
+                    timeout=15)
+                changes.append("%s taken out of the trusted zone" % iface)
+    state = load_state(cfg["OVERLAY_STATE_FILE"])
+    route = probe_route(state["overlay_cidr"]) if state.get("overlay_cidr") else None
+    lines, text, echo, more = plan_teardown(
+        cfg, probe_links(), route, parse_rules(run(["iptables", "-S"], mutates=False).out),
+        parse_rules(run(["iptables", "-t", "nat", "-S"], mutates=False).out))
+    if text:
+        run(["iptables-restore", "--noflush"], input=text, echo=echo)
+    if lines:
+        run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", echo=["ip " + l for l in lines])
+    return changes + more
+
+
+# ---- the interface: host API client, registration, heartbeat loop ----------------------------
+
+
+def api_call(cfg, method, path, body=None, timeout=HTTP_TIMEOUT):
+    """One request to the host's API -> (status, obj). Connection trouble -> HostUnreachable."""
+    host, port = cfg["HOST_ADDRESS"], cfg["HOST_PORT"]
+    source = (cfg["RUNNER_ADDRESS"], 0) if cfg["RUNNER_ADDRESS"] else None
+    data = json.dumps(body).encode("utf-8") if body is not None else b""
+    headers = {"Accept": "application/json", "Content-Length": str(len(data)),
+               "Connection": "close"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    if cfg["OVERLAY_TOKEN"]:
+        headers["Authorization"] = "Bearer " + cfg["OVERLAY_TOKEN"]
+    conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=source)
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read(1 << 20)
+        status = resp.status
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL and source:
+            raise ConfigError("RUNNER_ADDRESS %s is not an address of this machine: set it to "
+                              "one of its addresses or remove it" % cfg["RUNNER_ADDRESS"])
+        raise HostUnreachable(describe_oserror(e))
+    except http.client.HTTPException as e:
+        raise HostUnreachable("bad HTTP answer (%s)" % (type(e).__name__,))
+    finally:
+        conn.close()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        obj = {"error": "a non-JSON answer (HTTP %d)" % status}
+    if not isinstance(obj, dict):
+        obj = {"error": "an unexpected JSON answer (HTTP %d)" % status}
+    return status, obj
+
+
+def describe_oserror(e):
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    return e.strerror or str(e) or type(e).__name__
+
+
+def host_error(cfg, status, obj):
+    """Turn a non-200 API answer into the right error."""
+    msg = str(obj.get("error") or "no reason given").rstrip(".")
+    where = "%s:%s" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"])
+    if status == 401:
+        return ConfigError("the host refused the token: set OVERLAY_TOKEN to the host's")
+    if status == 409:
+        return ConfigError("the host at %s refused our settings (%s): make %s match the host's "
+                           "config" % (where, msg, os.path.basename(cfg["_path"])))
+    if status == 400:
+        return ConfigError("the host at %s rejected the registration (%s): check RUNNER_NAME "
+                           "and RUNNER_ADDRESS" % (where, msg))
+    if status == 404:
+        return NotRegistered("the host at %s does not know %s" % (where, cfg["RUNNER_NAME"]))
+    if status == 503:
+        return OverlayError("the host at %s has no free runner id (%s): release an inactive "
+                            "runner on the host (kohaku_overlay_host.py cleanup)" % (where, msg))
+    return HostUnreachable("HTTP %d (%s)" % (status, msg))
+
+
+def register(cfg, address, previous_id=None):
+    body = {"runner_name": cfg["RUNNER_NAME"], "physical_ip": address,
+            "vxlan_id": cfg["OVERLAY_VXLAN_ID"], "vxlan_port": cfg["OVERLAY_VXLAN_PORT"],
+            "mtu": cfg["OVERLAY_MTU"]}
+    if previous_id is not None:
+        body["previous_runner_id"] = previous_id
+    status, obj = api_call(cfg, "POST", "/api/overlay/register", body)
+    if status != 200:
+        raise host_error(cfg, status, obj)
+    return parse_allocation(obj)
+
+
+def heartbeat(cfg):
+    status, obj = api_call(cfg, "PUT", "/api/overlay/heartbeat/" + cfg["RUNNER_NAME"],
+                           timeout=min(HTTP_TIMEOUT, max(2.0, cfg["HEARTBEAT_INTERVAL"])))
+    if status != 200:
+        raise host_error(cfg, status, obj)
+
+
+def backoff_delays(start=BACKOFF_START, cap=BACKOFF_MAX, rng=random.random):
+    """0.5, 1, 2, 4, ... capped at 30 s, each with up to 20% jitter taken off (never above cap)."""
+    delay = start
+    while True:
+        yield delay * (1.0 - 0.2 * rng())
+        delay = min(cap, delay * 2)
+
+
+def register_with_retry(cfg, address, previous_id, stop, deadline=None, retry_full=False):
+    """Register, retrying with capped exponential backoff while the host is unreachable.
+
+    retry_full also retries a 503 (serve). Returns the allocation, or None when stop is set.
+    """
+    where = "%s:%s" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"])
+    for delay in backoff_delays():
+        try:
+            return register(cfg, address, previous_id)
+        except ConfigError:
+            raise
+        except (HostUnreachable, NotRegistered) as e:
+            reason = str(e)
+        except OverlayError as e:
+            if not retry_full:
+                raise
+            reason = str(e)
+        if deadline is not None and time.monotonic() + delay > deadline:
+            raise HostUnreachable("the host at %s did not answer (%s): start it, or check "
+                                  "HOST_ADDRESS/HOST_PORT and the firewall" % (where, reason))
+        log.warning("registering with %s failed: %s; retrying in %.1f s", where, reason, delay)
+        if stop.wait(delay):
+            return None
+    return None  # pragma: no cover
+
+
+class Agent(object):
+    """The serve loop: heartbeat, re-register on 404, repair drift; logs on state changes."""
+
+    def __init__(self, cfg, stop=None, notify=None):
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.notify = notify or sd_notify
+        self.alloc = None
+        self.address = None
+        self.built = False
+        self.ready = False
+        self.beats = 0
+        self.registered_at = None
+        self.last = {}
+
+    def say(self, key, level, message):
+        """Log message unless it repeats the last one logged under key."""
+        if self.last.get(key) != message:
+            self.last[key] = message
+            if message:
+                log.log(level, "%s", message)
+
+    def start(self):
+        """Register (forever, with backoff) and build once. False when stopped first."""
+        cfg = self.cfg
+        self.address = runner_address(cfg)
+        state = load_state(cfg["OVERLAY_STATE_FILE"])
+        alloc = register_with_retry(cfg, self.address, state.get("runner_id"), self.stop,
+                                    retry_full=True)
+        if alloc is None:
+            return False
+        self.adopt(alloc)
+        self.repair(first=True)
+        return True
+
+    def adopt(self, alloc):
+        if self.alloc is None or self.alloc != alloc:
+            log.info("registered as %s: runner %d, subnet %s, vni %d", alloc["runner_name"],
+                     alloc["runner_id"], alloc["subnet"], alloc["vni"])
+        self.alloc = alloc
+        self.registered_at = time.time()
+        save_state(self.cfg["OVERLAY_STATE_FILE"], alloc, registered_at=self.registered_at)
+
+    def repair(self, first=False):
+        """Build (first: with rollback) or repair; log each change and each new failure."""
+        errors = None if first else []
+        try:
+            changes = build(self.cfg, self.alloc, self.address, errors)
+        except OverlayError as e:
+            self.say("build", logging.ERROR, "build failed: %s" % e)
+            return False
+        for c in changes:
+            log.info("%s: %s", "repaired" if self.built else "built", c)
+        if errors:
+            self.say("build", logging.ERROR, "%s incomplete: %s" % (
+                "repair" if self.built else "build", "; ".join(str(e) for e in errors)))
+            return False
+        self.say("build", logging.INFO, "overlay %s is up: runner %d, subnet %s" % (
+            self.cfg["OVERLAY_NETWORK_NAME"], self.alloc["runner_id"], self.alloc["subnet"]))
+        self.built = True
+        if not self.ready:
+            self.ready = True
+            self.notify("READY=1")
+        return True
+
+    def beat(self):
+        cfg = self.cfg
+        try:
+            heartbeat(cfg)
+            self.say("host", logging.INFO, "host %s:%s answers heartbeats" % (
+                cfg["HOST_ADDRESS"], cfg["HOST_PORT"]))
+            self.record_heartbeat()
+        except NotRegistered:
+            self.say("host", logging.WARNING, "the host forgot %s: registering again" %
+                     cfg["RUNNER_NAME"])
+            self.reregister()
+        except HostUnreachable as e:
+            self.say("host", logging.WARNING, "host %s:%s unreachable (%s); keeping the overlay "
+                     "up and retrying" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"], e))
+        except OverlayError as e:
+            self.say("host", logging.ERROR, str(e))
+        self.beats += 1
+        if not self.built or self.beats % REPAIR_EVERY == 0:
+            self.repair()
+
+    def reregister(self):
+        try:
+            alloc = register(self.cfg, self.address, self.alloc["runner_id"])
+        except OverlayError as e:
+            self.say("host", logging.ERROR, "registering again failed: %s" % e)
+            return
+        changed = alloc != self.alloc
+        self.adopt(alloc)
+        self.say("host", logging.INFO, "registered again as runner %d" % alloc["runner_id"])
+        if changed:
+            self.built = False
+            self.repair()
+
+    def record_heartbeat(self):
+        try:
+            save_state(self.cfg["OVERLAY_STATE_FILE"], self.alloc, last_heartbeat=time.time(),
+                       registered_at=self.registered_at)
+        except OverlayError as e:
+            self.say("state", logging.WARNING, str(e))
+
+    def loop(self):
+        interval = float(self.cfg["HEARTBEAT_INTERVAL"])
+        while not self.stop.wait(interval):
+            self.beat()
+
+
+def sd_notify(message):
+    """systemd readiness: send message to $NOTIFY_SOCKET (abstract names start with @)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect(address)
+        sock.sendall(message.encode("ascii"))
+        return True
+    except OSError as e:
+        log.warning("could not notify systemd at %s (%s)", os.environ.get("NOTIFY_SOCKET"), e)
+        return False
+    finally:
+        sock.close()
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="kohaku_overlay_runner.py",
+                                description="kohaku-overlay runner agent")
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, help_text):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("--config", metavar="F", help="runner config (default %s)"
+                        % DEFAULT_CONFIG)
+        return sp
+
+    add("serve", "register, build, heartbeat and repair forever")
+    sp = add("up", "register and build once, then exit")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    sp.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="give up registering after S seconds (default: keep trying)")
+    sp = add("down", "remove everything the runner built")
+    sp.add_argument("--force", action="store_true",
+                    help="disconnect attached containers instead of refusing")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    sp = add("status", "show the allocation, devices and network")
+    sp.add_argument("--json", action="store_true")
+    add("network", "print the Docker network containers should join")
+    return p
+
+
+def cmd_up(args):
+    cfg = load_config(args.config)
+    if not cfg["OVERLAY_ENABLED"]:
+        created = ensure_default_network(cfg)
+        print("overlay disabled (OVERLAY_ENABLED = False in %s): containers use %s%s" % (
+            cfg["_path"], cfg["DOCKER_NETWORK_NAME"], " (created)" if created else ""))
+        return 0
+    require_host(cfg)
+    address = runner_address(cfg)
+    state = load_state(cfg["OVERLAY_STATE_FILE"])
+    if DRY_RUN:
+        alloc = saved_allocation(state)
+        print("[#] register %s at http://%s:%s/api/overlay/register" % (
+            cfg["RUNNER_NAME"], cfg["HOST_ADDRESS"], cfg["HOST_PORT"]))
+        if alloc is None:
+            print("dry-run: no saved allocation in %s, so the build cannot be planned before "
+                  "the host answers; run without --dry-run" % cfg["OVERLAY_STATE_FILE"])
+            return 0
+        print("dry-run: planning against the saved allocation (runner %d, subnet %s)" % (
+            alloc["runner_id"], alloc["subnet"]))
+    else:
+        deadline = time.monotonic() + args.timeout if args.timeout else None
+        alloc = register_with_retry(cfg, address, state.get("runner_id"), threading.Event(),
+                                    deadline)
+        save_state(cfg["OVERLAY_STATE_FILE"], alloc, registered_at=time.time())
+    changes = build(cfg, alloc, address)
+    verb = "would change" if DRY_RUN else "changed"
+    print("%s: runner %d, subnet %s, network %s: %s" % (
+        cfg["RUNNER_NAME"], alloc["runner_id"], alloc["subnet"], cfg["OVERLAY_NETWORK_NAME"],
+        "%s %d thing(s)" % (verb, len(changes)) if changes else "already up, nothing to change"))
+    return 0
+
+
+def cmd_serve(args):
+    cfg = load_config(args.config)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: stopping (the overlay stays up)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if not cfg["OVERLAY_ENABLED"]:
+        ensure_default_network(cfg)
+        log.info("overlay disabled in %s: containers use %s", cfg["_path"],
+                 cfg["DOCKER_NETWORK_NAME"])
+        sd_notify("READY=1")
+        return 0
+    require_host(cfg)
+    agent = Agent(cfg, stop)
+    if not agent.start():
+        return 0
+    agent.loop()
+    return 0
+
+
+def cmd_down(args):
+    cfg = load_config(args.config)
+    changes = teardown(cfg, force=args.force)
+    verb = "would remove" if DRY_RUN else "removed"
+    print("overlay %s: %d thing(s)" % (verb, len(changes)) if changes
+          else "overlay already down, nothing to remove")
+    return 0
+
+
+def overlay_built(cfg, links=None):
+    """True when vxlan0, the bridge and the Docker network on it all exist."""
+    links = probe_links() if links is None else links
+    if link_kind(links.get(VXLAN_DEV) or {}) != "vxlan" or \
+            link_kind(links.get(cfg["OVERLAY_BRIDGE_NAME"]) or {}) != "bridge":
+        return False
+    net = docker_inspect(cfg["OVERLAY_NETWORK_NAME"])
+    return net is not None and (net.get("Options") or {}).get(
+        "com.docker.network.bridge.name") == cfg["OVERLAY_BRIDGE_NAME"]
+
+
+def cmd_network(args):
+    cfg = load_config(args.config)
+    if cfg["OVERLAY_ENABLED"]:
+        if overlay_built(cfg):
+            print(cfg["OVERLAY_NETWORK_NAME"])
+            return 0
+        log.warning("the overlay is enabled but not built: containers use %s until "
+                    "`kohaku_overlay_runner.py up` succeeds", cfg["DOCKER_NETWORK_NAME"])
+    ensure_default_network(cfg)
+    print(cfg["DOCKER_NETWORK_NAME"])
+    return 0
+
+
+def gather_status(cfg):
+    state = load_state(cfg["OVERLAY_STATE_FILE"])
+    alloc = saved_allocation(state)
+    links = probe_links()
+    devices = {}
+    for name in (VXLAN_DEV, cfg["OVERLAY_BRIDGE_NAME"]):
+        link = links.get(name)
+        info = {"present": link is not None, "up": bool(link and link_up(link))}
+        if link is not None:
+            info.update(kind=link_kind(link), mtu=link.get("mtu"), addresses=ipv4_addrs(link),
+                        master=link.get("master"))
+            if link_kind(link) == "vxlan":
+                data = link["linkinfo"].get("info_data") or {}
+                info.update(vni=data.get("id"), local=data.get("local"),
+                            remote=data.get("remote"), port=data.get("port"))
+        devices[name] = info
+    route = probe_route(alloc["overlay_cidr"]) if alloc else None
+    try:
+        net = docker_inspect(cfg["OVERLAY_NETWORK_NAME"])
+        network = {"name": cfg["OVERLAY_NETWORK_NAME"], "present": net is not None,
+                   "containers": container_names(net) if net else []}
+    except CommandError as e:
+        network = {"name": cfg["OVERLAY_NETWORK_NAME"], "present": None, "error": str(e)}
+    return {"enabled": cfg["OVERLAY_ENABLED"], "runner_name": cfg["RUNNER_NAME"],
+            "config": cfg["_path"], "state_file": cfg["OVERLAY_STATE_FILE"],
+            "allocation": {k: alloc[k] for k in ALLOCATION_KEYS} if alloc else None,
+            "registered_at": state.get("registered_at"),
+            "last_heartbeat": state.get("last_heartbeat"), "devices": devices,
+            "route": {"present": route is not None, "via": (route or {}).get("gateway"),
+                      "dev": (route or {}).get("dev")},
+            "network": network}
+
+
+def fmt_time(t):
+    if not t:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def format_status(st):
+    a = st["allocation"]
+    rows = [("Overlay", "enabled" if st["enabled"] else "disabled"),
+            ("Runner", "%s (id %d)" % (st["runner_name"], a["runner_id"]) if a
+             else "%s (not registered)" % st["runner_name"])]
+    if a:
+        rows += [("Subnet", "%s, gateway %s" % (a["subnet"], a["gateway"])),
+                 ("Host", "%s, overlay %s, on this segment %s" % (
+                     a["host_physical_ip"], a["host_overlay_ip"], a["host_vxlan_ip"])),
+                 ("VNI / port / MTU", "%s / %s / %s" % (a["vni"], a["vxlan_port"], a["mtu"]))]
+    for name, d in st["devices"].items():
+        if not d["present"]:
+            rows.append((name, "absent"))
+            continue
+        words = ["present", "up" if d["up"] else "DOWN", "mtu %s" % d["mtu"]]
+        if d.get("vni") is not None:
+            words.append("vni %s local %s remote %s" % (d["vni"], d["local"], d["remote"]))
+        words += d["addresses"]
+        rows.append((name, ", ".join(words)))
+    r = st["route"]
+    if a:
+        rows.append(("Route", "%s via %s dev %s" % (a["overlay_cidr"], r["via"], r["dev"])
+                     if r["present"] else "%s absent" % a["overlay_cidr"]))
+    n = st["network"]
+    rows.append(("Docker network", "%s: %s" % (
+        n["name"], "unknown (%s)" % n.get("error") if n["present"] is None else
+        ("present, %d container(s)" % len(n["containers"])) if n["present"] else "absent")))
+    rows += [("Registered", fmt_time(st["registered_at"])),
+             ("Last heartbeat", fmt_time(st["last_heartbeat"]))]
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join("%s%s" % ((k + ":").ljust(width), v) for k, v in rows)
+
+
+def cmd_status(args):
+    cfg = load_config(args.config)
+    st = gather_status(cfg)
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(format_status(st))
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "up": cmd_up, "down": cmd_down, "status": cmd_status,
+            "network": cmd_network}
+
+
+def main(argv=None):
+    global DRY_RUN
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_usage(sys.stderr)
+        print("error: name a command (serve, up, down, status, network)", file=sys.stderr)
+        return 2
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(message)s" if args.command == "serve" else "%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    DRY_RUN = bool(getattr(args, "dry_run", False))
+    try:
+        return COMMANDS[args.command](args)
+    except OverlayError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:  # the last line of defence: one line, no traceback
+        log.error("internal error: %r", e)
+        return 1
+    finally:
+        DRY_RUN = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
