@@ -193,6 +193,16 @@ def run_ip_batch(lines, check=True):
                echo=False)
 
 
+def failpoint(name):
+    """Crash here (SIGKILL, as a power cut would) when KOHAKU_OVERLAY_FAILPOINT names this point.
+
+    Lets the fault tests kill the host at an exact step of a registration instead of racing it.
+    """
+    if os.environ.get("KOHAKU_OVERLAY_FAILPOINT") == name:
+        log.warning("failpoint %s: killing myself", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def tool_exists(name):
     return shutil.which(name) is not None
 
@@ -1087,6 +1097,7 @@ class Hub(object):
         """Apply a group of jobs: one state write, one `ip` batch, one filter update."""
         before_ips = self.runner_ips()
         before_ids = set(self.allocs)
+        failpoint("commit:before-save")
         try:
             allocs = self._save(lambda allocs: [self._apply(j, allocs) for j in jobs])
         except Exception as exc:  # a failed write answers everyone; nothing was applied
@@ -1095,8 +1106,10 @@ class Hub(object):
                 if not job.done.is_set():
                     job.finish(500, {"error": "the host cannot save its state: {}".format(exc)})
             return
+        failpoint("commit:after-save")
         wanted = dict((n, a["physical_ip"]) for n, a in allocs.items())
         errors, _ = self.kernel.sync_tunnels(wanted, prune=True)
+        failpoint("commit:after-device")
         failed = [j for j in jobs if j.kind == "register" and not j.done.is_set()
                   and errors.get(j.runner_id)]
         if failed:
@@ -1118,6 +1131,7 @@ class Hub(object):
         except OverlayError as exc:
             log.error("cannot add %s to the firewalld zone %s: %s", " ".join(added),
                       TRUSTED_ZONE, exc)
+        failpoint("commit:before-answer")
         now = time.monotonic()
         for j in jobs:
             if j.kind == "register" and not j.done.is_set():
