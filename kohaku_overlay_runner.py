@@ -868,14 +868,16 @@ def build(cfg, alloc, address, errors=None):
         errors.append(e)                    # Docker unreachable: repair the rest meanwhile
         net, diff = None, None
     with contextlib.ExitStack() as stack:
-        steps = [ensure_ip_forward,
-                 lambda: ensure_links(cfg, alloc, address, stack),
-                 lambda: ensure_rules(alloc["overlay_cidr"], stack),
-                 lambda: ensure_firewalld([cfg["OVERLAY_BRIDGE_NAME"], VXLAN_DEV], stack)]
-        if diff:        # removed before the bridge changes under it, created again last
+        # Order: a mismatched network goes before the bridge changes under it; the network is
+        # created before the rules because `docker network create` puts Docker's own FORWARD
+        # jumps back on top, and ours must end up first.
+        steps = [ensure_ip_forward, lambda: ensure_links(cfg, alloc, address, stack)]
+        if diff:
             steps.insert(0, lambda: remove_mismatched_network(cfg, diff))
         if diff or (net is None and diff is not None):
             steps.append(lambda: create_docker_network(cfg, alloc, stack))
+        steps += [lambda: ensure_rules(alloc["overlay_cidr"], stack),
+                  lambda: ensure_firewalld([cfg["OVERLAY_BRIDGE_NAME"], VXLAN_DEV], stack)]
         changes = []
         for step in steps:
             try:
