@@ -996,7 +996,7 @@ class Hub(object):
 
     def load(self):
         """Read the state file, or rebuild it from the devices when it is missing or corrupt."""
-        allocs, aside = self.store.read()
+        allocs, aside = self.store.read(move_aside=not DRY_RUN)
         links = self.kernel.refresh()
         if allocs is None:
             found = self.recovered(links)
@@ -1320,10 +1320,11 @@ class Api(object):
 
 
 class _Conn(object):
-    __slots__ = ("sock", "peer", "deadline", "buf")
+    __slots__ = ("sock", "peer", "deadline", "buf", "draining")
 
     def __init__(self, sock, peer, deadline):
         self.sock, self.peer, self.deadline, self.buf = sock, peer, deadline, b""
+        self.draining = False
 
 
 def parse_request(buf):
@@ -1453,6 +1454,19 @@ class ApiServer(object):
                 pass
         conn.sock.close()
 
+    def _refuse(self, conn, status, answer):
+        """Answer early (the body is still arriving), then read and discard what the client
+        still sends for a moment: closing with unread data would reset the connection before
+        the client reads the answer."""
+        try:
+            conn.sock.send(http_response(status, answer))
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.draining, conn.buf = True, b""
+        conn.deadline = min(conn.deadline, time.monotonic() + 2.0)
+
     def _read(self, conn):
         if conn is None:
             return
@@ -1465,11 +1479,13 @@ class ApiServer(object):
         if not data:
             self._close(conn)
             return
+        if conn.draining:
+            return
         conn.buf += data
         try:
             request = parse_request(conn.buf)
         except ApiError as exc:
-            self._close(conn, exc.status, {"error": exc.message})
+            self._refuse(conn, exc.status, {"error": exc.message})
             return
         if request is None:
             return
@@ -1480,7 +1496,7 @@ class ApiServer(object):
                 busy = False
                 self.pending[0] += 1
         if busy:
-            self._close(conn, 503, {"error": "the host is busy: try again"})
+            self._refuse(conn, 503, {"error": "the host is busy: try again"})
             return
         self._drop(conn)
         self.pool.submit(self._handle, conn, request)
@@ -1488,8 +1504,11 @@ class ApiServer(object):
     def _expire(self):
         now = time.monotonic()
         for conn in [c for c in self.conns.values() if c.deadline <= now]:
-            self._close(conn, 408, {"error": "the request was not complete within {} s".format(
-                self.deadline)})
+            if conn.draining:
+                self._close(conn)
+            else:
+                self._close(conn, 408, {"error": "the request was not complete within {} s"
+                                                 .format(self.deadline)})
 
     def _handle(self, conn, request):
         method, path, headers, body = request
