@@ -105,6 +105,8 @@ REQUIRED_TOOLS = ("ip", "nsenter", "iptables", "ping", "busybox")
 DOCKER_TOOLS = ("dockerd", "docker")
 FIREWALLD_TOOLS = ("firewalld", "firewall-cmd", "dbus-daemon")
 BUSYBOX = "/bin/busybox"
+HEALTH_PROBE = ("import sys, urllib.request as u\n"
+                "print(u.urlopen(sys.argv[1], timeout=2).read().decode())")
 
 _LIVE = []          # labs not torn down yet (atexit / signal handlers walk this)
 CREATED = []        # (prefix, workdir) of every lab this process built: the session-end check
@@ -788,7 +790,8 @@ class Lab(object):
         values = self._config_of(self.host)[1]
         bind = values.get("HOST_BIND_IP") or "0.0.0.0"
         addr = HOST_IP if bind == "0.0.0.0" else bind
-        res = self.sh(self.host, BUSYBOX, "wget", "-q", "-T", "2", "-O", "-",
+        # (busybox-static's wget crashes on Debian 12: static glibc cannot resolve)
+        res = self.sh(self.host, self.python, "-c", HEALTH_PROBE,
                       "http://%s:%s/healthz" % (addr, values.get("HOST_PORT", 8000)),
                       check=False, timeout=10)
         return res.returncode == 0 and '"ok"' in res.stdout
