@@ -1,0 +1,2140 @@
+#!/usr/bin/env python3
+"""kohaku_overlay_check.py: diagnostics for the kohaku-overlay VXLAN network.
+
+Runs the user guide's Verify and Troubleshooting checks (and the failures real overlays hit that
+the guide does not list) on the Host or on a Runner, and prints for every problem the command or
+config line that fixes it. It only reads: nothing on the node is changed.
+
+Usage:
+    kohaku_overlay_check.py [--role host|runner] [--config F] [--json]
+                            [--bundle FILE.tar.gz] [--only ID,...] [--ignore ID,...] [--list]
+
+    --role      host or runner; default: the config file present (~/.kohakuriver/host_config.py
+                or runner_config.py), else the devices present (kohaku-host/vxkr* or vxlan0)
+    --config    the daemon's config file (read, never executed)
+    --json      print the results as JSON
+    --only      run only these checks (ids or id prefixes, comma separated)
+    --ignore    report a FAIL of these checks as WARN (kubeadm's --ignore-preflight-errors)
+    --bundle    also write the "Getting Help" diagnostics into FILE.tar.gz (token redacted)
+    --list      print the check ids of the role and exit
+
+Exit codes: 0 nothing failed, 1 at least one check failed, 2 bad usage or unreadable config.
+
+Reads the kernel with a constant number of commands whatever the cluster size: one
+`ip -j -d -s addr show`, one `ip -j route`, one `iptables-save` per backend, one
+`firewall-cmd --list-all-zones` (when installed), one `docker network inspect` and one
+`bridge -j fdb show` (runner), two pings (runner), one `ip -j -s link show` (counters, ~0.3 s after
+the first sample), two HTTP requests to the host API, and files under /proc.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import ast
+import concurrent.futures
+import difflib
+import io
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+
+# ---- constants and defaults ----------------------------------------------------------------
+
+MARKER = "kohaku-overlay"           # comment on every iptables rule the daemons add
+HOST_DEVICE = "kohaku-host"
+HOST_VXLAN_PREFIX = "vxkr"
+RUNNER_VXLAN = "vxlan0"
+SOURCE_FILTER_CHAIN = "KOHAKU-VXLAN"
+SERVICES = {"host": "kohakuriver-host", "runner": "kohakuriver-runner"}
+CONFIG_DIR = os.path.join("~", ".kohakuriver")
+CONFIG_FILES = {"host": "host_config.py", "runner": "runner_config.py"}
+VXLAN_OVERHEAD = 50                 # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+SAMPLE_GAP = 0.3                    # seconds between the two counter samples
+HTTP_TIMEOUT = 1.5
+CMD_TIMEOUT = 10
+UNREGISTERED_PROBE = "192.0.2.1"    # TEST-NET-1: a sender no runner can be
+MAX_LISTED = 5                      # devices named in one line of detail
+
+STR, INT, BOOL, NUM = (str,), (int,), (bool,), (int, float)
+
+# key -> (accepted types, default, None allowed)
+HOST_KEYS = {
+    "HOST_REACHABLE_ADDRESS": (STR, "", False),
+    "HOST_BIND_IP": (STR, "0.0.0.0", False),
+    "HOST_PORT": (INT, 8000, False),
+    "OVERLAY_ENABLED": (BOOL, False, False),
+    "OVERLAY_BRIDGE_NAME": (STR, "kohaku-overlay", False),
+    "OVERLAY_HOST_IP": (STR, "10.0.0.1", False),
+    "OVERLAY_HOST_PREFIX": (INT, None, True),
+    "OVERLAY_SUBNET": (STR, "10.0.0.0/8/8/16", False),
+    "OVERLAY_VXLAN_ID": (INT, 100, False),
+    "OVERLAY_VXLAN_PORT": (INT, 4789, False),
+    "OVERLAY_MTU": (INT, 1450, False),
+    "OVERLAY_STATE_FILE": (STR, "/var/lib/kohakuriver/overlay-state.json", False),
+    "OVERLAY_TOKEN": (STR, "", False),
+    "OVERLAY_INACTIVE_AFTER": (NUM, 30, False),
+    "OVERLAY_VXLAN_SOURCE_FILTER": (BOOL, True, False),
+}
+RUNNER_KEYS = {
+    "HOST_ADDRESS": (STR, "", False),
+    "HOST_PORT": (INT, 8000, False),
+    "RUNNER_NAME": (STR, None, True),
+    "RUNNER_ADDRESS": (STR, None, True),
+    "OVERLAY_ENABLED": (BOOL, False, False),
+    "OVERLAY_NETWORK_NAME": (STR, "kohakuriver-overlay", False),
+    "OVERLAY_BRIDGE_NAME": (STR, "kohaku-overlay", False),
+    "OVERLAY_VXLAN_ID": (INT, 100, False),
+    "OVERLAY_VXLAN_PORT": (INT, 4789, False),
+    "OVERLAY_MTU": (INT, 1450, False),
+    "OVERLAY_TOKEN": (STR, "", False),
+    "OVERLAY_STATE_FILE": (STR, "/var/lib/kohakuriver/overlay-runner.json", False),
+    "HEARTBEAT_INTERVAL": (NUM, 5, False),
+    "DOCKER_NETWORK_NAME": (STR, "kohakuriver-net", False),
+    "DOCKER_NETWORK_SUBNET": (STR, "172.30.0.0/16", False),
+    "DOCKER_NETWORK_GATEWAY": (STR, "172.30.0.1", False),
+}
+ROLE_KEYS = {"host": HOST_KEYS, "runner": RUNNER_KEYS}
+
+PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "firewall-cmd": "firewalld",
+            "docker": "docker.io (or docker-ce)", "ping": "iputils-ping",
+            "journalctl": "systemd"}
+
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+class OverlayError(Exception):
+    """A problem the user can fix; the message is one sentence naming it and the fix."""
+
+
+class ConfigError(OverlayError):
+    """Bad usage or an unreadable config: exit 2."""
+
+
+class CommandError(OverlayError):
+    def __init__(self, message, argv=None, rc=None, stderr=""):
+        OverlayError.__init__(self, message)
+        self.argv, self.rc, self.stderr = argv, rc, stderr
+
+
+class Skip(Exception):
+    """Raised inside a check when a fact it needs could not be read (no root, no tool)."""
+
+
+# ---- the command wrapper (the only door to subprocess) ---------------------------------------
+
+class Result(object):
+    __slots__ = ("rc", "out", "err")
+
+    def __init__(self, rc, out, err):
+        self.rc, self.out, self.err = rc, out, err
+
+
+def run(argv, check=True, mutates=False, input=None, timeout=CMD_TIMEOUT):
+    """Run argv (a list, never a shell string). This script never mutates anything; the
+    signature matches the daemons' wrapper so the same mocking works in tests."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else
+                                subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+    except FileNotFoundError:
+        tool = argv[0]
+        raise CommandError("%s is not installed: install %s" % (
+            tool, PACKAGES.get(tool, tool.split("-")[0])), argv)
+    except PermissionError:
+        raise CommandError("%s cannot be run: permission denied" % argv[0], argv)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise CommandError("%s did not answer within %d s" % (" ".join(argv), timeout), argv)
+    if check and proc.returncode != 0:
+        raise CommandError("%s failed (exit %d): %s" % (
+            " ".join(argv), proc.returncode, first_line(err)), argv, proc.returncode, err)
+    return Result(proc.returncode, out, err)
+
+
+def which(tool):
+    return shutil.which(tool)
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def file_mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def http_get(url, token, timeout=HTTP_TIMEOUT):
+    """GET url -> (status, decoded JSON or None). Connection problems raise OSError."""
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+        status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    try:
+        return status, json.loads(body.decode("utf-8"))
+    except ValueError:
+        return status, None
+
+
+def first_line(text):
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def quote_argv(argv):
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+# ---- parsers: pure functions over tool output ------------------------------------------------
+
+def base36(n):
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+def vxkr_name(n):
+    return HOST_VXLAN_PREFIX + base36(n)
+
+
+def vxkr_id(name):
+    """'vxkra' -> 10; None for names that are not a canonical vxkr device."""
+    if not name.startswith(HOST_VXLAN_PREFIX):
+        return None
+    try:
+        n = int(name[len(HOST_VXLAN_PREFIX):], 36)
+    except ValueError:
+        return None
+    return n if n > 0 and vxkr_name(n) == name else None
+
+
+class Layout(object):
+    """OVERLAY_SUBNET "BASE/NETWORK_PREFIX/NODE_BITS/SUBNET_BITS": where runner N lives."""
+
+    def __init__(self, spec, host_ip="10.0.0.1", host_prefix=None):
+        parts = spec.split("/")
+        try:
+            base = ipaddress.IPv4Address(parts[0])
+            net_prefix, node_bits, subnet_bits = (int(p) for p in parts[1:])
+        except (ValueError, TypeError):
+            raise ConfigError('OVERLAY_SUBNET "%s" is not BASE/NETWORK_PREFIX/NODE_BITS/'
+                              'SUBNET_BITS: write e.g. OVERLAY_SUBNET = "10.0.0.0/8/8/16"' % spec)
+        if net_prefix + node_bits + subnet_bits != 32 or min(net_prefix, node_bits) < 1 \
+                or subnet_bits < 2:
+            raise ConfigError('OVERLAY_SUBNET "%s": the three numbers must be positive and sum '
+                              'to 32 (e.g. "10.0.0.0/8/8/16")' % spec)
+        try:
+            self.network = ipaddress.IPv4Network("%s/%d" % (base, net_prefix))
+        except ValueError:
+            raise ConfigError('OVERLAY_SUBNET "%s": %s has bits set beyond /%d' % (
+                spec, base, net_prefix))
+        self.subnet_bits = subnet_bits
+        self.subnet_prefix = net_prefix + node_bits
+        self.max_id = 2 ** node_bits - 1
+        self.cidr = str(self.network)
+        self.host_prefix = net_prefix if host_prefix is None else host_prefix
+        try:
+            self.host_ip = ipaddress.IPv4Address(host_ip)
+        except ValueError:
+            raise ConfigError('OVERLAY_HOST_IP "%s" is not an IPv4 address' % host_ip)
+        if self.host_ip not in self.network or \
+                (int(self.host_ip) - int(self.network.network_address)) >> subnet_bits != 0:
+            raise ConfigError('OVERLAY_HOST_IP %s must lie inside %s and outside every runner '
+                              'subnet (node 0): e.g. OVERLAY_HOST_IP = "%s"' % (
+                                  host_ip, self.cidr, self.network.network_address + 1))
+
+    def subnet(self, n):
+        addr = int(self.network.network_address) + (n << self.subnet_bits)
+        return ipaddress.IPv4Network((addr, self.subnet_prefix))
+
+    def gateway(self, n):
+        return str(self.subnet(n).network_address + 1)
+
+    def host_addr(self, n):
+        size = 2 ** self.subnet_bits
+        return str(self.subnet(n).network_address + (254 if size >= 256 else size - 2))
+
+
+def literal_kind(node):
+    names = {"Import": "an import", "ImportFrom": "an import", "FunctionDef": "a def",
+             "ClassDef": "a class", "Call": "a call", "JoinedStr": "an f-string",
+             "Attribute": "an attribute", "If": "an if", "For": "a loop", "While": "a loop",
+             "With": "a with", "Try": "a try", "AugAssign": "an augmented assignment"}
+    name = type(node).__name__
+    return names.get(name, "a " + name.lower())
+
+
+def parse_config(text, path, role):
+    """Read NAME = literal lines with ast; return (values, warnings, ignored_names)."""
+    keys = ROLE_KEYS[role]
+    fname = os.path.basename(path)
+    try:
+        tree = ast.parse(text, filename=path)
+    except SyntaxError as e:
+        raise ConfigError("%s line %s: syntax error (%s); fix the line" % (fname, e.lineno, e.msg))
+    values, warnings, ignored = {}, [], []
+    for node in tree.body:
+        target = value = None
+        if isinstance(node, ast.Expr):
+            try:
+                if isinstance(ast.literal_eval(node.value), str):
+                    continue
+            except ValueError:
+                pass
+            raise ConfigError("%s line %d: only NAME = literal lines are allowed (found %s); "
+                              "remove it" % (fname, node.lineno, literal_kind(node.value)))
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        if not isinstance(target, ast.Name):
+            raise ConfigError("%s line %d: only NAME = literal lines are allowed (found %s); "
+                              "remove it" % (fname, node.lineno, literal_kind(node)))
+        try:
+            val = ast.literal_eval(value)
+        except ValueError:
+            raise ConfigError("%s line %d: %s must be a literal (found %s); write a plain value"
+                              % (fname, node.lineno, target.id, literal_kind(value)))
+        name = target.id
+        if name not in keys:
+            close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.8)
+            if close:
+                warnings.append("%s line %d: unknown key %s (did you mean %s?), ignored" % (
+                    fname, node.lineno, name, close[0]))
+            else:
+                ignored.append(name)
+            continue
+        types, _default, nullable = keys[name]
+        ok = (val is None and nullable) or (isinstance(val, types) and not (
+            isinstance(val, bool) and bool not in types))
+        if not ok:
+            raise ConfigError("%s: %s must be %s, got %r; fix that line" % (
+                fname, name, "/".join(t.__name__ for t in types), val))
+        values[name] = val
+    return values, warnings, ignored
+
+
+def config_with_defaults(values, role):
+    cfg = dict((k, v[1]) for k, v in ROLE_KEYS[role].items())
+    cfg.update(values)
+    return cfg
+
+
+def parse_links(text):
+    """ip -j [-d] [-s] addr|link show -> {ifname: link dict}."""
+    return dict((link["ifname"], link) for link in json.loads(text or "[]"))
+
+
+def link_kind(link):
+    return (link.get("linkinfo") or {}).get("info_kind")
+
+
+def vxlan_info(link):
+    return (link.get("linkinfo") or {}).get("info_data") or {}
+
+
+def ipv4_addrs(link):
+    """['10.1.0.1/16', ...]"""
+    return ["%s/%s" % (a["local"], a["prefixlen"]) for a in link.get("addr_info", [])
+            if a.get("family") == "inet"]
+
+
+def counters(link):
+    s = link.get("stats64") or link.get("stats") or {}
+    return (s.get("rx") or {}).get("packets", 0), (s.get("tx") or {}).get("packets", 0)
+
+
+def parse_snmp(text):
+    """/proc/net/snmp -> {"Udp": {"InCsumErrors": 0, ...}, ...}."""
+    out, lines = {}, (text or "").splitlines()
+    for head, vals in zip(lines[0::2], lines[1::2]):
+        name, keys = head.split(":", 1)
+        out[name] = dict(zip(keys.split(), (int(v) for v in vals.split(":", 1)[1].split())))
+    return out
+
+
+def ip_int_net(text):
+    """'10.0.0.0/8' or '1.2.3.4' -> (network int, mask int)."""
+    net = ipaddress.IPv4Network(text, strict=False)
+    return int(net.network_address), int(net.netmask)
+
+
+def in_net(ip, net):
+    return ip is not None and (int(ipaddress.IPv4Address(ip)) & net[1]) == net[0]
+
+
+RULE_OPTS = {"-s": "src", "--source": "src", "-d": "dst", "--destination": "dst",
+             "-p": "proto", "--protocol": "proto", "-i": "in", "--in-interface": "in",
+             "-o": "out", "--out-interface": "out", "--dport": "dport",
+             "--destination-port": "dport", "--dports": "dports", "--ctstate": "states",
+             "--state": "states", "--comment": "comment", "-j": "target", "--jump": "target",
+             "-g": "target", "--goto": "target"}
+KNOWN_MATCHES = ("udp", "tcp", "comment", "conntrack", "state", "multiport")
+TERMINAL = ("ACCEPT", "DROP", "REJECT", "RETURN")
+
+
+def parse_rule(line):
+    """'-A FORWARD -s 10.0.0.0/8 -j ACCEPT' -> dict of the parts the checks reason about."""
+    toks = shlex.split(line)
+    rule = {"raw": line, "chain": toks[1], "neg": set(), "complex": False}
+    i, neg = 2, False
+    while i < len(toks):
+        tok = toks[i]
+        val = toks[i + 1] if i + 1 < len(toks) else None
+        if tok == "!":
+            neg, i = True, i + 1
+            continue
+        if tok == "-m":
+            if val not in KNOWN_MATCHES:
+                rule["complex"] = True
+            i += 2
+        elif tok in RULE_OPTS:
+            rule[RULE_OPTS[tok]] = val
+            if neg:
+                rule["neg"].add(RULE_OPTS[tok])
+            i += 2
+        else:
+            # an option this parser does not reason about (-m set --match-set, --limit, ...)
+            rule["complex"] = True
+            i += 2 if val is not None and not val.startswith("-") else 1
+        neg = False
+    for key in ("src", "dst"):
+        if key in rule:
+            rule[key + "_net"] = ip_int_net(rule[key])
+    return rule
+
+
+class Table(object):
+    """One iptables table from iptables-save: policies and rules per chain."""
+
+    def __init__(self):
+        self.policies, self.chains = {}, {}
+
+    def rules(self, chain):
+        return self.chains.get(chain, [])
+
+
+def parse_iptables_save(text):
+    """iptables-save output -> {table name: Table}."""
+    tables, cur = {}, None
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:], Table())
+        elif line.startswith(":") and cur is not None:
+            name, policy = line[1:].split()[:2]
+            cur.chains.setdefault(name, [])
+            if policy != "-":
+                cur.policies[name] = policy
+        elif line.startswith("-A ") and cur is not None:
+            rule = parse_rule(line)
+            cur.chains.setdefault(rule["chain"], []).append(rule)
+    return tables
+
+
+def holds_rules(tables):
+    """True when a backend holds anything beyond empty chains with policy ACCEPT."""
+    for table in tables.values():
+        if any(table.chains.values()) or any(p != "ACCEPT" for p in table.policies.values()):
+            return True
+    return False
+
+
+def port_in(spec, port):
+    for part in spec.split(","):
+        lo, _, hi = part.partition(":")
+        if int(lo or 0) <= port <= int(hi or lo or 65535):
+            return True
+    return False
+
+
+def iface_match(pattern, name):
+    if pattern.endswith("+"):
+        return name.startswith(pattern[:-1])
+    return name == pattern
+
+
+def rule_matches(rule, pkt):
+    """True, False, or None (cannot tell) for a UDP packet {src, dst, dport, in, out}."""
+    if rule["complex"]:
+        return None
+    verdicts = []
+
+    def test(key, result):
+        verdicts.append(None if result is None else (result != (key in rule["neg"])))
+
+    if "proto" in rule:
+        test("proto", rule["proto"].lower() in ("udp", "17", "all", "0"))
+    if "dport" in rule:
+        test("dport", port_in(rule["dport"], pkt["dport"]))
+    if "dports" in rule:
+        test("dports", port_in(rule["dports"], pkt["dport"]))
+    for key in ("src", "dst"):
+        if key in rule:
+            test(key, None if pkt.get(key) is None else in_net(pkt[key], rule[key + "_net"]))
+    for key in ("in", "out"):
+        if key in rule:
+            test(key, None if pkt.get(key) is None else iface_match(rule[key], pkt[key]))
+    if "states" in rule:
+        test("states", "NEW" in rule["states"].split(","))
+    if False in verdicts:
+        return False
+    return None if None in verdicts else True
+
+
+def verdict(table, chain, pkt, depth=0):
+    """Walk chain for pkt -> (target, rule or None). target None: fell off a user chain."""
+    if depth > 16:
+        return None, None
+    for rule in table.rules(chain):
+        if rule_matches(rule, pkt) is not True:
+            continue
+        target = rule.get("target")
+        if target in ("ACCEPT", "DROP", "REJECT"):
+            return target, rule
+        if target == "RETURN":
+            return None, None
+        if target in table.chains:
+            result = verdict(table, target, pkt, depth + 1)
+            if result[0] is not None:
+                return result
+    if chain in table.policies:
+        return table.policies[chain], None
+    return None, None
+
+
+def can_drop(table, chain, seen=None):
+    """True when chain (or a chain it jumps to) holds a DROP or REJECT rule."""
+    seen = set() if seen is None else seen
+    seen.add(chain)
+    for rule in table.rules(chain):
+        target = rule.get("target")
+        if target in ("DROP", "REJECT"):
+            return True
+        if target in table.chains and target not in seen and can_drop(table, target, seen):
+            return True
+    return False
+
+
+def parse_firewalld_zones(text):
+    """firewall-cmd --list-all-zones -> {zone: {default, target, interfaces, sources, ports,
+    rich}}."""
+    zones, cur, in_rich = {}, None, False
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            name, _, attrs = line.partition(" ")
+            cur = zones[name] = {"default": "default" in attrs, "target": "default",
+                                 "interfaces": [], "sources": [], "ports": [], "rich": []}
+            in_rich = False
+        elif cur is not None and line.startswith("\t"):
+            if in_rich:
+                cur["rich"].append(line.strip())
+        elif cur is not None:
+            key, _, val = line.strip().partition(":")
+            in_rich = key == "rich rules"
+            if key in ("interfaces", "sources", "ports"):
+                cur[key] = val.split()
+            elif key == "target":
+                cur["target"] = val.strip()
+    return zones
+
+
+def firewalld_zone(zones, iface=None, source=None):
+    """The zone firewalld applies: by source, then by interface, then the default zone."""
+    if source is not None:
+        for name, z in zones.items():
+            for src in z["sources"]:
+                try:
+                    if in_net(source, ip_int_net(src)):
+                        return name
+                except ValueError:
+                    continue
+    for name, z in zones.items():
+        if iface in z["interfaces"]:
+            return name
+    for name, z in zones.items():
+        if z["default"]:
+            return name
+    return None
+
+
+def zone_trusted(zones, name):
+    return name == "trusted" or (name in zones and zones[name]["target"] == "ACCEPT")
+
+
+def zone_bound(zones, iface):
+    return any(iface in z["interfaces"] for z in zones.values())
+
+
+def route_lookup(routes, ip):
+    """Longest-prefix match of ip over `ip -j route` (main table) -> route dict or None."""
+    best, best_len = None, -1
+    for r in routes:
+        dst = r.get("dst")
+        if dst == "default":
+            dst = "0.0.0.0/0"
+        if r.get("type", "unicast") != "unicast" or ":" in (dst or ":"):
+            continue
+        net = ipaddress.IPv4Network(dst if "/" in dst else dst + "/32", strict=False)
+        if ipaddress.IPv4Address(ip) in net and net.prefixlen > best_len:
+            best, best_len = r, net.prefixlen
+    return best
+
+
+def route_mtu(route, links):
+    mtu = (links.get(route.get("dev")) or {}).get("mtu")
+    for m in route.get("metrics") or []:
+        if isinstance(m, dict) and "mtu" in m:
+            mtu = min(mtu or m["mtu"], m["mtu"])
+    return mtu
+
+
+def is_ipv4(text):
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def loopback(text):
+    return is_ipv4(text) and ipaddress.IPv4Address(text).is_loopback
+
+
+def kernel_older(release, major, minor):
+    try:
+        nums = [int(x) for x in release.split("-")[0].split(".")[:2]]
+    except ValueError:
+        return False
+    return nums < [major, minor]
+
+
+def listed(items):
+    items = list(items)
+    head = ", ".join(items[:MAX_LISTED])
+    return head + (" and %d more" % (len(items) - MAX_LISTED) if len(items) > MAX_LISTED else "")
+
+
+# ---- facts: the snapshot, read once ----------------------------------------------------------
+
+class Snapshot(object):
+    """Everything the checks look at, gathered once up front so checks are pure functions."""
+
+    def __init__(self, role, cfg, cfg_path, cfg_found=True, cfg_warnings=(), cfg_ignored=()):
+        self.role, self.cfg, self.cfg_path, self.cfg_found = role, cfg, cfg_path, cfg_found
+        self.cfg_warnings, self.cfg_ignored = list(cfg_warnings), list(cfg_ignored)
+        self.unavailable = {}           # fact -> reason it could not be read
+        self.raw = {}                   # name -> raw text, for --bundle
+        self.links, self.links2, self.routes = {}, {}, []
+        self.sysctl, self.snmp1, self.snmp2 = {}, {}, {}
+        self.ipt, self.ipt_active = {}, None
+        self.zones = None
+        self.docker_net, self.docker_error, self.fdb = None, None, None
+        self.api = {}                   # "health"/"status" -> (status, obj) or error string
+        self.pings = {}                 # "ping"/"df" -> (ok, detail)
+        self.state = None               # host: parsed state file; runner: local allocation
+        self.state_mode = None
+        self.alloc = None               # runner: the expected allocation
+        self.layout = None              # host: Layout
+        self.kernel = ""
+
+    def need(self, fact):
+        if fact in self.unavailable:
+            raise Skip(self.unavailable[fact])
+        return getattr(self, fact)
+
+    def lost(self, fact, reason):
+        self.unavailable[fact] = reason
+
+    # addressing helpers used by several checks
+    def local_ips(self):
+        return dict((a.split("/")[0], name) for name, link in self.links.items()
+                    for a in ipv4_addrs(link))
+
+    def vxlan_devices(self):
+        if self.role == "host":
+            return sorted((n for n in self.links if vxkr_id(n)), key=vxkr_id)
+        return [RUNNER_VXLAN] if RUNNER_VXLAN in self.links else []
+
+    def overlay_ifaces(self):
+        if self.role == "host":
+            return [n for n in [HOST_DEVICE] + self.vxlan_devices() if n in self.links]
+        return [n for n in (self.cfg["OVERLAY_BRIDGE_NAME"], RUNNER_VXLAN) if n in self.links]
+
+    def overlay_cidr(self):
+        if self.role == "host":
+            return self.layout.cidr
+        return (self.alloc or {}).get("overlay_cidr")
+
+    def api_url(self, path):
+        if self.role == "host":
+            bind = self.cfg["HOST_BIND_IP"]
+            addr = "127.0.0.1" if bind in ("", "0.0.0.0") else bind
+        else:
+            addr = self.cfg["HOST_ADDRESS"]
+        if ":" in addr:
+            addr = "[%s]" % addr
+        return "http://%s:%d%s" % (addr, self.cfg["HOST_PORT"], path)
+
+
+def iptables_backends():
+    """[(backend, save command)]: both backends when both are installed, and the backend
+    the plain `iptables` command uses."""
+    active = None
+    path = which("iptables")
+    if path:
+        real = os.path.realpath(path)
+        active = "legacy" if "legacy" in real else "nft" if "nft" in real else "default"
+    found = [(b, "iptables-%s-save" % b) for b in ("nft", "legacy")
+             if which("iptables-%s-save" % b)]
+    if not found and which("iptables-save"):
+        found = [(active or "default", "iptables-save")]
+    if active not in [b for b, _ in found]:
+        active = found[0][0] if found else None
+    return found, active
+
+
+def read_state_file(snap, path):
+    """Host state file (or runner local allocation) -> parsed dict; records mode."""
+    try:
+        text = read_text(path)
+        snap.state_mode = file_mode(path)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        snap.lost("state", "%s is not readable: run as root" % path)
+        return None
+    snap.raw["state.json"] = text
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        return {"error": "does not parse as JSON (%s)" % e}
+    return data
+
+
+def read_links():
+    """Links, addresses, details and counters in one command: needed before the role is
+    known. -> (links, raw text)."""
+    res = run(["ip", "-j", "-d", "-s", "addr", "show"])
+    return parse_links(res.out), res.out
+
+
+def gather(snap, links, links_text=""):
+    """Read every fact with a constant number of commands, in parallel where it helps."""
+    snap.links = links
+    snap.raw["ip-addr.json"] = links_text
+    snap.kernel = os.uname().release
+    t_first = time.time()
+    snap.snmp1 = parse_snmp(read_proc("/proc/net/snmp"))
+    host = snap.role == "host"
+    cfg = snap.cfg
+    if host:
+        snap.layout = Layout(cfg["OVERLAY_SUBNET"], cfg["OVERLAY_HOST_IP"],
+                             cfg["OVERLAY_HOST_PREFIX"])
+        snap.state = read_state_file(snap, cfg["OVERLAY_STATE_FILE"])
+    else:
+        snap.state = read_state_file(snap, cfg["OVERLAY_STATE_FILE"])
+    read_sysctls(snap)
+
+    jobs = {"routes": lambda: run(["ip", "-j", "route", "show", "table", "main"]).out,
+            "zones": gather_firewalld, "api": lambda: gather_api(snap)}
+    backends, snap.ipt_active = iptables_backends()
+    for backend, cmd in backends:
+        jobs["ipt:" + backend] = (lambda c: lambda: run([c]).out)(cmd)
+    if not host:
+        jobs["docker"] = lambda: gather_docker(cfg["OVERLAY_NETWORK_NAME"])
+        jobs["fdb"] = lambda: run(["bridge", "-j", "fdb", "show", "br",
+                                   cfg["OVERLAY_BRIDGE_NAME"]]).out
+    if not is_root():
+        jobs = dict((k, v) for k, v in jobs.items() if not k.startswith("ipt:"))
+        snap.lost("ipt", "iptables needs root: run as root (sudo)")
+    elif not backends:
+        snap.lost("ipt", "iptables is not installed: install iptables")
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(len(jobs), 1))
+    try:
+        futures = dict((k, pool.submit(f)) for k, f in jobs.items())
+        results = {}
+        for key, fut in futures.items():
+            try:
+                results[key] = (True, fut.result())
+            except (OverlayError, OSError, ValueError) as e:
+                results[key] = (False, str(e))
+        store_results(snap, results)
+        if not host:
+            snap.alloc = runner_allocation(snap)
+            ping_probes(snap, pool)
+    finally:
+        pool.shutdown(wait=True)
+
+    wait = SAMPLE_GAP - (time.time() - t_first)
+    if wait > 0:
+        time.sleep(wait)
+    try:
+        second = run(["ip", "-j", "-s", "link", "show"])
+        snap.links2 = parse_links(second.out)
+    except (OverlayError, ValueError) as e:
+        snap.lost("links2", str(e))
+    snap.snmp2 = parse_snmp(read_proc("/proc/net/snmp"))
+    return snap
+
+
+def read_proc(path):
+    try:
+        return read_text(path)
+    except OSError:
+        return ""
+
+
+def read_sysctls(snap):
+    names = ["net/ipv4/ip_forward", "net/ipv4/conf/all/rp_filter"]
+    names += ["net/ipv4/conf/%s/rp_filter" % n for n in snap.overlay_ifaces()]
+    for name in names:
+        text = read_proc("/proc/sys/" + name).strip()
+        snap.sysctl[name.replace("/", ".")] = int(text) if text.isdigit() else None
+
+
+def gather_firewalld():
+    """None when firewall-cmd is missing or firewalld is not running, else the zones."""
+    if not which("firewall-cmd"):
+        return ("missing", "firewall-cmd is not installed")
+    res = run(["firewall-cmd", "--list-all-zones"], check=False)
+    if res.rc == 252 or "not running" in res.out + res.err:
+        return ("stopped", "firewalld is not running")
+    if res.rc != 0:
+        return ("error", "firewall-cmd --list-all-zones failed: %s" % first_line(res.err))
+    return ("running", res.out)
+
+
+def gather_docker(name):
+    res = run(["docker", "network", "inspect", name], check=False)
+    if res.rc == 0:
+        return ("found", res.out)
+    err = first_line(res.err)
+    if "not found" in err.lower() or "no such network" in err.lower():
+        return ("missing", err)
+    return ("error", err)
+
+
+def gather_api(snap):
+    """Ask /healthz and /api/overlay/status; errors are kept as strings."""
+    out = {}
+    for key, path, token in (("health", "/healthz", ""),
+                             ("status", "/api/overlay/status", snap.cfg["OVERLAY_TOKEN"])):
+        url = snap.api_url(path)
+        if snap.role == "runner" and not snap.cfg["HOST_ADDRESS"]:
+            out[key] = "HOST_ADDRESS is not set"
+            continue
+        try:
+            out[key] = http_get(url, token)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            out[key] = "%s: %s" % (url, reason)
+        if key == "health" and isinstance(out[key], str):
+            break
+    return out
+
+
+def runner_allocation(snap):
+    """The runner's expected allocation: its local state file, else the host's status."""
+    state = snap.state if isinstance(snap.state, dict) and "runner_id" in snap.state else None
+    status = snap.api.get("status")
+    mine = None
+    if isinstance(status, tuple) and status[0] == 200 and isinstance(status[1], dict):
+        name = snap.cfg["RUNNER_NAME"] or socket.gethostname()
+        for a in status[1].get("allocations") or []:
+            if a.get("runner_name") == name:
+                mine = a
+    if state is None and mine is None:
+        return None
+    alloc = dict(state or {})
+    if mine is not None:
+        for key in ("runner_id", "subnet", "gateway", "host_vxlan_ip", "vni"):
+            alloc.setdefault(key, mine.get(key))
+        alloc.setdefault("overlay_cidr", status[1].get("overlay_cidr"))
+        alloc["physical_ip"] = mine.get("physical_ip")
+        alloc["host_overlay_ip"] = status[1].get("host_ip")
+        alloc["source"] = "host status" if state is None else "state file"
+    else:
+        alloc["source"] = "state file"
+    if not alloc.get("host_physical_ip") and is_ipv4(snap.cfg["HOST_ADDRESS"]):
+        alloc["host_physical_ip"] = snap.cfg["HOST_ADDRESS"]
+    alloc.setdefault("overlay_cidr", "10.0.0.0/8")
+    return alloc
+
+
+def ping_probes(snap, pool):
+    """Ping the host's overlay IP, and a don't-fragment probe at the MTU, in parallel."""
+    alloc = snap.alloc
+    if alloc is None:
+        snap.lost("pings", "no allocation known")
+        return
+    target = alloc.get("host_overlay_ip") or alloc.get("host_vxlan_ip")
+    mtu = alloc.get("mtu") or snap.cfg["OVERLAY_MTU"]
+    probes = {"ping": ["ping", "-n", "-c", "1", "-W", "1", target],
+              "df": ["ping", "-n", "-M", "do", "-s", str(mtu - 28), "-c", "1", "-W", "1",
+                     target]}
+    snap.pings["target"] = target
+    futures = dict((k, pool.submit(run, argv, False)) for k, argv in probes.items())
+    for key, fut in futures.items():
+        try:
+            res = fut.result()
+            text = (res.out + res.err).strip().splitlines()
+            snap.pings[key] = (res.rc == 0, quote_argv(probes[key]),
+                               first_line(res.err) or (text[1] if len(text) > 1 else ""))
+        except OverlayError as e:
+            snap.lost("pings", str(e))
+
+
+def store_results(snap, results):
+    ok, routes = results.get("routes", (False, "not read"))
+    if ok:
+        snap.raw["ip-route.json"] = routes
+        snap.routes = json.loads(routes or "[]")
+    else:
+        snap.lost("routes", routes)
+    for key, (ok, val) in results.items():
+        if key.startswith("ipt:"):
+            if ok:
+                snap.raw["iptables-save.%s.txt" % key[4:]] = val
+                snap.ipt[key[4:]] = parse_iptables_save(val)
+            elif key[4:] == snap.ipt_active:
+                snap.lost("ipt", val)
+    if snap.ipt_active not in snap.ipt and "ipt" not in snap.unavailable:
+        snap.lost("ipt", "iptables-save could not be read")
+    ok, val = results["zones"]
+    if not ok:
+        snap.lost("zones", val)
+    elif val[0] != "running":
+        snap.lost("zones", val[1])
+    else:
+        snap.raw["firewalld-zones.txt"] = val[1]
+        snap.zones = parse_firewalld_zones(val[1])
+    ok, val = results["api"]
+    snap.api = val if ok else {"health": val}
+    if "docker" in results:
+        ok, val = results["docker"]
+        if not ok:
+            snap.lost("docker_net", val)
+        elif val[0] == "error":
+            snap.docker_error = val[1]
+        elif val[0] == "found":
+            snap.raw["docker-network.json"] = val[1]
+            nets = json.loads(val[1])
+            snap.docker_net = nets[0] if nets else None
+    if "fdb" in results:
+        ok, val = results["fdb"]
+        if ok:
+            snap.fdb = json.loads(val or "[]")
+        else:
+            snap.lost("fdb", val)
+
+
+# ---- the checks ----------------------------------------------------------------------------
+# Each check is a registered function of the snapshot returning (status, detail, fix); fix is
+# None for PASS and the exact command or config line otherwise. Ids are "<role>.<name>".
+
+class Check(object):
+    __slots__ = ("name", "title", "roles", "needs", "func")
+
+    def __init__(self, name, title, roles, needs, func):
+        self.name, self.title, self.roles, self.needs, self.func = name, title, roles, needs, func
+
+    def id(self, role):
+        return "%s.%s" % (role, self.name)
+
+
+REGISTRY = []
+BOTH = ("host", "runner")
+
+
+def check(name, title, roles=BOTH, needs=()):
+    def register(func):
+        REGISTRY.append(Check(name, title, tuple(roles), tuple(needs), func))
+        return func
+    return register
+
+
+def checks_for(role):
+    return [c for c in REGISTRY if role in c.roles]
+
+
+def ok(detail):
+    return PASS, detail, None
+
+
+def warn(detail, fix):
+    return WARN, detail, fix
+
+
+def fail(detail, fix):
+    return FAIL, detail, fix
+
+
+def skip(detail):
+    return SKIP, detail, None
+
+
+def py_literal(value):
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def config_line(snap, key, value):
+    return "%s = %s   # in %s" % (key, py_literal(value), snap.cfg_path)
+
+
+def restart(snap):
+    return "systemctl restart %s" % SERVICES[snap.role]
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+@check("config.file", "config file readable")
+def check_config_file(snap):
+    """PASS: the file parsed. WARN: a typo'd key ("OVERLAY_ENABLE"), or no file (defaults)."""
+    if not snap.cfg_found:
+        return warn("%s not found; using the defaults" % snap.cfg_path,
+                    "create %s (see the guide's Step 2/3)" % snap.cfg_path)
+    if snap.cfg_warnings:
+        return warn("; ".join(snap.cfg_warnings), "rename the key in %s" % snap.cfg_path)
+    extra = " (%d other keys ignored)" % len(snap.cfg_ignored) if snap.cfg_ignored else ""
+    return ok("read %s%s" % (snap.cfg_path, extra))
+
+
+@check("config.enabled", "OVERLAY_ENABLED is True")
+def check_enabled(snap):
+    if snap.cfg["OVERLAY_ENABLED"] is True:
+        return ok("OVERLAY_ENABLED = True")
+    return fail("OVERLAY_ENABLED is False: the daemon does not build the overlay",
+                config_line(snap, "OVERLAY_ENABLED", True) + ", then " + restart(snap))
+
+
+@check("reachable_address", "HOST_REACHABLE_ADDRESS is a local, non-loopback address",
+       roles=("host",))
+def check_reachable_address(snap):
+    addr = snap.cfg["HOST_REACHABLE_ADDRESS"]
+    local = snap.local_ips()
+    candidates = [ip for ip, dev in local.items() if dev != HOST_DEVICE and not loopback(ip)
+                  and not vxkr_id(dev) and not snap.layout.network.overlaps(
+                      ipaddress.IPv4Network(ip + "/32"))]
+    fix = config_line(snap, "HOST_REACHABLE_ADDRESS",
+                      candidates[0] if candidates else "<this host's IP>")
+    if not addr:
+        return fail("HOST_REACHABLE_ADDRESS is not set", fix)
+    if not is_ipv4(addr):
+        return fail("HOST_REACHABLE_ADDRESS %r is not an IPv4 address" % addr, fix)
+    ip = ipaddress.IPv4Address(addr)
+    if ip.is_loopback or ip.is_unspecified:
+        return fail("HOST_REACHABLE_ADDRESS is %s: runners cannot reach it, VXLAN tunnels "
+                    "fail" % addr, fix)
+    if addr not in local:
+        return fail("HOST_REACHABLE_ADDRESS %s is not on any interface of this host" % addr, fix)
+    return ok("%s on %s" % (addr, local[addr]))
+
+
+@check("host_address", "HOST_ADDRESS is set and not loopback", roles=("runner",))
+def check_host_address(snap):
+    addr = snap.cfg["HOST_ADDRESS"]
+    fix = config_line(snap, "HOST_ADDRESS", "<the Host's IP>")
+    if not addr:
+        return fail("HOST_ADDRESS is not set", fix)
+    if loopback(addr):
+        return fail("HOST_ADDRESS is %s (loopback): the tunnel cannot reach the Host" % addr, fix)
+    return ok("HOST_ADDRESS %s, port %d" % (addr, snap.cfg["HOST_PORT"]))
+
+
+@check("ip_forward", "net.ipv4.ip_forward is 1")
+def check_ip_forward(snap):
+    val = snap.sysctl.get("net.ipv4.ip_forward")
+    if val is None:
+        return skip("/proc/sys/net/ipv4/ip_forward is not readable")
+    if val == 1:
+        return ok("net.ipv4.ip_forward = 1")
+    return fail("net.ipv4.ip_forward = %d: the node does not route overlay traffic" % val,
+                "sysctl -w net.ipv4.ip_forward=1")
+
+
+# -- host devices -------------------------------------------------------------------------------
+
+@check("kohaku_host.present", "kohaku-host exists and is up", roles=("host",))
+def check_kohaku_host(snap):
+    link = snap.links.get(HOST_DEVICE)
+    if link is None:
+        return fail("%s does not exist" % HOST_DEVICE, restart(snap))
+    if "UP" not in link.get("flags", []):
+        return fail("%s is down" % HOST_DEVICE, "ip link set %s up" % HOST_DEVICE)
+    return ok("%s (%s) up" % (HOST_DEVICE, link_kind(link) or "device"))
+
+
+@check("kohaku_host.address", "kohaku-host holds the host overlay IP", roles=("host",),
+       needs=("kohaku_host.present",))
+def check_kohaku_host_address(snap):
+    want = "%s/%d" % (snap.layout.host_ip, snap.layout.host_prefix)
+    have = ipv4_addrs(snap.links[HOST_DEVICE])
+    if want in have:
+        return ok("%s on %s" % (want, HOST_DEVICE))
+    return fail("%s has %s, not %s" % (HOST_DEVICE, listed(have) or "no IPv4 address", want),
+                "ip addr add %s dev %s" % (want, HOST_DEVICE))
+
+
+@check("state_file", "state file parses and is mode 0600", roles=("host",))
+def check_state_file(snap):
+    path = snap.cfg["OVERLAY_STATE_FILE"]
+    state = snap.need("state")
+    if state is None:
+        if snap.vxlan_devices():
+            return warn("%s is missing while %d tunnels exist" % (path, len(snap.vxlan_devices())),
+                        "%s (the host rebuilds the state from the vxkr* devices)" % restart(snap))
+        return ok("%s not written yet (no runner registered)" % path)
+    if "error" in state:
+        return fail("%s %s" % (path, state["error"]),
+                    "%s (the host keeps the bad file aside and rebuilds from the devices)"
+                    % restart(snap))
+    if not isinstance(state.get("allocations"), list):
+        return fail("%s has no \"allocations\" list" % path, restart(snap))
+    if snap.state_mode & 0o077:
+        return fail("%s is mode %04o, readable by others" % (path, snap.state_mode),
+                    "chmod 600 %s" % path)
+    return ok("%s: %d allocations, mode 0600" % (path, len(state["allocations"])))
+
+
+def host_allocations(snap):
+    """{runner_id: allocation} from the state file (empty when there is none)."""
+    state = snap.state if isinstance(snap.state, dict) else {}
+    out = {}
+    for a in state.get("allocations") or []:
+        if isinstance(a, dict) and isinstance(a.get("runner_id"), int):
+            out[a["runner_id"]] = a
+    return out
+
+
+@check("tunnels", "every allocation has its vxkr device", roles=("host",),
+       needs=("state_file",))
+def check_tunnels(snap):
+    allocs = host_allocations(snap)
+    devices = set(snap.vxlan_devices())
+    missing = [vxkr_name(n) for n in sorted(allocs) if vxkr_name(n) not in devices]
+    orphans = [d for d in sorted(devices, key=vxkr_id) if vxkr_id(d) not in allocs]
+    if missing:
+        return fail("allocations without a device: %s" % listed(missing),
+                    "%s (the host recreates the tunnel of every allocation)" % restart(snap))
+    if orphans:
+        return warn("devices without an allocation: %s" % listed(orphans),
+                    "; ".join("ip link del %s" % d for d in orphans))
+    return ok("%d allocations, %d tunnels" % (len(allocs), len(devices)))
+
+
+def host_tunnel_expectations(snap):
+    """[(device, link, expected dict)] for every vxkr device present."""
+    allocs = host_allocations(snap)
+    cfg, out = snap.cfg, []
+    for dev in snap.vxlan_devices():
+        n = vxkr_id(dev)
+        alloc = allocs.get(n) or {}
+        out.append((dev, snap.links[dev], {
+            "vni": cfg["OVERLAY_VXLAN_ID"] + n, "local": cfg["HOST_REACHABLE_ADDRESS"],
+            "remote": alloc.get("physical_ip"), "port": cfg["OVERLAY_VXLAN_PORT"],
+            "mtu": cfg["OVERLAY_MTU"],
+            "address": "%s/%d" % (snap.layout.host_addr(n), snap.layout.subnet_prefix)}))
+    return out
+
+
+def vxlan_recreate(dev, want, master=None):
+    """The commands that rebuild one VXLAN device as the daemons build it."""
+    cmds = ["ip link del %s" % dev,
+            "ip link add %s type vxlan id %s local %s remote %s dstport %s nolearning" % (
+                dev, want["vni"], want["local"] or "<local IP>",
+                want["remote"] or "<remote IP>", want["port"]),
+            "ip link set %s mtu %s" % (dev, want["mtu"])]
+    if want.get("address"):
+        cmds.append("ip addr add %s dev %s" % (want["address"], dev))
+    if master:
+        cmds.append("ip link set %s master %s" % (dev, master))
+    cmds.append("ip link set %s up" % dev)
+    return "\n".join(cmds)
+
+
+def vxlan_field(snap, field, tunnels, master=None):
+    """Compare one field of every VXLAN device with what it should be."""
+    if not tunnels:
+        return skip("no VXLAN device to check (no runner registered)")
+    bad, fixes, loop = [], [], False
+    for dev, link, want in tunnels:
+        info = vxlan_info(link)
+        if field == "up":
+            if "UP" not in link.get("flags", []):
+                bad.append("%s is down" % dev)
+                fixes.append("ip link set %s up" % dev)
+            continue
+        if field == "mtu":
+            have = link.get("mtu")
+        elif field == "address":
+            have = ipv4_addrs(link)
+            if want["address"] not in have:
+                bad.append("%s has %s, not %s" % (dev, listed(have) or "no address",
+                                                  want["address"]))
+                fixes.append("ip addr add %s dev %s" % (want["address"], dev))
+            continue
+        else:
+            have = info.get({"vni": "id"}.get(field, field))
+        expect = want[field]
+        if field == "remote" and loopback(have):
+            loop = True
+            bad.append("%s remote is %s, not %s" % (dev, have, expect or "a peer's address"))
+        elif field == "local" and loopback(have):
+            loop = True
+            bad.append("%s local is %s" % (dev, have))
+        elif expect is None or have == expect:
+            continue
+        else:
+            bad.append("%s %s is %s, not %s" % (dev, field, have, expect))
+        if field == "mtu":
+            fixes.append("ip link set %s mtu %s" % (dev, expect))
+        else:
+            fixes.append(vxlan_recreate(dev, want, master))
+    if not bad:
+        if len(tunnels) > 1:
+            return ok("%s right on %d devices (%s)" % (field, len(tunnels),
+                                                       listed(t[0] for t in tunnels)))
+        dev, _, want = tunnels[0]
+        return ok("%s is up" % dev if field == "up" else "%s %s %s" % (
+            dev, field, want[field] if want[field] is not None else "ok"))
+    detail = "; ".join(bad[:MAX_LISTED]) + (" (and %d more)" % (len(bad) - MAX_LISTED)
+                                            if len(bad) > MAX_LISTED else "")
+    if loop:
+        detail += ": the HOST_REACHABLE_ADDRESS is not configured correctly"
+        if snap.role == "runner" or field == "local":
+            fixes.insert(0, "on the Host: HOST_REACHABLE_ADDRESS = \"<the Host's IP>\" in "
+                            "~/.kohakuriver/host_config.py, then systemctl restart "
+                            "kohakuriver-host; then on this node:")
+    return fail(detail, "\n".join(fixes[:MAX_LISTED + 1]))
+
+
+def register_vxlan_field_checks():
+    titles = {"vni": "VNI is OVERLAY_VXLAN_ID + runner id", "local": "local is this node's "
+              "underlay address", "remote": "remote is the peer's underlay address",
+              "port": "dstport is OVERLAY_VXLAN_PORT", "mtu": "MTU is OVERLAY_MTU",
+              "up": "device is up", "address": "holds the host's address on the runner subnet"}
+    for field in ("vni", "local", "remote", "port", "mtu", "up", "address"):
+        check("vxkr." + field, "vxkr*: " + titles[field], roles=("host",))(
+            (lambda f: lambda snap: vxlan_field(snap, f, host_tunnel_expectations(snap)))(field))
+    for field in ("vni", "local", "remote", "port", "mtu", "up"):
+        check("vxlan0." + field, "vxlan0: " + titles[field], roles=("runner",),
+              needs=("vxlan0.present", "allocation"))(
+            (lambda f: lambda snap: vxlan_field(snap, f, runner_tunnel(snap),
+                                                snap.cfg["OVERLAY_BRIDGE_NAME"]))(field))
+
+
+# -- runner devices -----------------------------------------------------------------------------
+
+@check("allocation", "this runner holds an allocation", roles=("runner",))
+def check_allocation(snap):
+    alloc = snap.alloc
+    path = snap.cfg["OVERLAY_STATE_FILE"]
+    if alloc is None:
+        if "state" in snap.unavailable:
+            raise Skip(snap.unavailable["state"])
+        name = snap.cfg["RUNNER_NAME"] or socket.gethostname()
+        return fail("no allocation: %s is missing and the host lists no runner %s" % (path, name),
+                    restart(snap))
+    return ok("runner id %s, subnet %s (from the %s)" % (alloc.get("runner_id"),
+                                                        alloc.get("subnet"), alloc["source"]))
+
+
+def runner_tunnel(snap):
+    alloc, cfg = snap.alloc, snap.cfg
+    local = cfg["RUNNER_ADDRESS"] or alloc.get("physical_ip")
+    n = alloc.get("runner_id")
+    return [(RUNNER_VXLAN, snap.links[RUNNER_VXLAN], {
+        "vni": alloc.get("vni") or (cfg["OVERLAY_VXLAN_ID"] + n if n else None),
+        "local": local, "remote": alloc.get("host_physical_ip"),
+        "port": alloc.get("vxlan_port") or cfg["OVERLAY_VXLAN_PORT"],
+        "mtu": alloc.get("mtu") or cfg["OVERLAY_MTU"], "up": True})]
+
+
+@check("vxlan0.present", "vxlan0 exists", roles=("runner",))
+def check_vxlan0_present(snap):
+    link = snap.links.get(RUNNER_VXLAN)
+    if link is None:
+        return fail("%s does not exist" % RUNNER_VXLAN, restart(snap))
+    if link_kind(link) != "vxlan":
+        return fail("%s is a %s, not a vxlan device" % (RUNNER_VXLAN, link_kind(link)),
+                    "ip link del %s; %s" % (RUNNER_VXLAN, restart(snap)))
+    if vxlan_info(link).get("learning"):
+        return warn("%s learns remote MACs (should be nolearning)" % RUNNER_VXLAN,
+                    "ip link set %s type vxlan nolearning" % RUNNER_VXLAN)
+    return ok("%s (vxlan, nolearning)" % RUNNER_VXLAN)
+
+
+register_vxlan_field_checks()
+
+
+@check("bridge.present", "the overlay bridge exists and is up", roles=("runner",))
+def check_bridge(snap):
+    name = snap.cfg["OVERLAY_BRIDGE_NAME"]
+    link = snap.links.get(name)
+    if link is None:
+        return fail("bridge %s does not exist" % name, restart(snap))
+    if link_kind(link) != "bridge":
+        return fail("%s is a %s, not a bridge" % (name, link_kind(link)),
+                    "ip link del %s; %s" % (name, restart(snap)))
+    if "UP" not in link.get("flags", []):
+        return fail("bridge %s is down" % name, "ip link set %s up" % name)
+    return ok("bridge %s up, MTU %s" % (name, link.get("mtu")))
+
+
+@check("bridge.gateway", "the bridge holds the runner subnet's gateway", roles=("runner",),
+       needs=("bridge.present", "allocation"))
+def check_bridge_gateway(snap):
+    name = snap.cfg["OVERLAY_BRIDGE_NAME"]
+    subnet = snap.alloc.get("subnet")
+    want = "%s/%s" % (snap.alloc.get("gateway"), subnet.split("/")[1] if subnet else "16")
+    have = ipv4_addrs(snap.links[name])
+    if want in have:
+        return ok("%s on %s" % (want, name))
+    return fail("%s has %s, not the gateway %s" % (name, listed(have) or "no address", want),
+                "ip addr add %s dev %s" % (want, name))
+
+
+@check("bridge.vxlan0", "vxlan0 is enslaved to the bridge", roles=("runner",),
+       needs=("bridge.present", "vxlan0.present"))
+def check_bridge_vxlan0(snap):
+    name = snap.cfg["OVERLAY_BRIDGE_NAME"]
+    master = snap.links[RUNNER_VXLAN].get("master")
+    if master == name:
+        return ok("%s is a port of %s" % (RUNNER_VXLAN, name))
+    return fail("%s is %s, not a port of %s: containers cannot reach the tunnel" % (
+        RUNNER_VXLAN, "attached to %s" % master if master else "detached", name),
+        "ip link set %s master %s" % (RUNNER_VXLAN, name))
+
+
+@check("route", "the overlay CIDR routes via the host's address on the bridge",
+       roles=("runner",), needs=("bridge.present", "allocation"))
+def check_route(snap):
+    routes = snap.need("routes")
+    cidr, via = snap.overlay_cidr(), snap.alloc.get("host_vxlan_ip")
+    bridge = snap.cfg["OVERLAY_BRIDGE_NAME"]
+    fix = "ip route replace %s via %s dev %s" % (cidr, via, bridge)
+    for r in routes:
+        if r.get("dst") == cidr:
+            if r.get("gateway") == via and r.get("dev") == bridge:
+                return ok("%s via %s dev %s" % (cidr, via, bridge))
+            return fail("%s goes via %s dev %s, not via %s dev %s" % (
+                cidr, r.get("gateway", "-"), r.get("dev"), via, bridge), fix)
+    return fail("no route for %s" % cidr, fix)
+
+
+# -- iptables -----------------------------------------------------------------------------------
+
+def forward_rule_index(rules, key, cidr):
+    for i, r in enumerate(rules):
+        if r.get(key) == cidr and key not in r["neg"] and r.get("target") == "ACCEPT" \
+                and not r["complex"] and not any(k in r for k in ("proto", "in", "out")) \
+                and ("dst" if key == "src" else "src") not in r:
+            return i
+    return None
+
+
+@check("forward_rules", "FORWARD accepts the overlay CIDR ahead of any DROP/REJECT")
+def check_forward_rules(snap):
+    ipt = snap.need("ipt")[snap.ipt_active]
+    cidr = snap.overlay_cidr()
+    if cidr is None:
+        raise Skip("overlay CIDR unknown (no allocation)")
+    table = ipt.get("filter") or Table()
+    rules = table.rules("FORWARD")
+    policy = table.policies.get("FORWARD", "ACCEPT")
+    idx = dict((k, forward_rule_index(rules, k, cidr)) for k in ("src", "dst"))
+    blockers = [i for i, r in enumerate(rules) if r.get("target") in ("DROP", "REJECT") or
+                (r.get("target") in table.chains and can_drop(table, r["target"]))]
+    add = ["iptables -I FORWARD %d -%s %s -m comment --comment %s -j ACCEPT" % (
+        n, k[0], cidr, MARKER) for n, k in ((1, "src"), (2, "dst"))]
+    if None in idx.values():
+        missing = " and ".join("-%s %s" % (k[0], cidr) for k in ("src", "dst") if idx[k] is None)
+        if policy in ("DROP", "REJECT") or blockers:
+            what = "policy %s" % policy if policy != "ACCEPT" else \
+                "rule %d `%s`" % (blockers[0] + 1, rules[blockers[0]]["raw"])
+            return fail("FORWARD accept rule %s missing: %s drops overlay traffic" % (
+                missing, what), "\n".join(add))
+        return warn("FORWARD accept rule %s missing (policy ACCEPT lets traffic through for now)"
+                    % missing, "\n".join(add))
+    last = max(idx.values())
+    above = [i for i in blockers if i < last]
+    if above:
+        first = rules[above[0]]
+        dels = ["iptables -D FORWARD -%s %s -m comment --comment %s -j ACCEPT" % (
+            k[0], cidr, MARKER) if MARKER == rules[idx[k]].get("comment") else
+            "iptables -D FORWARD %s" % rules[idx[k]]["raw"][len("-A FORWARD "):]
+            for k in ("dst", "src")]
+        return fail("FORWARD accept rules are at bottom: below rule %d `%s` which can drop" % (
+            above[0] + 1, first["raw"]), "\n".join(dels + add))
+    return ok("FORWARD rules %d and %d accept %s (policy %s)" % (
+        idx["src"] + 1, idx["dst"] + 1, cidr, policy))
+
+
+@check("nat", "POSTROUTING masquerades overlay traffic leaving the overlay", roles=("runner",),
+       needs=("allocation",))
+def check_nat(snap):
+    ipt = snap.need("ipt")[snap.ipt_active]
+    cidr = snap.overlay_cidr()
+    rules = (ipt.get("nat") or Table()).rules("POSTROUTING")
+    for i, r in enumerate(rules):
+        if r.get("src") == cidr and r.get("dst") == cidr and "dst" in r["neg"] \
+                and "src" not in r["neg"] and r.get("target") == "MASQUERADE":
+            return ok("nat POSTROUTING rule %d masquerades %s" % (i + 1, cidr))
+    return fail("no `-s %s ! -d %s -j MASQUERADE` in nat POSTROUTING: containers cannot reach "
+                "outside the overlay" % (cidr, cidr),
+                "iptables -t nat -A POSTROUTING -s %s ! -d %s -m comment --comment %s "
+                "-j MASQUERADE" % (cidr, cidr, MARKER))
+
+
+def underlay_packet(snap, src, dst, port):
+    local = snap.local_ips()
+    return {"src": src, "dst": dst, "dport": port, "in": local.get(dst), "out": None}
+
+
+@check("vxlan_port", "UDP to the VXLAN port is accepted from the peers")
+def check_vxlan_port(snap):
+    ipt = snap.need("ipt")[snap.ipt_active]
+    table = ipt.get("filter") or Table()
+    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    if snap.role == "host":
+        return host_vxlan_port(snap, table, port)
+    if snap.alloc is None or not snap.alloc.get("host_physical_ip"):
+        raise Skip("the host's underlay address is unknown (no allocation)")
+    host_ip = snap.alloc["host_physical_ip"]
+    link = snap.links.get(RUNNER_VXLAN)
+    local = vxlan_info(link).get("local") if link else snap.cfg["RUNNER_ADDRESS"]
+    pkt = underlay_packet(snap, host_ip, local, port)
+    target, rule = verdict(table, "INPUT", pkt)
+    if target in ("DROP", "REJECT"):
+        by = "rule `%s`" % rule["raw"] if rule else "INPUT policy %s" % target
+        return fail("INPUT drops UDP %d from the host %s: %s" % (port, host_ip, by),
+                    "iptables -I INPUT 1 -p udp -s %s --dport %d -m comment --comment %s "
+                    "-j ACCEPT" % (host_ip, port, MARKER))
+    return ok("INPUT accepts UDP %d from the host %s" % (port, host_ip))
+
+
+def host_vxlan_port(snap, table, port):
+    allocs = host_allocations(snap)
+    local = snap.cfg["HOST_REACHABLE_ADDRESS"]
+    peers = sorted(set(a["physical_ip"] for a in allocs.values() if a.get("physical_ip")))
+    if snap.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
+        if SOURCE_FILTER_CHAIN not in table.chains:
+            return fail("source filter chain %s is missing: UDP %d is open to anyone" % (
+                SOURCE_FILTER_CHAIN, port), restart(snap))
+        jumps = [r for r in table.rules("INPUT") if r.get("target") == SOURCE_FILTER_CHAIN]
+        if not jumps:
+            return fail("INPUT does not jump to %s: the source filter is not applied" %
+                        SOURCE_FILTER_CHAIN,
+                        "iptables -I INPUT 1 -p udp --dport %d -m comment --comment %s -j %s" % (
+                            port, MARKER, SOURCE_FILTER_CHAIN))
+    blocked = []
+    for ip in peers:
+        target, rule = verdict(table, "INPUT", underlay_packet(snap, ip, local, port))
+        if target in ("DROP", "REJECT"):
+            blocked.append((ip, rule))
+    if blocked:
+        ip, rule = blocked[0]
+        by = "`%s`" % rule["raw"] if rule else "the INPUT policy"
+        chain = SOURCE_FILTER_CHAIN if rule and rule["chain"] == SOURCE_FILTER_CHAIN else "INPUT"
+        return fail("UDP %d from registered runners %s is dropped by %s" % (
+            port, listed(b[0] for b in blocked), by),
+            "\n".join("iptables -I %s 1 -s %s -p udp --dport %d -m comment --comment %s -j ACCEPT"
+                      % (chain, b[0], port, MARKER) for b in blocked[:MAX_LISTED]))
+    if snap.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
+        probe = UNREGISTERED_PROBE
+        target, _ = verdict(table, "INPUT", underlay_packet(snap, probe, local, port))
+        if target not in ("DROP", "REJECT"):
+            return warn("UDP %d is accepted from unregistered senders (probe %s): anyone can "
+                        "inject frames" % (port, probe), restart(snap))
+        return ok("UDP %d accepted from %d registered runners only" % (port, len(peers)))
+    return ok("UDP %d accepted from %d registered runners (source filter off)" % (
+        port, len(peers)))
+
+
+@check("iptables.backends", "overlay rules live in one iptables backend only")
+def check_backends(snap):
+    snap.need("ipt")
+    active = snap.ipt_active
+    others = [b for b in snap.ipt if b != active and holds_rules(snap.ipt[b])]
+    if not others:
+        return ok("rules only in iptables-%s" % active if active != "default" else
+                  "one iptables backend")
+    other = others[0]
+    tables = snap.ipt[other]
+    drops = [c for t in tables.values() for c, p in t.policies.items()
+             if p in ("DROP", "REJECT") and c in ("FORWARD", "INPUT")]
+    drops += ["%s rule `%s`" % (c, r["raw"]) for t in tables.values() for c in
+              ("FORWARD", "INPUT") for r in t.rules(c) if r.get("target") in ("DROP", "REJECT")]
+    fix = ("iptables-%s-save > /root/iptables-%s.rules; move what is needed to iptables-%s, then "
+           "iptables-%s -F; iptables-%s -P FORWARD ACCEPT; iptables-%s -P INPUT ACCEPT" % (
+               other, other, active, other, other, other))
+    if drops:
+        return fail("iptables-%s also holds rules that drop (%s): they apply on top of the "
+                    "iptables-%s rules and do not order against them" % (
+                        other, listed(drops), active), fix)
+    return warn("both iptables-%s and iptables-%s hold rules: rules in one do not order "
+                "against the other" % (active, other), fix)
+
+
+# -- firewalld ----------------------------------------------------------------------------------
+
+@check("firewalld.trusted", "overlay interfaces are in firewalld's trusted zone")
+def check_firewalld_trusted(snap):
+    zones = snap.need("zones")
+    bad = []
+    for iface in snap.overlay_ifaces():
+        zone = firewalld_zone(zones, iface=iface)
+        if not zone_trusted(zones, zone):
+            bad.append((iface, zone))
+    if not bad:
+        return ok("%s in the trusted zone" % listed(snap.overlay_ifaces()))
+    fixes = ["firewall-cmd --zone=trusted --%s-interface=%s" % (
+        "change" if zone_bound(zones, i) else "add", i) for i, _ in bad]
+    return fail("%s in zone %s, not trusted: forwarded packets are rejected with "
+                "'admin prohibited filter'" % (
+                    listed(i for i, _ in bad), listed(sorted(set(str(z) for _, z in bad)))),
+                "\n".join(fixes))
+
+
+@check("firewalld.vxlan_port", "firewalld lets UDP to the VXLAN port in from the peers")
+def check_firewalld_port(snap):
+    zones = snap.need("zones")
+    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    if snap.role == "host":
+        local = snap.cfg["HOST_REACHABLE_ADDRESS"]
+        peers = sorted(set(a["physical_ip"] for a in host_allocations(snap).values()
+                           if a.get("physical_ip")))
+    else:
+        link = snap.links.get(RUNNER_VXLAN)
+        local = vxlan_info(link).get("local") if link else None
+        peers = [snap.alloc["host_physical_ip"]] if snap.alloc and \
+            snap.alloc.get("host_physical_ip") else []
+    iface = snap.local_ips().get(local)
+    closed = []
+    for peer in peers or [None]:
+        zone = firewalld_zone(zones, iface=iface, source=peer)
+        z = zones.get(zone) or {"ports": [], "rich": [], "target": "default"}
+        rich_open = any('port="%d"' % port in r and "udp" in r and "accept" in r and
+                        (peer is None or "source" not in r or peer in r) for r in z["rich"])
+        if not (zone_trusted(zones, zone) or "%d/udp" % port in z["ports"] or rich_open):
+            closed.append((peer, zone))
+    if not closed:
+        return ok("UDP %d open in firewalld for %s" % (
+            port, listed(peers) if peers else "the underlay interface"))
+    zone = closed[0][1]
+    return fail("firewalld zone %s does not open UDP %d%s" % (
+        zone, port, " from " + listed(p for p, _ in closed if p) if closed[0][0] else ""),
+        "firewall-cmd --zone=%s --add-port=%d/udp && firewall-cmd --permanent --zone=%s "
+        "--add-port=%d/udp" % (zone, port, zone, port))
+
+
+# -- Docker and the bridge FDB ------------------------------------------------------------------
+
+def docker_create_cmd(snap):
+    alloc, cfg = snap.alloc, snap.cfg
+    sub = ipaddress.IPv4Network(alloc["subnet"])
+    host_addr = alloc.get("host_vxlan_ip") or str(sub.network_address + 254)
+    return ("docker network create --driver bridge --subnet %s --gateway %s --aux-address "
+            "host=%s -o com.docker.network.bridge.name=%s -o com.docker.network.driver.mtu=%d %s"
+            % (alloc["subnet"], alloc["gateway"], host_addr, cfg["OVERLAY_BRIDGE_NAME"],
+               alloc.get("mtu") or cfg["OVERLAY_MTU"], cfg["OVERLAY_NETWORK_NAME"]))
+
+
+@check("docker.network", "the Docker network matches the allocation", roles=("runner",),
+       needs=("allocation",))
+def check_docker_network(snap):
+    net = snap.need("docker_net")
+    name, alloc, cfg = snap.cfg["OVERLAY_NETWORK_NAME"], snap.alloc, snap.cfg
+    create = docker_create_cmd(snap)
+    if snap.docker_error:
+        if "permission denied" in snap.docker_error.lower():
+            raise Skip("docker: %s" % snap.docker_error)
+        return fail("Docker does not answer: %s" % snap.docker_error, "systemctl start docker")
+    if net is None:
+        return fail("Docker network %s does not exist: containers cannot join the overlay" %
+                    name, create)
+    opts = net.get("Options") or {}
+    ipam = ((net.get("IPAM") or {}).get("Config") or [{}])[0]
+    mtu = alloc.get("mtu") or cfg["OVERLAY_MTU"]
+    host_addr = alloc.get("host_vxlan_ip")
+    wrong = []
+    for what, have, want in (
+            ("driver", net.get("Driver"), "bridge"),
+            ("subnet", ipam.get("Subnet"), alloc.get("subnet")),
+            ("gateway", ipam.get("Gateway"), alloc.get("gateway")),
+            ("bridge", opts.get("com.docker.network.bridge.name"), cfg["OVERLAY_BRIDGE_NAME"]),
+            ("mtu", opts.get("com.docker.network.driver.mtu"), str(mtu))):
+        if have != want:
+            wrong.append("%s %s (want %s)" % (what, have, want))
+    if host_addr and host_addr not in (ipam.get("AuxiliaryAddresses") or {}).values():
+        wrong.append("no aux-address reserving %s" % host_addr)
+    if wrong:
+        containers = len(net.get("Containers") or {})
+        return fail("Docker network %s: %s" % (name, "; ".join(wrong)),
+                    "docker network rm %s && %s%s" % (
+                        name, create, " (disconnect its %d containers first)" % containers
+                        if containers else ""))
+    return ok("%s: bridge %s, subnet %s, MTU %s, %s reserved" % (
+        name, cfg["OVERLAY_BRIDGE_NAME"], alloc.get("subnet"), mtu, host_addr))
+
+
+@check("fdb", "container MACs are learned on their veths, not vxlan0", roles=("runner",),
+       needs=("bridge.present",))
+def check_fdb(snap):
+    fdb = snap.need("fdb")
+    net = snap.need("docker_net")
+    if net is None:
+        raise Skip(snap.docker_error or "no Docker network, no containers to look for")
+    macs = dict(((c.get("MacAddress") or "").lower(), c.get("Name"))
+                for c in (net.get("Containers") or {}).values() if c.get("MacAddress"))
+    bridge = snap.cfg["OVERLAY_BRIDGE_NAME"]
+    wrong = [(e["mac"], macs[e["mac"].lower()]) for e in fdb
+             if e.get("ifname") == RUNNER_VXLAN and e.get("master") == bridge
+             and e.get("state") != "permanent" and e.get("mac", "").lower() in macs]
+    if wrong:
+        return fail("container MACs learned on %s: %s (frames loop back through the host)" % (
+            RUNNER_VXLAN, listed("%s (%s)" % w for w in wrong)),
+            "\n".join("bridge fdb del %s dev %s master" % (m, RUNNER_VXLAN) for m, _ in wrong))
+    return ok("%d container MACs, none on %s" % (len(macs), RUNNER_VXLAN))
+
+
+# -- the host API -------------------------------------------------------------------------------
+
+@check("api.health", "the host API answers /healthz")
+def check_api_health(snap):
+    res = snap.api.get("health")
+    url = snap.api_url("/healthz")
+    fix = restart(snap) if snap.role == "host" else \
+        "on the Host: systemctl status kohakuriver-host; check HOST_ADDRESS and HOST_PORT in %s" \
+        % snap.cfg_path
+    if isinstance(res, str):
+        return fail("host API not reachable: %s" % res, fix)
+    status, body = res
+    if status == 200 and isinstance(body, dict) and body.get("ok") is True:
+        return ok("%s answers {\"ok\": true}" % url)
+    return fail("%s answered %s %s" % (url, status, json.dumps(body)[:80]), fix)
+
+
+def status_body(snap):
+    res = snap.api.get("status")
+    if isinstance(res, str):
+        return fail("GET /api/overlay/status failed: %s" % res, restart(snap)), None
+    status, body = res
+    if status == 401:
+        return fail("the host refuses OVERLAY_TOKEN (401)", "set OVERLAY_TOKEN in %s to the "
+                    "host's OVERLAY_TOKEN" % snap.cfg_path), None
+    if status != 200 or not isinstance(body, dict):
+        return fail("GET /api/overlay/status answered %s %s" % (status, json.dumps(body)[:80]),
+                    restart(snap)), None
+    return None, body
+
+
+SETTINGS = (("vxlan_id", "OVERLAY_VXLAN_ID"), ("vxlan_port", "OVERLAY_VXLAN_PORT"),
+            ("mtu", "OVERLAY_MTU"))
+
+
+@check("api.status", "the running host daemon uses this config", roles=("host",),
+       needs=("api.health",))
+def check_host_status(snap):
+    bad, body = status_body(snap)
+    if bad:
+        return bad
+    cfg, wrong = snap.cfg, []
+    if body.get("enabled") is not True:
+        wrong.append("overlay disabled in the daemon")
+    want_ip = str(snap.layout.host_ip)
+    if body.get("host_ip") not in (None, want_ip):
+        wrong.append("host_ip %s (config %s)" % (body.get("host_ip"), want_ip))
+    for key, cfg_key in SETTINGS:
+        if key in body and body[key] != cfg[cfg_key]:
+            wrong.append("%s %s (config %s = %s)" % (key, body[key], cfg_key, cfg[cfg_key]))
+    if wrong:
+        return fail("the daemon runs with other settings than %s: %s" % (
+            snap.cfg_path, "; ".join(wrong)), restart(snap))
+    return ok("daemon: %s allocations, %s active" % (body.get("total"), body.get("active")))
+
+
+@check("api.status", "the host lists this runner, active", roles=("runner",),
+       needs=("api.health",))
+def check_runner_status(snap):
+    bad, body = status_body(snap)
+    if bad:
+        return bad
+    name = snap.cfg["RUNNER_NAME"] or socket.gethostname()
+    mine = [a for a in body.get("allocations") or [] if a.get("runner_name") == name]
+    if not mine:
+        return fail("the host has no allocation for runner %s" % name, restart(snap))
+    if not mine[0].get("active"):
+        return fail("the host lists %s as inactive (no heartbeat)" % name, restart(snap))
+    return ok("host lists %s: id %s, %s, active" % (name, mine[0].get("runner_id"),
+                                                    mine[0].get("subnet")))
+
+
+@check("settings", "VNI base, port and MTU match the host's", roles=("runner",),
+       needs=("allocation",))
+def check_settings(snap):
+    cfg, alloc = snap.cfg, snap.alloc
+    res = snap.api.get("status")
+    body = res[1] if isinstance(res, tuple) and res[0] == 200 and \
+        isinstance(res[1], dict) else {}
+    host = {}
+    n = alloc.get("runner_id")
+    if alloc.get("vni") and n:
+        host["vxlan_id"] = alloc["vni"] - n
+    for key in ("vxlan_port", "mtu"):
+        if alloc.get(key):
+            host[key] = alloc[key]
+    source = "the host's last answer (%s)" % alloc["source"]
+    if any(key in body for key, _ in SETTINGS):
+        host.update((k, body[k]) for k, _ in SETTINGS if k in body)
+        source = "the host's status"
+    if not host:
+        raise Skip("the host's settings are unknown")
+    wrong = [(cfg_key, cfg[cfg_key], host[key]) for key, cfg_key in SETTINGS
+             if key in host and host[key] != cfg[cfg_key]]
+    if wrong:
+        return fail("%s; the host refuses to register this runner (409)" % "; ".join(
+            "%s = %s here but %s on the host" % w for w in wrong),
+            "\n".join(config_line(snap, k, h) for k, _, h in wrong) +
+            "\nthen " + restart(snap))
+    return ok("%s match %s" % (", ".join("%s=%s" % (k, host[k]) for k, _ in SETTINGS
+                                         if k in host), source))
+
+
+# -- probes and counters ------------------------------------------------------------------------
+
+@check("ping", "the host overlay IP answers a ping", roles=("runner",),
+       needs=("allocation", "vxlan0.present"))
+def check_ping(snap):
+    pings = snap.need("pings")
+    good, argv, detail = pings["ping"]
+    if good:
+        return ok("%s answers" % pings["target"])
+    return fail("%s does not answer (%s): the tunnel carries nothing" % (
+        pings["target"], detail or "timeout"),
+        "tcpdump -ni any udp port %d (here and on the Host) and run kohaku_overlay_check.py "
+        "on the Host" % snap.cfg["OVERLAY_VXLAN_PORT"])
+
+
+@check("ping_df", "a don't-fragment ping at the MTU gets through", roles=("runner",),
+       needs=("ping",))
+def check_ping_df(snap):
+    pings = snap.need("pings")
+    good, argv, detail = pings["df"]
+    mtu = (snap.alloc or {}).get("mtu") or snap.cfg["OVERLAY_MTU"]
+    if good:
+        return ok("%s: %d-byte packets pass unfragmented" % (argv, mtu))
+    return fail("%s failed (%s): the underlay cannot carry %d + %d bytes" % (
+        argv, detail or "timeout", mtu, VXLAN_OVERHEAD),
+        "OVERLAY_MTU = <underlay MTU - %d> in host_config.py and every runner_config.py, "
+        "then restart them" % VXLAN_OVERHEAD)
+
+
+@check("underlay_mtu", "OVERLAY_MTU fits the underlay route's MTU minus 50")
+def check_underlay_mtu(snap):
+    routes = snap.need("routes")
+    mtu = snap.cfg["OVERLAY_MTU"]
+    remotes = set()
+    for dev in snap.vxlan_devices():
+        remote = vxlan_info(snap.links[dev]).get("remote")
+        if remote and not loopback(remote):
+            remotes.add(remote)
+    if not remotes and snap.role == "runner" and is_ipv4(snap.cfg["HOST_ADDRESS"]):
+        remotes.add(snap.cfg["HOST_ADDRESS"])
+    if not remotes:
+        raise Skip("no tunnel peer to route to")
+    worst = None
+    for remote in remotes:
+        route = route_lookup(routes, remote)
+        limit = route_mtu(route, snap.links) if route else None
+        if limit and (worst is None or limit < worst[0]):
+            worst = (limit, remote, route.get("dev"))
+    if worst is None:
+        raise Skip("no route to the tunnel peers")
+    limit, remote, dev = worst
+    if mtu > limit - VXLAN_OVERHEAD:
+        return fail("OVERLAY_MTU %d > %d - %d (route to %s via %s): large packets are dropped" % (
+            mtu, limit, VXLAN_OVERHEAD, remote, dev),
+            "OVERLAY_MTU = %d in host_config.py and every runner_config.py, then restart them"
+            % (limit - VXLAN_OVERHEAD))
+    return ok("OVERLAY_MTU %d <= %d - %d (underlay %s)" % (mtu, limit, VXLAN_OVERHEAD, dev))
+
+
+@check("rp_filter", "no strict rp_filter on overlay interfaces")
+def check_rp_filter(snap):
+    all_val = snap.sysctl.get("net.ipv4.conf.all.rp_filter") or 0
+    strict = [i for i in snap.overlay_ifaces()
+              if max(all_val, snap.sysctl.get("net.ipv4.conf.%s.rp_filter" % i) or 0) == 1]
+    if not strict:
+        return ok("rp_filter loose or off on %s" % (listed(snap.overlay_ifaces()) or "-"))
+    fix = ["sysctl -w net.ipv4.conf.all.rp_filter=2"] if all_val == 1 else []
+    fix += ["sysctl -w net.ipv4.conf.%s.rp_filter=2" % i for i in strict[:MAX_LISTED]]
+    return warn("strict rp_filter (1) on %s drops overlay packets whose reply route leaves "
+                "another interface" % listed(strict), "\n".join(fix))
+
+
+@check("vxlan_traffic", "VXLAN devices receive what they send")
+def check_vxlan_traffic(snap):
+    devs = snap.vxlan_devices()
+    if not devs:
+        raise Skip("no VXLAN device")
+    second = snap.need("links2")
+    growing, silent = [], []
+    for dev in devs:
+        rx1, tx1 = counters(snap.links[dev])
+        rx2, tx2 = counters(second.get(dev, snap.links[dev]))
+        if rx2 == 0 and tx2 > tx1:
+            growing.append("%s (tx %d -> %d, rx 0)" % (dev, tx1, tx2))
+        elif rx2 == 0 and tx2 >= 10:
+            silent.append("%s (tx %d, rx 0)" % (dev, tx2))
+    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    fix = ("open UDP %d between the two nodes (iptables/firewalld/security group); watch "
+           "with: tcpdump -ni any udp port %d" % (port, port))
+    if growing:
+        return fail("%s: sending but nothing comes back, UDP %d is blocked on the path" % (
+            listed(growing), port), fix)
+    if silent:
+        return warn("%s: nothing ever received, UDP %d may be blocked on the path" % (
+            listed(silent), port), fix)
+    return ok("%s receiving" % listed(devs))
+
+
+@check("udp_csum", "no UDP checksum errors")
+def check_udp_csum(snap):
+    before = (snap.snmp1.get("Udp") or {}).get("InCsumErrors")
+    after = (snap.snmp2.get("Udp") or {}).get("InCsumErrors")
+    if after is None:
+        raise Skip("/proc/net/snmp has no Udp InCsumErrors")
+    if not after:
+        return ok("Udp InCsumErrors 0")
+    old = kernel_older(snap.kernel, 5, 7)
+    why = (" (kernel %s < 5.7 has the VXLAN checksum offload bug)" % snap.kernel) if old else ""
+    fix = ("ethtool -K %s tx-checksum-ip-generic off (or upgrade the kernel to 5.7+)" %
+           (RUNNER_VXLAN if snap.role == "runner" else "vxkrN")) if old else \
+        "find the sender: tcpdump -vv -ni any udp port %d | grep -i 'bad udp cksum'" % \
+        snap.cfg["OVERLAY_VXLAN_PORT"]
+    if before is not None and after > before:
+        return fail("Udp InCsumErrors rising (%d -> %d)%s" % (before, after, why), fix)
+    return warn("Udp InCsumErrors %d%s" % (after, why), fix)
+
+
+# ---- the check runner and reporters ----------------------------------------------------------
+
+class Outcome(object):
+    __slots__ = ("id", "title", "status", "detail", "fix")
+
+    def __init__(self, id, title, status, detail, fix=None):
+        self.id, self.title, self.status, self.detail, self.fix = id, title, status, detail, fix
+
+    def as_dict(self):
+        return {"id": self.id, "title": self.title, "status": self.status,
+                "detail": self.detail, "fix": self.fix}
+
+
+def select(role, only=(), ignore=()):
+    """Validate --only/--ignore ids (or prefixes) against the registry."""
+    ids = [c.id(role) for c in checks_for(role)]
+    for want in list(only) + list(ignore):
+        if not any(i == want or i.startswith(want + ".") for i in ids):
+            raise ConfigError("unknown check id %s for the %s role; see --list" % (want, role))
+    return ids
+
+
+def matches(check_id, patterns):
+    return any(check_id == p or check_id.startswith(p + ".") for p in patterns)
+
+
+def run_checks(snap, only=(), ignore=()):
+    """Run the registry in order; prerequisites gate, crashes are FAIL, others still run."""
+    done, out = {}, []
+    for c in checks_for(snap.role):
+        cid = c.id(snap.role)
+        needs = ["%s.%s" % (snap.role, n) for n in c.needs]
+        failed = [n for n in needs if done.get(n, PASS) in (FAIL, SKIP)]
+        if failed:
+            res = Outcome(cid, c.title, SKIP, "needs %s" % ", ".join(failed))
+        else:
+            try:
+                status, detail, fix = c.func(snap)
+            except Skip as e:
+                status, detail, fix = SKIP, str(e), None
+            except Exception as e:  # a buggy check must not hide the others
+                status, detail, fix = FAIL, "check crashed: %s: %s" % (
+                    type(e).__name__, e), "report this with the --bundle archive"
+            res = Outcome(cid, c.title, status, detail, fix)
+        done[cid] = res.status
+        if res.status == FAIL and matches(cid, ignore):
+            res.status, res.detail = WARN, res.detail + " (ignored)"
+        if not only or matches(cid, only):
+            out.append(res)
+    return out
+
+
+def summary(results):
+    count = dict((s, sum(1 for r in results if r.status == s)) for s in (PASS, WARN, FAIL, SKIP))
+    return {"passed": count[PASS], "warnings": count[WARN], "failed": count[FAIL],
+            "skipped": count[SKIP]}
+
+
+def summary_line(s):
+    return "%d passed, %d warnings, %d failed, %d skipped" % (
+        s["passed"], s["warnings"], s["failed"], s["skipped"])
+
+
+def format_report(snap, results):
+    lines = ["kohaku-overlay check %s: role %s, config %s" % (__version__, snap.role,
+                                                             snap.cfg_path)]
+    width = max([len(r.id) for r in results] or [0])
+    for r in results:
+        lines.append("[%s] %-*s  %s" % (r.status, width, r.id, r.detail))
+        if r.fix:
+            fix_lines = r.fix.splitlines()
+            lines.append("       fix: " + fix_lines[0])
+            lines.extend("            " + f for f in fix_lines[1:])
+    lines.append(summary_line(summary(results)))
+    return "\n".join(lines) + "\n"
+
+
+def format_json(snap, results):
+    s = summary(results)
+    return json.dumps({"version": __version__, "role": snap.role, "config": snap.cfg_path,
+                       "results": [r.as_dict() for r in results], "summary": s,
+                       "exit_code": 1 if s["failed"] else 0}, indent=2) + "\n"
+
+
+# ---- the bundle -------------------------------------------------------------------------------
+
+def redact(text, token):
+    out = []
+    for line in text.splitlines(True):
+        if line.lstrip().startswith("OVERLAY_TOKEN"):
+            line = line.split("=", 1)[0] + '= "<redacted>"\n'
+        out.append(line)
+    text = "".join(out)
+    return text.replace(token, "<redacted>") if token else text
+
+
+def bundle_commands(snap):
+    cmds = [("ip-link.txt", ["ip", "-d", "-s", "link", "show"]),
+            ("ip-addr.txt", ["ip", "addr", "show"]),
+            ("ip-route.txt", ["ip", "route", "show", "table", "all"]),
+            ("ip-rule.txt", ["ip", "rule", "show"]),
+            ("bridge-fdb.txt", ["bridge", "fdb", "show"])]
+    if snap.role == "runner":
+        cmds.append(("docker-network-ls.txt", ["docker", "network", "ls"]))
+    if which("journalctl"):
+        cmds.append(("journal.txt", ["journalctl", "-u", SERVICES[snap.role], "-n", "300",
+                                     "--no-pager"]))
+    return cmds
+
+
+def write_bundle(path, snap, report, report_json):
+    token = snap.cfg.get("OVERLAY_TOKEN") or ""
+    files = dict(snap.raw)
+    files["report.txt"] = report
+    files["report.json"] = report_json
+    status = snap.api.get("status")
+    if isinstance(status, tuple):
+        files["host-status.json"] = json.dumps(status[1], indent=2)
+    if snap.cfg_found:
+        try:
+            files[os.path.basename(snap.cfg_path)] = read_text(snap.cfg_path)
+        except OSError as e:
+            files["config-error.txt"] = str(e)
+    files["sysctl.txt"] = "".join("%s = %s\n" % kv for kv in sorted(snap.sysctl.items()))
+    files["snmp.txt"] = read_proc("/proc/net/snmp")
+    files["uname.txt"] = " ".join(os.uname()) + "\n"
+    for name, argv in bundle_commands(snap):
+        try:
+            res = run(argv, check=False)
+            files[name] = res.out + (("\n# stderr:\n" + res.err) if res.err.strip() else "")
+        except OverlayError as e:
+            files[name] = "# %s\n" % e
+    top = "kohaku-overlay-%s-%s" % (socket.gethostname(), time.strftime("%Y%m%dT%H%M%S"))
+    try:
+        with tarfile.open(path, "w:gz") as tar:
+            for name in sorted(files):
+                data = redact(files[name], token).encode("utf-8")
+                info = tarfile.TarInfo("%s/%s" % (top, name))
+                info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
+                tar.addfile(info, io.BytesIO(data))
+        os.chmod(path, 0o600)
+    except OSError as e:
+        raise OverlayError("cannot write the bundle %s: %s; choose another path" % (
+            path, e.strerror or e))
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="kohaku_overlay_check.py",
+        description="Check a kohaku-overlay Host or Runner and print the fix for each problem.")
+    p.add_argument("--role", choices=("host", "runner"))
+    p.add_argument("--config", metavar="F", help="the daemon's config file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--bundle", metavar="FILE.tar.gz", help="write a diagnostics archive")
+    p.add_argument("--only", metavar="ID,...", default="", help="run only these checks")
+    p.add_argument("--ignore", metavar="ID,...", default="", help="report these FAILs as WARN")
+    p.add_argument("--list", action="store_true", help="list the check ids and exit")
+    p.add_argument("--version", action="version", version=__version__)
+    return p
+
+
+def default_config(role):
+    return os.path.expanduser(os.path.join(CONFIG_DIR, CONFIG_FILES[role]))
+
+
+def role_from_devices(links):
+    if HOST_DEVICE in links or any(vxkr_id(n) for n in links):
+        return "host"
+    if RUNNER_VXLAN in links:
+        return "runner"
+    return None
+
+
+def guess_role(text, path):
+    """Role of an explicit --config file: by its keys, then by its name."""
+    try:
+        names = [n.targets[0].id if isinstance(n, ast.Assign) else n.target.id
+                 for n in ast.parse(text).body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                 and isinstance(n.targets[0] if isinstance(n, ast.Assign) else n.target,
+                                ast.Name)]
+    except (SyntaxError, ValueError):
+        names = []
+    if set(names) & {"HOST_REACHABLE_ADDRESS", "OVERLAY_HOST_IP", "OVERLAY_SUBNET",
+                     "HOST_BIND_IP", "OVERLAY_VXLAN_SOURCE_FILTER"}:
+        return "host"
+    if set(names) & {"HOST_ADDRESS", "RUNNER_NAME", "RUNNER_ADDRESS", "OVERLAY_NETWORK_NAME"}:
+        return "runner"
+    base = os.path.basename(path)
+    return "runner" if "runner" in base else "host" if "host" in base else None
+
+
+def load_config(role, path, explicit):
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("config file %s does not exist; pass the right --config" % path)
+        return config_with_defaults({}, role), False, [], []
+    except OSError as e:
+        raise ConfigError("cannot read %s (%s); run as root or pass --config" % (
+            path, e.strerror or e))
+    values, warnings, ignored = parse_config(text, path, role)
+    return config_with_defaults(values, role), True, warnings, ignored
+
+
+def resolve_role(args, links):
+    """--role, else the config file present, else the devices present."""
+    if args.role:
+        return args.role, args.config or default_config(args.role)
+    if args.config:
+        try:
+            text = read_text(args.config)
+        except OSError:
+            text = ""
+        role = guess_role(text, args.config) or role_from_devices(links)
+        if role is None:
+            raise ConfigError("cannot tell whether %s is a host or a runner config: pass "
+                              "--role host or --role runner" % args.config)
+        return role, args.config
+    present = [r for r in ("host", "runner") if os.path.exists(default_config(r))]
+    role = present[0] if len(present) == 1 else role_from_devices(links)
+    if role is None and present:
+        role = present[0]
+    if role is None:
+        raise ConfigError("cannot tell whether this node is the host or a runner (no config "
+                          "file, no overlay device): pass --role host or --role runner")
+    return role, default_config(role)
+
+
+def split_ids(text):
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code == 0 else 2
+    try:
+        if args.list:
+            roles = [args.role] if args.role else ["host", "runner"]
+            for role in roles:
+                for c in checks_for(role):
+                    print("%-32s %s" % (c.id(role), c.title))
+            return 0
+        links_error = None
+        try:
+            links, links_text = read_links()
+        except (OverlayError, ValueError) as e:
+            links, links_text, links_error = {}, "", str(e)
+        role, path = resolve_role(args, links)
+        only, ignore = split_ids(args.only), split_ids(args.ignore)
+        select(role, only, ignore)
+        cfg, found, warnings, ignored = load_config(role, path, bool(args.config))
+        snap = Snapshot(role, cfg, path, found, warnings, ignored)
+        if links_error:
+            snap.lost("links", links_error)
+        gather(snap, links, links_text)
+        results = run_checks(snap, only, ignore)
+        report, report_json = format_report(snap, results), format_json(snap, results)
+        sys.stdout.write(report_json if args.json else report)
+        if args.bundle:
+            write_bundle(args.bundle, snap, report, report_json)
+            sys.stderr.write("bundle written to %s\n" % args.bundle)
+        return 1 if summary(results)["failed"] else 0
+    except ConfigError as e:
+        sys.stderr.write("error: %s\n" % e)
+        return 2
+    except OverlayError as e:
+        sys.stderr.write("error: %s\n" % e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # last resort: one line, never a traceback
+        sys.stderr.write("internal error: %r\n" % (e,))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
