@@ -36,6 +36,7 @@ import logging
 import os
 import queue
 import re
+import resource
 import selectors
 import shlex
 import shutil
@@ -89,7 +90,7 @@ TRUSTED_ZONE = "trusted"
 MAX_BODY = 64 * 1024            # a registration is a few hundred bytes
 MAX_HEADER = 16 * 1024
 REQUEST_DEADLINE = 5.0          # seconds a client gets to send its whole request
-MAX_CONNECTIONS = 1024          # open connections; more are closed at once
+MAX_CONNECTIONS = 1024          # open connections (less when the fd limit is lower)
 MAX_WORKERS = 32                # threads that run handlers (registration waits on a commit)
 MAX_PENDING = 512               # complete requests waiting for a worker; more get 503
 
@@ -1397,6 +1398,9 @@ class ApiServer(object):
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.sock, selectors.EVENT_READ)
         self.conns = {}
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_conns = MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else \
+            max(16, min(MAX_CONNECTIONS, soft - workers - 64))
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self.pending = [0]
         self.pending_lock = threading.Lock()
@@ -1430,7 +1434,7 @@ class ApiServer(object):
             except OSError as exc:  # EMFILE and friends: keep serving the others
                 log.warning("accept failed: %s", exc)
                 return
-            if len(self.conns) >= MAX_CONNECTIONS:
+            if len(self.conns) >= self.max_conns:
                 sock.close()
                 continue
             sock.setblocking(False)
