@@ -28,8 +28,6 @@ import difflib
 import errno
 import fcntl
 import hmac
-import http.client
-import io
 import ipaddress
 import json
 import logging
@@ -1623,6 +1621,7 @@ def can_print_unicode(stream):
 
 def api_call(cfg, method, path):
     """Talk to the running host's API (127.0.0.1 when it binds every address)."""
+    import http.client  # only the one-shot commands need it; serve starts faster without
     address = "127.0.0.1" if cfg["HOST_BIND_IP"] == "0.0.0.0" else cfg["HOST_BIND_IP"]
     where = "http://{}:{}".format(address, cfg["HOST_PORT"])
     headers = {"Content-Length": "0"}
