@@ -12,7 +12,6 @@ import sys
 import pytest
 
 import lab
-from conftest import require
 
 CLIENT = r"""
 import json, sys, urllib.request, urllib.error
@@ -60,7 +59,7 @@ def ours(c, *argv):
 
 @pytest.fixture(scope="module")
 def cluster():
-    require(docker=False)
+    lab.require(docker=False)
     with lab.Lab(runners=2, docker=False) as c:
         c.host_config(OVERLAY_REPAIR_INTERVAL=1)
         yield c
