@@ -223,7 +223,7 @@ def parse_config_text(text, filename="runner_config.py"):
                                                describe_node(value)))
         name = target.id
         if name not in KEY_TYPES:
-            close = difflib.get_close_matches(name, list(KEY_TYPES), n=1)
+            close = difflib.get_close_matches(name, list(KEY_TYPES), n=1, cutoff=0.8)
             hint = " (did you mean %s?)" % close[0] if close else ""
             warnings.append("%s line %d: unknown key %s%s, ignored" % (
                 filename, node.lineno, name, hint))
@@ -766,10 +766,10 @@ def ensure_rules(cidr, stack):
                                                 probe_rules("nat", "POSTROUTING"))
     if not text:
         return []
+    run(["iptables-restore", "--noflush"], input=text, echo=echo)    # atomic: all or nothing
     if undo_text:
         undo(stack, "delete the rules added for %s" % cidr, ["iptables-restore", "--noflush"],
              input=undo_text, echo=["iptables-restore --noflush  # undo"])
-    run(["iptables-restore", "--noflush"], input=text, echo=echo)
     return changes
 
 
@@ -781,10 +781,10 @@ def ensure_firewalld(ifaces, stack):
     for iface in ifaces:
         if iface in have:
             continue
-        undo(stack, "take %s out of the trusted zone" % iface,
-             ["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--remove-interface=" + iface])
         run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--change-interface=" + iface],
             timeout=15)
+        undo(stack, "take %s out of the trusted zone" % iface,
+             ["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--remove-interface=" + iface])
         changes.append("%s added to the firewalld trusted zone" % iface)
     return changes
 
@@ -1029,8 +1029,10 @@ def heartbeat(cfg):
         raise host_error(cfg, status, obj)
 
 
-def backoff_delays(start=BACKOFF_START, cap=BACKOFF_MAX, rng=random.random):
-    """0.5, 1, 2, 4, ... capped at 30 s, each with up to 20% jitter taken off (never above cap)."""
+def backoff_delays(start=BACKOFF_START, cap=BACKOFF_MAX, rng=None):
+    """0.5, 1, 2, 4, ... capped at 30 s, each with up to 20% jitter taken off (never above cap),
+    so that runners cut off together do not come back in lockstep."""
+    rng = rng or random.random
     delay = start
     while True:
         yield delay * (1.0 - 0.2 * rng())
@@ -1136,8 +1138,8 @@ class Agent(object):
                 cfg["HOST_ADDRESS"], cfg["HOST_PORT"]))
             self.record_heartbeat()
         except NotRegistered:
-            self.say("host", logging.WARNING, "the host forgot %s: registering again" %
-                     cfg["RUNNER_NAME"])
+            self.say("host", logging.WARNING, "the host does not know %s (restarted without "
+                     "its state?): registering again" % cfg["RUNNER_NAME"])
             self.reregister()
         except HostUnreachable as e:
             self.say("host", logging.WARNING, "host %s:%s unreachable (%s); keeping the overlay "
@@ -1152,11 +1154,11 @@ class Agent(object):
         try:
             alloc = register(self.cfg, self.address, self.alloc["runner_id"])
         except OverlayError as e:
-            self.say("host", logging.ERROR, "registering again failed: %s" % e)
+            self.say("register", logging.ERROR, "registering again failed: %s" % e)
             return
         changed = alloc != self.alloc
         self.adopt(alloc)
-        self.say("host", logging.INFO, "registered again as runner %d" % alloc["runner_id"])
+        self.say("register", logging.INFO, "registered again as runner %d" % alloc["runner_id"])
         if changed:
             self.built = False
             self.repair()
