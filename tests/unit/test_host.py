@@ -1,0 +1,694 @@
+"""Unit tests of kohaku_overlay_host.py: no root, no real `ip`/`iptables`, no namespaces.
+
+`run()` is replaced by FakeRun, a scripted fake that records every argv (and stdin) and answers
+probes from canned tool output. The canned `ip -j -d addr show` and `iptables -S` texts below
+were captured once from a real kernel (6.18, iproute2/iptables-nft of Debian 12) in a throwaway
+network namespace, after applying the host's own commands there:
+
+    ip netns add kohut-$$; ip netns exec kohut-$$ sh -c '
+        ip link add u0 type veth peer name u1; ip addr add 198.51.100.1/24 dev u0
+        ip link add kohaku-host type bridge          # this kernel has no dummy type
+        ip -force -batch - < (the host's lines for kohaku-host, vxkr1, vxkr2, vxkra)
+        ip link set vxkra down; ip link set vxkra mtu 1400; ip addr flush dev vxkra
+        ip -j -d addr show                           # -> CAPTURED_LINKS
+        iptables-restore --noflush < (rules_plan("", [.11, .12]))
+        iptables -S                                  # -> CAPTURED_RULES_OK
+        iptables -N DOCKER-USER; iptables -I FORWARD 1 -j DOCKER-USER
+        iptables -S                                  # -> CAPTURED_RULES_BURIED
+        (repair, then the plan with OVERLAY_VXLAN_SOURCE_FILTER = False)
+        iptables -S'                                 # -> CAPTURED_RULES_NOFILTER
+    ip netns del kohut-$$
+
+The HTTP API is tested through Api.dispatch() and once through a real ApiServer on 127.0.0.1.
+"""
+
+import contextlib
+import http.client
+import importlib.util
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "kohaku_overlay_host.py"
+_spec = importlib.util.spec_from_file_location("kohaku_overlay_host", str(SCRIPT))
+host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(host)
+
+HOST_IP = "198.51.100.1"      # HOST_REACHABLE_ADDRESS in every test
+TOKEN = "s3cret"
+AUTH = {"authorization": "Bearer " + TOKEN}
+BATCH = ["ip", "-force", "-batch", "-"]
+RESTORE = ["iptables-restore", "--noflush"]
+IP_SHOW = ["ip", "-j", "-d", "addr", "show"]
+IPT_S = ["iptables", "-S"]
+FWD_S = "-s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"
+FWD_D = "-d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"
+INPUT_JUMP = "-p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN"
+
+# ---------------------------------------------------------------------------------------------
+# Captured tool output (see the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+CAPTURED_LINKS = r"""[
+{"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK", "UP", "LOWER_UP"], "mtu": 65536, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "loopback", "address": "00:00:00:00:00:00", "broadcast": "00:00:00:00:00:00", "promiscuity": 0, "allmulti": 0, "min_mtu": 0, "max_mtu": 0, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8, "scope": "host", "label": "lo", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "::1", "prefixlen": 128, "scope": "host", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 2, "link": "u0", "ifname": "u1", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1500, "qdisc": "noop", "operstate": "DOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "d6:6b:2c:c2:2b:3b", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "veth"}, "num_tx_queues": 2, "num_rx_queues": 2, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": []},
+{"ifindex": 3, "link": "u1", "ifname": "u0", "flags": ["NO-CARRIER", "BROADCAST", "MULTICAST", "UP", "M-DOWN"], "mtu": 1500, "qdisc": "noqueue", "operstate": "LOWERLAYERDOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "c2:3c:1c:7f:59:28", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "veth"}, "num_tx_queues": 2, "num_rx_queues": 2, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "198.51.100.1", "prefixlen": 24, "scope": "global", "label": "u0", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 4, "ifname": "kohaku-host", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1500, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "92:da:0d:f6:fb:98", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "bridge", "info_data": {"forward_delay": 1500, "hello_time": 200, "max_age": 2000, "ageing_time": 30000, "stp_state": 0, "priority": 32768, "vlan_filtering": 0, "bridge_id": "8000.0:0:0:0:0:0", "root_id": "8000.0:0:0:0:0:0", "root_port": 0, "root_path_cost": 0, "topology_change": 0, "topology_change_detected": 0, "hello_timer": 0.0, "tcn_timer": 0.0, "topology_change_timer": 0.0, "gc_timer": 0.08, "group_fwd_mask": "0", "group_addr": "01:80:c2:00:00:00", "mcast_snooping": 1, "no_linklocal_learn": 0, "mcast_vlan_snooping": 0, "mcast_router": 1, "mcast_query_use_ifaddr": 0, "mcast_querier": 0, "mcast_hash_elasticity": 16, "mcast_hash_max": 4096, "mcast_last_member_cnt": 2, "mcast_startup_query_cnt": 2, "mcast_last_member_intvl": 100, "mcast_membership_intvl": 26000, "mcast_querier_intvl": 25500, "mcast_query_intvl": 12500, "mcast_query_response_intvl": 1000, "mcast_startup_query_intvl": 3124, "mcast_stats_enabled": 0, "mcast_igmp_version": 2, "mcast_mld_version": 1, "nf_call_iptables": 0, "nf_call_ip6tables": 0, "nf_call_arptables": 0}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.0.0.1", "prefixlen": 8, "scope": "global", "label": "kohaku-host", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::90da:dff:fef6:fb98", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 5, "ifname": "vxkr1", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "8a:a2:8f:4f:9d:e1", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 101, "remote": "198.51.100.11", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.1.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr1", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::88a2:8fff:fe4f:9de1", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 6, "ifname": "vxkr2", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "06:fc:af:13:4d:7f", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 102, "remote": "198.51.100.12", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.2.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr2", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::4fc:afff:fe13:4d7f", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 7, "ifname": "vxkra", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1400, "qdisc": "noqueue", "operstate": "DOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "8a:05:67:19:f4:1a", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 110, "remote": "198.51.100.20", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": []}
+]"""
+
+CAPTURED_RULES_OK = """\
+-P INPUT ACCEPT
+-P FORWARD ACCEPT
+-P OUTPUT ACCEPT
+-N KOHAKU-VXLAN
+-A INPUT -p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN
+-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
+-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT
+-A KOHAKU-VXLAN -j DROP
+"""
+
+CAPTURED_RULES_BURIED = """\
+-P INPUT ACCEPT
+-P FORWARD ACCEPT
+-P OUTPUT ACCEPT
+-N DOCKER-USER
+-N KOHAKU-VXLAN
+-A INPUT -p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN
+-A FORWARD -j DOCKER-USER
+-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
+-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT
+-A KOHAKU-VXLAN -j DROP
+"""
+
+CAPTURED_RULES_NOFILTER = """\
+-P INPUT ACCEPT
+-P FORWARD ACCEPT
+-P OUTPUT ACCEPT
+-N DOCKER-USER
+-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
+-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
+-A FORWARD -j DOCKER-USER
+"""
+
+CLEAN_RULES = "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n"
+
+# The guide's "Expected output" (../shared/seed/overlay-setup.md), byte for byte.
+GUIDE_STATUS = """\
+╭──────────────────── Overlay Network Status ────────────────────╮
+│ Host IP: 10.0.0.1/8                                            │
+│ Bridge: kohaku-overlay                                         │
+│ Total Allocations: 2                                           │
+│ Active: 2 | Inactive: 0                                        │
+│ Available IDs: 253/255                                         │
+╰────────────────────────────────────────────────────────────────╯
+
+          Runner Allocations
+┏━━━━━━━━━━━━━━━━┳━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━┓
+┃ Runner         ┃ ID ┃ Subnet        ┃ Physical IP   ┃ Status ┃
+┡━━━━━━━━━━━━━━━━╇━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━┩
+│ runner1        │  1 │ 10.1.0.0/16   │ 192.168.88.20 │ Active │
+│ runner2        │  2 │ 10.2.0.0/16   │ 192.168.88.77 │ Active │
+└────────────────┴────┴───────────────┴───────────────┴────────┘"""
+
+GUIDE_STATUS_ASCII = """\
++-------------------- Overlay Network Status --------------------+
+| Host IP: 10.0.0.1/8                                            |
+| Bridge: kohaku-overlay                                         |
+| Total Allocations: 2                                           |
+| Active: 2 | Inactive: 0                                        |
+| Available IDs: 253/255                                         |
++----------------------------------------------------------------+
+
+          Runner Allocations
++================+====+===============+===============+========+
+| Runner         | ID | Subnet        | Physical IP   | Status |
++================+====+===============+===============+========+
+| runner1        |  1 | 10.1.0.0/16   | 192.168.88.20 | Active |
+| runner2        |  2 | 10.2.0.0/16   | 192.168.88.77 | Active |
++----------------+----+---------------+---------------+--------+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fakes and helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeRun(object):
+    """A scripted stand-in for host.run(): records argv and stdin, answers from a script.
+
+    script: list of (argv prefix, answer); answer is (rc, stdout, stderr) or a callable
+    taking argv and input and returning one. Unscripted commands succeed with no output.
+    """
+
+    def __init__(self, script=None):
+        self.script = list(script or [])
+        self.calls, self.inputs = [], []
+
+    def answer(self, prefix, result):
+        self.script.insert(0, (list(prefix), result))
+
+    def __call__(self, argv, check=True, mutates=True, input=None, timeout=60, echo=True):
+        self.calls.append(list(argv))
+        self.inputs.append(input)
+        rc, out, err = 0, "", ""
+        for prefix, result in self.script:
+            if list(argv[:len(prefix)]) == prefix:
+                rc, out, err = result(argv, input) if callable(result) else result
+                break
+        if check and rc != 0:
+            raise host.CommandError(argv, rc, err)
+        return host.Result(rc, out, err)
+
+    def batches(self):
+        """The ip -batch inputs, each split into its lines."""
+        return [i.splitlines() for c, i in zip(self.calls, self.inputs) if c == BATCH]
+
+
+def make_cfg(tmp_path, **over):
+    cfg = dict((k, d) for k, (t, d) in host.CONFIG_KEYS.items())
+    cfg.update(HOST_REACHABLE_ADDRESS=HOST_IP, OVERLAY_ENABLED=True, OVERLAY_TOKEN=TOKEN,
+               OVERLAY_STATE_FILE=str(tmp_path / "state" / "overlay-state.json"),
+               OVERLAY_REPAIR_INTERVAL=3600)
+    cfg.update(over)
+    return cfg
+
+
+def make_hub(tmp_path, allocs=None, links=None, chain=True, **over):
+    cfg = make_cfg(tmp_path, **over)
+    layout = host.Layout(cfg["OVERLAY_SUBNET"], cfg["OVERLAY_HOST_IP"], cfg["OVERLAY_HOST_PREFIX"])
+    store = host.StateStore(cfg["OVERLAY_STATE_FILE"])
+    kernel = host.Kernel(cfg, layout)
+    kernel.links = dict(links or {})
+    kernel.chain_exists = chain
+    hub = host.Hub(cfg, layout, store, kernel)
+    if allocs:
+        hub.allocs = store.update(lambda a: a.update(allocs))
+        store.writes = 0
+    return hub
+
+
+def alloc(n, name, ip, last_seen=1000.0):
+    return {"runner_id": n, "runner_name": name, "physical_ip": ip, "last_seen": last_seen}
+
+
+def tunnels(hub, allocs):
+    """The kernel links a healthy hub has for these allocations (what sync_tunnels records)."""
+    return dict((hub.layout.device(n), hub.kernel.tunnel_spec(n, a["physical_ip"]))
+                for n, a in allocs.items())
+
+
+@contextlib.contextmanager
+def writer_running(hub):
+    thread = threading.Thread(target=hub.writer, name="writer")
+    thread.daemon = True
+    thread.start()
+    try:
+        yield thread
+    finally:
+        hub.stop.set()
+        hub.jobs.put(None)
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def reg_body(name="runner1", ip="198.51.100.11", **over):
+    body = {"runner_name": name, "physical_ip": ip, "vxlan_id": 100, "vxlan_port": 4789,
+            "mtu": 1450}
+    body.update(over)
+    return json.dumps(body).encode()
+
+
+def register(api, name="runner1", ip="198.51.100.11", peer=None, headers=None, **over):
+    return api.dispatch("POST", "/api/overlay/register", AUTH if headers is None else headers,
+                        reg_body(name, ip, **over), peer or ip)
+
+
+def link_json(name, kind=None, vni=None, remote=None, addrs=(), up=True, mtu=1450, local=HOST_IP,
+              port=4789, learning=False):
+    """One `ip -j -d addr show` entry, in the shape of CAPTURED_LINKS."""
+    item = {"ifname": name, "flags": ["BROADCAST", "MULTICAST"] + (["UP", "LOWER_UP"] if up else []),
+            "mtu": mtu, "addr_info": []}
+    if kind:
+        item["linkinfo"] = {"info_kind": kind}
+    if kind == "vxlan":
+        item["linkinfo"]["info_data"] = {"id": vni, "remote": remote, "local": local,
+                                         "port": port, "learning": learning}
+    for cidr in addrs:
+        ip, prefix = cidr.split("/")
+        item["addr_info"].append({"family": "inet", "local": ip, "prefixlen": int(prefix),
+                                  "scope": "global", "label": name})
+    return item
+
+
+def iptables_s(ips, source_filter=True, port=4789):
+    """`iptables -S` of a table where the host's rules are exactly right (CAPTURED_RULES_OK's form)."""
+    lines = CLEAN_RULES.splitlines()
+    if source_filter:
+        lines.append("-N KOHAKU-VXLAN")
+        lines.append("-A INPUT -p udp -m udp --dport {} -m comment --comment kohaku-overlay "
+                     "-j KOHAKU-VXLAN".format(port))
+    lines += ["-A FORWARD " + FWD_S, "-A FORWARD " + FWD_D]
+    if source_filter:
+        lines += ["-A KOHAKU-VXLAN -s {}/32 -j ACCEPT".format(ip) for ip in ips]
+        lines.append("-A KOHAKU-VXLAN -j DROP")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    """Every test starts outside dry-run, with no firewalld, and ip_forward reading as 1.
+
+    ip_forward and the firewalld process scan read this machine's /proc; both are made
+    deterministic here (a lab elsewhere on the machine may run firewalld in a namespace).
+    """
+    monkeypatch.setattr(host, "DRY_RUN", False)
+    monkeypatch.setattr(host, "_firewalld_process", lambda: False)
+    proc = {"ip_forward": "1\n"}
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/sys/net/ipv4/ip_forward":
+            return io.StringIO(proc["ip_forward"])
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(host, "open", fake_open, raising=False)
+    return proc
+
+
+@pytest.fixture
+def fake(mocker):
+    f = FakeRun()
+    mocker.patch.object(host, "run", f)
+    return f
+
+
+def firewalld_on(mocker, fake, listed=""):
+    mocker.patch.object(host, "_firewalld_process", return_value=True)
+    mocker.patch.object(host, "tool_exists", return_value=True)
+    fake.answer(["firewall-cmd", "--state"], (0, "running\n", ""))
+    fake.answer(["firewall-cmd", "--zone=trusted", "--list-interfaces"], (0, listed + "\n", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command wrapper (real, harmless processes: sh, sleep, cat)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_returns_output_and_counts_spawns():
+    before = host.SPAWNED[0]
+    res = host.run(["sh", "-c", "echo out; echo err >&2"], mutates=False)
+    assert res == host.Result(0, "out\n", "err\n")
+    assert host.SPAWNED[0] == before + 1
+
+
+def test_run_failure_is_a_command_error_with_argv_rc_and_stderr():
+    with pytest.raises(host.CommandError) as exc:
+        host.run(["sh", "-c", "echo first >&2; echo 'RTNETLINK answers: File exists' >&2; exit 3"])
+    assert exc.value.argv == ["sh", "-c", "echo first >&2; echo 'RTNETLINK answers: File exists'"
+                                          " >&2; exit 3"]
+    assert exc.value.returncode == 3
+    assert exc.value.stderr == "first\nRTNETLINK answers: File exists"
+    assert str(exc.value).endswith("failed with exit code 3: RTNETLINK answers: File exists")
+
+
+def test_run_check_false_returns_the_failure():
+    assert host.run(["sh", "-c", "exit 4"], check=False).returncode == 4
+
+
+def test_run_missing_binary_names_the_package():
+    with pytest.raises(host.OverlayError) as exc:
+        host.run(["kohaku-no-such-tool-xyz", "x"])
+    assert str(exc.value) == ("kohaku-no-such-tool-xyz is not installed: install the "
+                              "kohaku-no-such-tool-xyz package")
+    assert host.PACKAGES["iptables-restore"] == "iptables"
+    assert host.PACKAGES["ip"] == "iproute2"
+
+
+def test_run_timeout_is_one_sentence():
+    t0 = time.monotonic()
+    with pytest.raises(host.OverlayError) as exc:
+        host.run(["sleep", "5"], mutates=False, timeout=0.3)
+    assert time.monotonic() - t0 < 3
+    assert str(exc.value) == "`sleep 5` did not finish within 0.3 s"
+
+
+def test_run_passes_input_on_stdin():
+    assert host.run(["cat"], input="a\nb\n").stdout == "a\nb\n"
+
+
+def test_run_logs_mutations_quoted(caplog):
+    caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
+    host.run(["sh", "-c", "true", "a b"])
+    host.run(["true"], mutates=False)
+    assert [r.getMessage() for r in caplog.records] == ["[#] sh -c true 'a b'"]
+
+
+def test_run_dry_run_prints_mutations_and_runs_only_probes(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(host, "DRY_RUN", True)
+    target = tmp_path / "created"
+    before = host.SPAWNED[0]
+    assert host.run(["touch", str(target)]) == host.Result(0, "", "")
+    assert not target.exists()
+    assert host.run(["echo", "probe"], mutates=False).stdout == "probe\n"
+    assert host.SPAWNED[0] == before + 1
+    assert capsys.readouterr().out == "[#] touch {}\n".format(target)
+
+
+def test_run_ip_batch_is_one_process_and_logs_each_line(fake, caplog):
+    caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
+    host.run_ip_batch(["link set vxkr1 up", "addr replace 10.1.0.254/16 dev vxkr1"])
+    assert fake.calls == [BATCH]
+    assert fake.inputs == ["link set vxkr1 up\naddr replace 10.1.0.254/16 dev vxkr1\n"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "[#] ip link set vxkr1 up", "[#] ip addr replace 10.1.0.254/16 dev vxkr1"]
+    host.run_ip_batch([])
+    assert fake.calls == [BATCH]
+
+
+# ---------------------------------------------------------------------------------------------
+# Addressing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, digits", [(0, "0"), (1, "1"), (9, "9"), (10, "a"), (35, "z"),
+                                       (36, "10"), (255, "73"), (1295, "zz"), (1296, "100")])
+def test_base36(n, digits):
+    assert host.base36(n) == digits
+
+
+def test_default_layout_reproduces_the_guide():
+    lay = host.Layout()
+    assert (lay.cidr, lay.max_id, lay.subnet_prefix, lay.host_prefix) == ("10.0.0.0/8", 255, 16, 8)
+    assert str(lay.host_ip) == "10.0.0.1"
+    assert [str(lay.subnet(n)) for n in (1, 2, 255)] == ["10.1.0.0/16", "10.2.0.0/16",
+                                                         "10.255.0.0/16"]
+    assert str(lay.gateway(1)) == "10.1.0.1"
+    assert str(lay.host_vxlan_ip(1)) == "10.1.0.254"
+    assert lay.host_vxlan_cidr(255) == "10.255.0.254/16"
+    assert [lay.device(n) for n in (1, 2, 10, 35, 36, 255)] == [
+        "vxkr1", "vxkr2", "vxkra", "vxkrz", "vxkr10", "vxkr73"]
+    assert [lay.id_of_device(lay.device(n)) for n in range(1, 256)] == list(range(1, 256))
+    cfg = make_cfg(Path("/nonexistent"))
+    assert lay.allocation(3, cfg) == {
+        "runner_id": 3, "subnet": "10.3.0.0/16", "gateway": "10.3.0.1",
+        "host_overlay_ip": "10.0.0.1", "host_vxlan_ip": "10.3.0.254",
+        "host_physical_ip": HOST_IP, "vni": 103, "vxlan_port": 4789, "mtu": 1450,
+        "overlay_cidr": "10.0.0.0/8"}
+
+
+@pytest.mark.parametrize("name", ["vxkr", "vxkr0", "vxkr01", "vxkrA", "vxkr74", "vxkr-1",
+                                  "vxlan0", "kohaku-host", "xvxkr1", "vxkr1 "])
+def test_id_of_device_rejects_names_that_are_not_ours(name):
+    assert host.Layout().id_of_device(name) is None
+
+
+def test_layout_172_16_12_6_14():
+    lay = host.Layout("172.16.0.0/12/6/14", "172.16.0.1")
+    assert (lay.cidr, lay.max_id, lay.subnet_prefix, lay.host_prefix) == (
+        "172.16.0.0/12", 63, 18, 12)
+    assert str(lay.subnet(1)) == "172.16.64.0/18"
+    assert str(lay.gateway(1)) == "172.16.64.1"
+    assert lay.host_vxlan_cidr(1) == "172.16.64.254/18"
+    assert str(lay.subnet(63)) == "172.31.192.0/18"
+    assert str(lay.host_vxlan_ip(63)) == "172.31.192.254"
+    assert (lay.device(63), lay.id_of_device("vxkr1r"), lay.id_of_device("vxkr1s")) == (
+        "vxkr1r", 63, None)
+
+
+def test_layout_10_16_4_12():
+    lay = host.Layout("10.0.0.0/16/4/12", "10.0.0.1")
+    assert (lay.cidr, lay.max_id, lay.subnet_prefix, lay.host_prefix) == ("10.0.0.0/16", 15, 20, 16)
+    assert str(lay.subnet(1)) == "10.0.16.0/20"
+    assert str(lay.gateway(1)) == "10.0.16.1"
+    assert str(lay.host_vxlan_ip(1)) == "10.0.16.254"
+    assert str(lay.subnet(15)) == "10.0.240.0/20"
+    assert lay.host_vxlan_cidr(15) == "10.0.240.254/20"
+    assert (lay.device(15), lay.id_of_device("vxkrf"), lay.id_of_device("vxkrg")) == (
+        "vxkrf", 15, None)
+
+
+def test_layout_with_small_subnets_puts_the_host_on_the_last_usable_address():
+    lay = host.Layout("192.168.0.0/16/10/6", "192.168.0.1")   # /26: 64 addresses
+    assert (lay.max_id, lay.subnet_prefix) == (1023, 26)
+    assert str(lay.subnet(1)) == "192.168.0.64/26"
+    assert str(lay.gateway(1)) == "192.168.0.65"
+    assert lay.host_vxlan_cidr(1) == "192.168.0.126/26"
+    assert lay.host_vxlan_cidr(1023) == "192.168.255.254/26"
+    assert lay.device(1023) == "vxkrsf"
+    tiny = host.Layout("10.0.0.0/24/6/2", "10.0.0.1")         # /30: gateway .5, host .6
+    assert (str(tiny.subnet(1)), str(tiny.gateway(1)), str(tiny.host_vxlan_ip(1))) == (
+        "10.0.0.4/30", "10.0.0.5", "10.0.0.6")
+    exact = host.Layout("10.0.0.0/16/8/8", "10.0.0.1")        # /24: +254 is the last usable
+    assert (str(exact.subnet(7)), str(exact.host_vxlan_ip(7))) == ("10.0.7.0/24", "10.0.7.254")
+
+
+def test_host_ip_may_be_anywhere_in_node_0():
+    assert str(host.Layout("10.0.0.0/8/8/16", "10.0.255.254").host_ip) == "10.0.255.254"
+    assert host.Layout("10.0.0.0/8/8/16", "10.0.0.1", 24).host_prefix == 24
+
+
+@pytest.mark.parametrize("spec, host_ip, prefix, message", [
+    ("10.0.0.0/8/8", "10.0.0.1", None,
+     "OVERLAY_SUBNET '10.0.0.0/8/8' must look like BASE/NETWORK_PREFIX/NODE_BITS/SUBNET_BITS, "
+     "e.g. \"10.0.0.0/8/8/16\""),
+    ("10.0.0.0/8/eight/16", "10.0.0.1", None, "OVERLAY_SUBNET '10.0.0.0/8/eight/16' is not valid"),
+    ("10.0.0.1/8/8/16", "10.0.0.1", None, "OVERLAY_SUBNET '10.0.0.1/8/8/16' is not valid"),
+    ("10.0.0.0/40/8/16", "10.0.0.1", None, "OVERLAY_SUBNET '10.0.0.0/40/8/16' is not valid"),
+    ("10.0.0.0/8/8/8", "10.0.0.1", None,
+     "OVERLAY_SUBNET '10.0.0.0/8/8/8': NETWORK_PREFIX + NODE_BITS + SUBNET_BITS must be 32 "
+     "with both bit counts at least 1"),
+    ("10.0.0.0/8/0/24", "10.0.0.1", None, "must be 32 with both bit counts at least 1"),
+    ("10.0.0.0/24/7/1", "10.0.0.1", None,
+     "OVERLAY_SUBNET '10.0.0.0/24/7/1': SUBNET_BITS must be at least 2 so a runner subnet "
+     "holds a gateway and the host"),
+    ("10.0.0.0/8/8/16", "10.0.0", None, "OVERLAY_HOST_IP '10.0.0' is not an IPv4 address"),
+    ("10.0.0.0/8/8/16", "192.168.1.1", None,
+     "OVERLAY_HOST_IP 192.168.1.1 is outside the overlay network 10.0.0.0/8; pick an address "
+     "inside it"),
+    ("10.0.0.0/8/8/16", "10.1.0.1", None,
+     "OVERLAY_HOST_IP 10.1.0.1 lies inside runner 1's subnet; pick an address in 10.0.0.0/16 "
+     "(node 0 is the host's)"),
+    ("172.16.0.0/12/6/14", "172.16.64.1", None, "lies inside runner 1's subnet; pick an "
+                                                "address in 172.16.0.0/18"),
+    ("10.0.0.0/8/8/16", "10.0.0.1", 4, "OVERLAY_HOST_PREFIX 4 must be between 8 and 32"),
+    ("10.0.0.0/8/8/16", "10.0.0.1", 33, "OVERLAY_HOST_PREFIX 33 must be between 8 and 32"),
+])
+def test_layout_errors_are_config_errors_naming_the_problem(spec, host_ip, prefix, message):
+    with pytest.raises(host.ConfigError) as exc:
+        host.Layout(spec, host_ip, prefix)
+    assert message in str(exc.value)
+    assert exc.value.exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The config reader
+# ---------------------------------------------------------------------------------------------
+
+
+def write_config(tmp_path, text, name="host_config.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_read_config_annotated_and_plain_lines_and_docstring(tmp_path):
+    path = write_config(tmp_path, '''"""KohakuRiver host config."""
+# IMPORTANT: Set this to the Host's actual reachable IP address
+HOST_REACHABLE_ADDRESS: str = "192.168.88.53"  # Change to your Host IP!
+"a bare string is fine too"
+OVERLAY_ENABLED: bool = True
+OVERLAY_BRIDGE_NAME: str = "kohaku-overlay"
+OVERLAY_HOST_PREFIX: int = 8
+HOST_PORT = 8001
+OVERLAY_TOKEN = "tok"
+''')
+    cfg = host.read_config(path, host.CONFIG_KEYS, explicit=True)
+    assert cfg["HOST_REACHABLE_ADDRESS"] == "192.168.88.53"
+    assert cfg["OVERLAY_ENABLED"] is True
+    assert cfg["OVERLAY_HOST_PREFIX"] == 8
+    assert cfg["HOST_PORT"] == 8001
+    assert cfg["OVERLAY_TOKEN"] == "tok"
+    assert cfg["OVERLAY_MTU"] == 1450            # untouched keys keep their defaults
+    assert cfg["OVERLAY_STATE_FILE"] == "/var/lib/kohakuriver/overlay-state.json"
+    assert set(cfg) == set(host.CONFIG_KEYS)
+
+
+def test_the_guides_host_config_reads(tmp_path):
+    path = write_config(tmp_path, '''# IMPORTANT: Set this to the Host's actual reachable IP address
+# This IP is used by Runners to establish VXLAN tunnels
+HOST_REACHABLE_ADDRESS: str = "192.168.88.53"  # Change to your Host IP!
+
+# =============================================================================
+# Overlay Network Configuration (VXLAN Hub)
+# =============================================================================
+
+OVERLAY_ENABLED: bool = True
+OVERLAY_BRIDGE_NAME: str = "kohaku-overlay"
+OVERLAY_HOST_IP: str = "10.0.0.1"
+OVERLAY_HOST_PREFIX: int = 8
+OVERLAY_VXLAN_ID: int = 100
+OVERLAY_VXLAN_PORT: int = 4789
+OVERLAY_MTU: int = 1450
+''')
+    cfg, layout = host.load_settings(path, explicit=True)
+    assert (cfg["OVERLAY_ENABLED"], layout.cidr, str(layout.host_ip), layout.host_prefix) == (
+        True, "10.0.0.0/8", "10.0.0.1", 8)
+
+
+def test_unknown_key_is_a_warning_naming_the_line_with_a_suggestion(tmp_path, caplog):
+    path = write_config(tmp_path, '"""doc"""\nHOST_PORT = 8000\nOVERLAY_ENABLE = True\n'
+                                  'COMPLETELY_DIFFERENT_THING = 3\n')
+    cfg = host.read_config(path, host.CONFIG_KEYS, explicit=True)
+    assert cfg["OVERLAY_ENABLED"] is False
+    assert "OVERLAY_ENABLE" not in cfg and "COMPLETELY_DIFFERENT_THING" not in cfg
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "host_config.py line 3: unknown key OVERLAY_ENABLE (did you mean OVERLAY_ENABLED?), "
+        "ignored",
+        "host_config.py line 4: unknown key COMPLETELY_DIFFERENT_THING, ignored"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("OVERLAY_ENABLED = 1", "host_config.py: OVERLAY_ENABLED must be True or False, got 1 on line 2"),
+    ("HOST_PORT = True", "host_config.py: HOST_PORT must be an integer, got True on line 2"),
+    ("HOST_PORT: int = '8000'", "host_config.py: HOST_PORT must be an integer, got '8000' on line 2"),
+    ("OVERLAY_MTU = 1450.0", "host_config.py: OVERLAY_MTU must be an integer, got 1450.0 on line 2"),
+    ("OVERLAY_TOKEN = 123", "host_config.py: OVERLAY_TOKEN must be a string, got 123 on line 2"),
+    ("OVERLAY_VXLAN_SOURCE_FILTER = 0",
+     "host_config.py: OVERLAY_VXLAN_SOURCE_FILTER must be True or False, got 0 on line 2"),
+])
+def test_wrong_type_is_an_error_naming_the_key(tmp_path, line, message):
+    path = write_config(tmp_path, "# config\n" + line + "\n")
+    with pytest.raises(host.ConfigError) as exc:
+        host.read_config(path, host.CONFIG_KEYS, explicit=True)
+    assert str(exc.value) == message
+
+
+CODE_CONFIGS = [
+    ("OVERLAY_MTU = __import__('os').system('touch {x}')",
+     "line 2: OVERLAY_MTU must be a plain literal, not an expression that runs code"),
+    ("__import__('os').system('touch {x}')",
+     "line 2: only NAME = value lines are allowed, found an expression; remove it"),
+    ("import os", "line 2: only NAME = value lines are allowed, found an import; remove it"),
+    ("from os import system", "found an import"),
+    ("def f():\n    open('{x}', 'w')", "found a function"),
+    ("with open('{x}', 'w'):\n    pass", "found a with statement"),
+    ("OVERLAY_TOKEN = f\"{{__import__('os').system('touch {x}')}}\"",
+     "OVERLAY_TOKEN must be a plain literal"),
+    ("OVERLAY_TOKEN = open('{x}', 'w').name", "OVERLAY_TOKEN must be a plain literal"),
+    ("os.environ['X'] = open('{x}', 'w').name", "line 2: only NAME = value lines are allowed"),
+    ("if True:\n    open('{x}', 'w')", "found an if statement"),
+]
+
+
+@pytest.mark.parametrize("line, message", CODE_CONFIGS)
+def test_config_that_runs_code_is_refused_without_running_it(tmp_path, capsys, line, message):
+    marker = tmp_path / "X"
+    path = write_config(tmp_path, "# evil\n" + line.format(x=marker) + "\n")
+    with pytest.raises(host.ConfigError) as exc:
+        host.read_config(path, host.CONFIG_KEYS, explicit=True)
+    assert message in str(exc.value)
+    assert not marker.exists()
+    assert host.main(["status", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: host_config.py line 2") or err.startswith("error: host_config.py: ")
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_unknown_key_with_code_is_ignored_and_not_run(tmp_path, caplog):
+    marker = tmp_path / "X"
+    path = write_config(tmp_path, "OVERLAY_MTUU = __import__('os').system('touch {}')\n".format(marker))
+    cfg = host.read_config(path, host.CONFIG_KEYS, explicit=True)
+    assert cfg["OVERLAY_MTU"] == 1450
+    assert not marker.exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        "host_config.py line 1: unknown key OVERLAY_MTUU (did you mean OVERLAY_MTU?), ignored"]
+
+
+def test_syntax_error_names_the_line(tmp_path):
+    path = write_config(tmp_path, "HOST_PORT = 8000\nOVERLAY_MTU = = 1\n")
+    with pytest.raises(host.ConfigError) as exc:
+        host.read_config(path, host.CONFIG_KEYS, explicit=True)
+    assert str(exc.value).startswith("host_config.py line 2: not valid Python syntax (")
+    assert str(exc.value).endswith("); fix that line")
+
+
+def test_unhashable_literal_is_a_config_error_not_a_crash(tmp_path, capsys):
+    """BUG (host-bugs.md): ast.literal_eval raises TypeError for {[1]: 2}; read_config lets it
+    escape, so main() reports an internal error with exit 1 instead of exit 2."""
+    path = write_config(tmp_path, "OVERLAY_MTU = {[1]: 2}\n")
+    assert host.main(["status", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: host_config.py line 1: OVERLAY_MTU")
+
+
+def test_missing_default_config_means_defaults(tmp_path):
+    cfg = host.read_config(str(tmp_path / "absent.py"), host.CONFIG_KEYS, explicit=False)
+    assert cfg == dict((k, d) for k, (t, d) in host.CONFIG_KEYS.items())
+    cfg, layout = host.load_settings(str(tmp_path / "absent.py"), explicit=False)
+    assert (cfg["OVERLAY_ENABLED"], cfg["HOST_PORT"], layout.cidr, layout.host_prefix) == (
+        False, 8000, "10.0.0.0/8", 8)
+
+
+def test_missing_explicit_config_is_an_error(tmp_path):
+    path = str(tmp_path / "absent.py")
+    with pytest.raises(host.ConfigError) as exc:
+        host.load_settings(path, explicit=True)
+    assert str(exc.value) == ("cannot read config {}: No such file or directory; pass --config "
+                              "with a readable file".format(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("HOST_PORT = 0", "HOST_PORT = 0 is out of range: use 1..65535"),
+    ("HOST_PORT = 70000", "HOST_PORT = 70000 is out of range: use 1..65535"),
+    ("OVERLAY_VXLAN_PORT = 0", "OVERLAY_VXLAN_PORT = 0 is out of range: use 1..65535"),
+    ("OVERLAY_MTU = 500", "OVERLAY_MTU = 500 is out of range: use 576..9000"),
+    ("OVERLAY_MTU = 9001", "OVERLAY_MTU = 9001 is out of range: use 576..9000"),
+    ("OVERLAY_INACTIVE_AFTER = 0", "OVERLAY_INACTIVE_AFTER = 0 is out of range: use 1..86400"),
+    ("OVERLAY_REPAIR_INTERVAL = 0", "OVERLAY_REPAIR_INTERVAL = 0 is out of range: use 1..3600"),
+    ("OVERLAY_VXLAN_ID = 0", "OVERLAY_VXLAN_ID = 0 leaves no room for 255 VNIs below 16777216"),
+    ("OVERLAY_VXLAN_ID = 16777000",
+     "OVERLAY_VXLAN_ID = 16777000 leaves no room for 255 VNIs below 16777216"),
+    ("HOST_BIND_IP = 'localhost'", "HOST_BIND_IP 'localhost' is not an IPv4 address"),
+    ("OVERLAY_SUBNET = '10.0.0.0/8'", "OVERLAY_SUBNET '10.0.0.0/8' must look like"),
+    ("OVERLAY_HOST_IP = '10.3.0.1'", "OVERLAY_HOST_IP 10.3.0.1 lies inside runner 3's subnet"),
+    ("OVERLAY_SUBNET = '172.16.0.0/12/6/14'",
+     "OVERLAY_HOST_IP 10.0.0.1 is outside the overlay network 172.16.0.0/12"),
+])
+def test_load_settings_errors(tmp_path, capsys, text, message):
+    path = write_config(tmp_path, text + "\n")
+    with pytest.raises(host.ConfigError) as exc:
+        host.load_settings(path, explicit=True)
+    assert message in str(exc.value)
+    assert host.main(["status", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_load_settings_accepts_another_layout_in_one_line(tmp_path):
+    path = write_config(tmp_path, "OVERLAY_SUBNET = '172.16.0.0/12/6/14'\n"
+                                  "OVERLAY_HOST_IP = '172.16.0.1'\n")
+    cfg, layout = host.load_settings(path, explicit=True)
+    assert (layout.cidr, layout.max_id, layout.host_prefix) == ("172.16.0.0/12", 63, 12)
