@@ -326,7 +326,7 @@ def parse_config(text, path, role):
                               % (fname, node.lineno, target.id, literal_kind(value)))
         name = target.id
         if name not in keys:
-            close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.8)
+            close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.88)
             if close:
                 warnings.append("%s line %d: unknown key %s (did you mean %s?), ignored" % (
                     fname, node.lineno, name, close[0]))
