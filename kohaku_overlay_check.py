@@ -82,14 +82,15 @@ HOST_KEYS = {
     "OVERLAY_MTU": (INT, 1450, False),
     "OVERLAY_STATE_FILE": (STR, "/var/lib/kohakuriver/overlay-state.json", False),
     "OVERLAY_TOKEN": (STR, "", False),
-    "OVERLAY_INACTIVE_AFTER": (NUM, 30, False),
+    "OVERLAY_INACTIVE_AFTER": (INT, 30, False),
     "OVERLAY_VXLAN_SOURCE_FILTER": (BOOL, True, False),
+    "OVERLAY_REPAIR_INTERVAL": (INT, 10, False),
 }
 RUNNER_KEYS = {
     "HOST_ADDRESS": (STR, "", False),
     "HOST_PORT": (INT, 8000, False),
-    "RUNNER_NAME": (STR, None, True),
-    "RUNNER_ADDRESS": (STR, None, True),
+    "RUNNER_NAME": (STR, "", False),
+    "RUNNER_ADDRESS": (STR, "", False),
     "OVERLAY_ENABLED": (BOOL, False, False),
     "OVERLAY_NETWORK_NAME": (STR, "kohakuriver-overlay", False),
     "OVERLAY_BRIDGE_NAME": (STR, "kohaku-overlay", False),

@@ -346,7 +346,7 @@ def healthy_runner():
 
 
 @pytest.fixture
-def fake(monkeypatch):
+def fake(mocker):
     """Install a fake node; the test sets .node (healthy_host() / healthy_runner())."""
     holder = type("Holder", (), {})()
     holder.node = None
@@ -355,9 +355,9 @@ def fake(monkeypatch):
         return lambda *a, **k: getattr(holder.node, name)(*a, **k)
 
     for name in ("run", "which", "read_text", "file_mode", "http_get"):
-        monkeypatch.setattr(chk, name, door(name))
-    monkeypatch.setattr(chk, "is_root", lambda: holder.node.root)
-    monkeypatch.setattr(chk, "SAMPLE_GAP", 0)
+        mocker.patch.object(chk, name, side_effect=door(name))
+    mocker.patch.object(chk, "is_root", side_effect=lambda: holder.node.root)
+    mocker.patch.object(chk, "SAMPLE_GAP", 0)
     return holder
 
 
