@@ -692,3 +692,310 @@ def test_load_settings_accepts_another_layout_in_one_line(tmp_path):
                                   "OVERLAY_HOST_IP = '172.16.0.1'\n")
     cfg, layout = host.load_settings(path, explicit=True)
     assert (layout.cidr, layout.max_id, layout.host_prefix) == ("172.16.0.0/12", 63, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parse_links_on_captured_output():
+    links = host.parse_links(CAPTURED_LINKS)
+    assert sorted(links) == ["kohaku-host", "lo", "u0", "u1", "vxkr1", "vxkr2", "vxkra"]
+    assert links["vxkr1"] == host.Link(
+        name="vxkr1", kind="vxlan", up=True, mtu=1450, vni=101, local=HOST_IP,
+        remote="198.51.100.11", port=4789, learning=False, addrs={"10.1.0.254/16"})
+    assert links["vxkra"] == host.Link(
+        name="vxkra", kind="vxlan", up=False, mtu=1400, vni=110, local=HOST_IP,
+        remote="198.51.100.20", port=4789, learning=False, addrs=set())
+    assert links["kohaku-host"] == host.Link(
+        name="kohaku-host", kind="bridge", up=True, mtu=1500, vni=None, local=None, remote=None,
+        port=None, learning=None, addrs={"10.0.0.1/8"})       # the fe80:: address is ignored
+    assert (links["lo"].kind, links["lo"].addrs) == (None, {"127.0.0.1/8"})
+    assert (links["u1"].up, links["u0"].up, links["u0"].addrs) == (False, True, {"198.51.100.1/24"})
+
+
+def test_parse_links_empty():
+    assert host.parse_links("") == {}
+    assert host.parse_links("[]") == {}
+
+
+def test_link_json_helper_matches_the_real_shape():
+    real = host.parse_links(CAPTURED_LINKS)
+    made = host.parse_links(json.dumps([
+        link_json("vxkr1", "vxlan", 101, "198.51.100.11", ["10.1.0.254/16"]),
+        link_json("kohaku-host", "bridge", addrs=["10.0.0.1/8"], mtu=1500)]))
+    assert made["vxkr1"] == real["vxkr1"]
+    assert made["kohaku-host"] == real["kohaku-host"]
+
+
+def test_parse_rules_on_captured_output():
+    chains, rules = host.parse_rules(CAPTURED_RULES_BURIED)
+    assert chains == {"DOCKER-USER", "KOHAKU-VXLAN"}
+    assert rules["FORWARD"] == ["-j DOCKER-USER", FWD_S, FWD_D]
+    assert rules["INPUT"] == [INPUT_JUMP]
+    assert rules["KOHAKU-VXLAN"] == ["-s 198.51.100.11/32 -j ACCEPT",
+                                     "-s 198.51.100.12/32 -j ACCEPT", "-j DROP"]
+    assert host.parse_rules("") == (set(), {})
+
+
+def test_iptables_s_helper_matches_the_real_shape():
+    assert iptables_s(["198.51.100.11", "198.51.100.12"]) == CAPTURED_RULES_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocation rules (pure)
+# ---------------------------------------------------------------------------------------------
+
+A_IP, B_IP, C_IP = "198.51.100.11", "198.51.100.12", "198.51.100.13"
+
+
+def inactive(a):
+    return False
+
+
+def test_same_name_gets_the_same_id_and_its_new_address():
+    allocs = {3: alloc(3, "a", A_IP), 1: alloc(1, "b", B_IP)}
+    assert host.allocate(allocs, 255, "a", C_IP, 7, inactive) == (3, None)
+    assert allocs[3]["physical_ip"] == C_IP and allocs[3]["runner_name"] == "a"
+    assert allocs[3]["last_seen"] > 1000.0
+    assert sorted(allocs) == [1, 3]
+
+
+def test_recovered_tunnel_is_claimed_by_its_physical_ip():
+    allocs = {1: alloc(1, "a", A_IP), 2: alloc(2, None, B_IP, 0.0), 5: alloc(5, None, C_IP, 0.0)}
+    assert host.allocate(allocs, 255, "newname", B_IP, 9, inactive) == (2, None)
+    assert allocs[2]["runner_name"] == "newname"
+    assert allocs[5]["runner_name"] is None
+
+
+def test_recovered_tunnel_is_not_claimed_from_another_address():
+    allocs = {1: alloc(1, None, B_IP, 0.0)}
+    assert host.allocate(allocs, 255, "x", A_IP, None, inactive) == (2, None)
+
+
+def test_previous_id_is_granted_when_free():
+    allocs = {1: alloc(1, "a", A_IP)}
+    assert host.allocate(allocs, 255, "b", B_IP, 42, inactive) == (42, None)
+    assert sorted(allocs) == [1, 42]
+
+
+@pytest.mark.parametrize("previous", [1, 0, -1, 256, None])
+def test_previous_id_is_ignored_when_taken_or_out_of_range(previous):
+    allocs = {1: alloc(1, "a", A_IP), 2: alloc(2, "b", B_IP)}
+    assert host.allocate(allocs, 255, "c", C_IP, previous, inactive) == (3, None)
+    assert allocs[1]["runner_name"] == "a"
+
+
+def test_lowest_free_id():
+    allocs = dict((n, alloc(n, "r%d" % n, A_IP)) for n in (1, 2, 4, 6))
+    assert host.allocate(allocs, 255, "new", B_IP, None, inactive) == (3, None)
+    assert host.allocate(allocs, 255, "new2", B_IP, None, inactive) == (5, None)
+
+
+def test_least_recently_seen_inactive_is_evicted():
+    allocs = {1: alloc(1, "busy", A_IP, 10.0), 2: alloc(2, "old", B_IP, 500.0),
+              3: alloc(3, "oldest", C_IP, 100.0)}
+    n, evicted = host.allocate(allocs, 3, "new", "198.51.100.99", None,
+                               lambda a: a["runner_name"] == "busy")
+    assert n == 3
+    assert evicted == alloc(3, "oldest", C_IP, 100.0)
+    assert allocs[3]["runner_name"] == "new" and allocs[3]["physical_ip"] == "198.51.100.99"
+    assert [allocs[i]["runner_name"] for i in (1, 2)] == ["busy", "old"]
+
+
+def test_eviction_tie_goes_to_the_lowest_id():
+    allocs = {1: alloc(1, "a", A_IP, 5.0), 2: alloc(2, "b", B_IP, 5.0)}
+    assert host.allocate(allocs, 2, "c", C_IP, None, inactive)[0] == 1
+
+
+def test_503_when_every_id_is_held_by_an_active_runner():
+    allocs = {1: alloc(1, "a", A_IP), 2: alloc(2, "b", B_IP)}
+    with pytest.raises(host.ApiError) as exc:
+        host.allocate(allocs, 2, "c", C_IP, None, lambda a: True)
+    assert exc.value.status == 503
+    assert exc.value.message.startswith("no free runner id: all 2 are held by active runners")
+    assert sorted(allocs) == [1, 2] and allocs[1]["runner_name"] == "a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel: the exact commands of create and repair
+# ---------------------------------------------------------------------------------------------
+
+ADD_VXKR1 = ["link add vxkr1 type vxlan id 101 local 198.51.100.1 remote 198.51.100.11 "
+             "dstport 4789 nolearning", "link set vxkr1 mtu 1450",
+             "addr replace 10.1.0.254/16 dev vxkr1", "link set vxkr1 up"]
+
+
+def kernel(tmp_path, links=None, **over):
+    cfg = make_cfg(tmp_path, **over)
+    k = host.Kernel(cfg, host.Layout(cfg["OVERLAY_SUBNET"], cfg["OVERLAY_HOST_IP"],
+                                     cfg["OVERLAY_HOST_PREFIX"]))
+    k.links = host.parse_links(CAPTURED_LINKS) if links is None else links
+    return k
+
+
+def test_tunnel_plan_absent_device(tmp_path):
+    lines, want = kernel(tmp_path, {}).tunnel_plan(1, "198.51.100.11")
+    assert lines == ADD_VXKR1
+    assert want == host.parse_links(CAPTURED_LINKS)["vxkr1"]
+
+
+def test_tunnel_plan_matching_device_is_empty(tmp_path):
+    k = kernel(tmp_path)
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == []
+    assert k.tunnel_plan(2, "198.51.100.12")[0] == []
+
+
+@pytest.mark.parametrize("field, value", [("vni", 999), ("remote", "198.51.100.99"),
+                                          ("local", "198.51.100.2"), ("port", 8472),
+                                          ("learning", True), ("kind", "geneve")])
+def test_tunnel_plan_wrong_identity_is_deleted_and_recreated(tmp_path, field, value):
+    k = kernel(tmp_path)
+    k.links["vxkr1"] = k.links["vxkr1"]._replace(**{field: value})
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == ["link del vxkr1"] + ADD_VXKR1
+
+
+def test_tunnel_plan_new_remote_recreates(tmp_path):
+    k = kernel(tmp_path)
+    assert k.tunnel_plan(1, "198.51.100.50")[0] == [
+        "link del vxkr1",
+        "link add vxkr1 type vxlan id 101 local 198.51.100.1 remote 198.51.100.50 dstport 4789 "
+        "nolearning", "link set vxkr1 mtu 1450", "addr replace 10.1.0.254/16 dev vxkr1",
+        "link set vxkr1 up"]
+
+
+def test_tunnel_plan_wrong_mtu_missing_address_extra_address_down(tmp_path):
+    k = kernel(tmp_path)
+    base = k.links["vxkr1"]
+    k.links["vxkr1"] = base._replace(mtu=1500)
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == ["link set vxkr1 mtu 1450"]
+    k.links["vxkr1"] = base._replace(addrs=set())
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == ["addr replace 10.1.0.254/16 dev vxkr1"]
+    k.links["vxkr1"] = base._replace(addrs={"10.1.0.254/16", "10.9.9.9/24"})
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == ["addr del 10.9.9.9/24 dev vxkr1"]
+    k.links["vxkr1"] = base._replace(addrs={"10.1.0.254/24"})
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == ["addr del 10.1.0.254/24 dev vxkr1",
+                                                    "addr replace 10.1.0.254/16 dev vxkr1"]
+    k.links["vxkr1"] = base._replace(up=False)
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == ["link set vxkr1 up"]
+
+
+def test_tunnel_plan_captured_drifted_device(tmp_path):
+    # vxkra was taken down, its MTU changed and its address flushed on the real kernel
+    assert kernel(tmp_path).tunnel_plan(10, "198.51.100.20")[0] == [
+        "link set vxkra mtu 1450", "addr replace 10.10.0.254/16 dev vxkra", "link set vxkra up"]
+
+
+def test_tunnel_plan_other_layout(tmp_path):
+    k = kernel(tmp_path, {}, OVERLAY_SUBNET="172.16.0.0/12/6/14", OVERLAY_HOST_IP="172.16.0.1",
+               OVERLAY_VXLAN_ID=5000, OVERLAY_MTU=1400, OVERLAY_VXLAN_PORT=8472)
+    assert k.tunnel_plan(36, "198.51.100.11")[0] == [
+        "link add vxkr10 type vxlan id 5036 local 198.51.100.1 remote 198.51.100.11 dstport 8472 "
+        "nolearning", "link set vxkr10 mtu 1400", "addr replace 172.25.0.254/18 dev vxkr10",
+        "link set vxkr10 up"]
+
+
+def test_sync_tunnels_repairs_and_prunes_in_one_process(tmp_path, fake):
+    k = kernel(tmp_path)
+    errors, lines = k.sync_tunnels({1: "198.51.100.11", 2: "198.51.100.77", 3: "198.51.100.13"},
+                                   prune=True)
+    assert errors == {1: None, 2: None, 3: None}
+    expected = ["link del vxkr2",
+                "link add vxkr2 type vxlan id 102 local 198.51.100.1 remote 198.51.100.77 "
+                "dstport 4789 nolearning", "link set vxkr2 mtu 1450",
+                "addr replace 10.2.0.254/16 dev vxkr2", "link set vxkr2 up",
+                "link add vxkr3 type vxlan id 103 local 198.51.100.1 remote 198.51.100.13 "
+                "dstport 4789 nolearning", "link set vxkr3 mtu 1450",
+                "addr replace 10.3.0.254/16 dev vxkr3", "link set vxkr3 up",
+                "link del vxkra"]
+    assert lines == expected
+    assert fake.calls == [BATCH]
+    assert fake.batches() == [expected]
+    # the snapshot follows: a second pass has nothing to do and runs nothing
+    assert sorted(n for n in k.links if n.startswith("vxkr")) == ["vxkr1", "vxkr2", "vxkr3"]
+    assert k.sync_tunnels({1: "198.51.100.11", 2: "198.51.100.77", 3: "198.51.100.13"},
+                          prune=True) == ({1: None, 2: None, 3: None}, [])
+    assert fake.calls == [BATCH]
+
+
+def test_sync_tunnels_matching_runs_nothing(tmp_path, fake):
+    k = kernel(tmp_path)
+    assert k.sync_tunnels({1: "198.51.100.11", 2: "198.51.100.12"}, prune=False) == (
+        {1: None, 2: None}, [])
+    assert fake.calls == []
+
+
+def test_sync_tunnels_prunes_only_our_vxlan_devices(tmp_path, fake):
+    links = host.parse_links(json.dumps([
+        link_json("vxkr0", "vxlan", 100, "198.51.100.9"),       # not an id: still ours, removed
+        link_json("vxkr74", "vxlan", 359, "198.51.100.9"),      # beyond max_id: removed
+        link_json("vxkrx", "bridge"),                           # not vxlan: kept
+        link_json("vxlan0", "vxlan", 5, "198.51.100.9"),        # not our prefix: kept
+        link_json("kohaku-host", "bridge", addrs=["10.0.0.1/8"], mtu=1500)]))
+    errors, lines = kernel(tmp_path, links).sync_tunnels({}, prune=True)
+    assert (errors, lines) == ({}, ["link del vxkr0", "link del vxkr74"])
+
+
+def test_sync_tunnels_failure_reports_the_ids_still_wrong(tmp_path, fake):
+    k = kernel(tmp_path)
+    fake.answer(BATCH, (1, "", "RTNETLINK answers: File exists\nCommand failed -:1\n"))
+    after = json.loads(CAPTURED_LINKS)            # the kernel after the failed batch: no vxkr3
+    fake.answer(IP_SHOW, (0, json.dumps(after), ""))
+    errors, lines = k.sync_tunnels({1: "198.51.100.11", 3: "198.51.100.13"}, prune=False)
+    assert errors == {1: None, 3: "RTNETLINK answers: File exists"}
+    assert fake.calls == [BATCH, IP_SHOW]
+    assert "vxkr3" not in k.links
+
+
+# -- kohaku-host: dummy, bridge, dry run ------------------------------------------------------
+
+
+def test_ensure_host_device_dummy_path(tmp_path, fake, caplog):
+    caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
+    k = kernel(tmp_path, {})
+    assert k.ensure_host_device() == ["addr replace 10.0.0.1/8 dev kohaku-host",
+                                      "link set kohaku-host up"]
+    assert fake.calls == [["ip", "link", "add", "kohaku-host", "type", "dummy"], BATCH]
+    assert fake.batches() == [["addr replace 10.0.0.1/8 dev kohaku-host",
+                               "link set kohaku-host up"]]
+    assert "created kohaku-host (dummy) with 10.0.0.1/8" in caplog.text
+
+
+def test_ensure_host_device_bridge_path(tmp_path, fake, caplog):
+    caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
+    fake.answer(["ip", "link", "add", "kohaku-host", "type", "dummy"],
+                (2, "", "Error: Unknown device type.\n"))
+    k = kernel(tmp_path, {}, OVERLAY_HOST_PREFIX=16)
+    k.ensure_host_device()
+    assert fake.calls == [["ip", "link", "add", "kohaku-host", "type", "dummy"],
+                          ["ip", "link", "add", "kohaku-host", "type", "bridge"], BATCH]
+    assert fake.batches() == [["addr replace 10.0.0.1/16 dev kohaku-host",
+                               "link set kohaku-host up"]]
+    assert ("this kernel has no dummy device type (Error: Unknown device type.); kohaku-host "
+            "is an empty bridge") in caplog.text
+    assert "created kohaku-host (bridge) with 10.0.0.1/16" in caplog.text
+
+
+def test_ensure_host_device_existing_is_a_no_op(tmp_path, fake):
+    assert kernel(tmp_path).ensure_host_device() == []      # the captured bridge is right
+    assert fake.calls == []
+
+
+def test_ensure_host_device_repairs_address_and_state(tmp_path, fake):
+    k = kernel(tmp_path)
+    k.links["kohaku-host"] = k.links["kohaku-host"]._replace(addrs={"10.0.0.9/8"}, up=False)
+    k.ensure_host_device()
+    assert fake.calls == [BATCH]
+    assert fake.batches() == [["addr del 10.0.0.9/8 dev kohaku-host",
+                               "addr replace 10.0.0.1/8 dev kohaku-host",
+                               "link set kohaku-host up"]]
+
+
+def test_ensure_host_device_replaces_a_foreign_device(tmp_path, fake):
+    k = kernel(tmp_path)
+    k.links["kohaku-host"] = k.links["kohaku-host"]._replace(kind="veth")
+    k.ensure_host_device()
+    assert fake.calls == [["ip", "link", "add", "kohaku-host", "type", "dummy"], BATCH]
+    assert fake.batches() == [["link del kohaku-host", "addr replace 10.0.0.1/8 dev kohaku-host",
+                               "link set kohaku-host up"]]
