@@ -999,3 +999,187 @@ def test_ensure_host_device_replaces_a_foreign_device(tmp_path, fake):
     assert fake.calls == [["ip", "link", "add", "kohaku-host", "type", "dummy"], BATCH]
     assert fake.batches() == [["link del kohaku-host", "addr replace 10.0.0.1/8 dev kohaku-host",
                                "link set kohaku-host up"]]
+
+
+class FakePopen(object):
+    """Stands in for subprocess.Popen under the real run(): the dry-run tests need run() itself.
+
+    Only read-only probes may reach it; each answers from `script` {tuple(argv): stdout}.
+    """
+
+    script = {}
+    calls = []
+
+    def __init__(self, argv, **kwargs):
+        FakePopen.calls.append(list(argv))
+        self.returncode = 0
+        self.out = FakePopen.script.get(tuple(argv), "")
+
+    def communicate(self, input=None, timeout=None):
+        return self.out, ""
+
+    def kill(self):
+        pass
+
+
+@pytest.fixture
+def popen(mocker):
+    FakePopen.script, FakePopen.calls = {}, []
+    mocker.patch.object(host.subprocess, "Popen", FakePopen)
+    return FakePopen
+
+
+def test_ensure_host_device_dry_run_prints_and_runs_nothing(tmp_path, popen, monkeypatch,
+                                                           capsys):
+    monkeypatch.setattr(host, "DRY_RUN", True)
+    kernel(tmp_path, {}).ensure_host_device()
+    assert popen.calls == []
+    assert capsys.readouterr().out == ("[#] ip link add kohaku-host type dummy\n"
+                                       "[#] ip addr replace 10.0.0.1/8 dev kohaku-host\n"
+                                       "[#] ip link set kohaku-host up\n")
+
+
+def test_sync_tunnels_dry_run_prints_and_runs_nothing(tmp_path, popen, monkeypatch, capsys):
+    monkeypatch.setattr(host, "DRY_RUN", True)
+    k = kernel(tmp_path)
+    errors, lines = k.sync_tunnels({1: "198.51.100.11", 2: "198.51.100.12"}, prune=True)
+    assert lines == ["link del vxkra"]
+    assert popen.calls == []
+    assert capsys.readouterr().out == "[#] ip link del vxkra\n"
+    assert "vxkra" in k.links
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+CHAIN_2 = [":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
+           "-A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT", "-A KOHAKU-VXLAN -j DROP"]
+IPS_2 = ["198.51.100.11", "198.51.100.12"]
+
+
+def test_rules_plan_clean_table(tmp_path):
+    k = kernel(tmp_path)
+    assert k.rules_plan(CLEAN_RULES, IPS_2) == CHAIN_2 + [
+        "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D, "-I INPUT 1 " + INPUT_JUMP]
+    assert k.chain_exists is False
+
+
+def test_rules_plan_already_correct_is_empty(tmp_path):
+    k = kernel(tmp_path)
+    assert k.rules_plan(CAPTURED_RULES_OK, IPS_2) == []
+    assert k.chain_exists is True
+
+
+def test_rules_plan_rules_present_but_not_first(tmp_path):
+    assert kernel(tmp_path).rules_plan(CAPTURED_RULES_BURIED, IPS_2) == CHAIN_2 + [
+        "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D, "-D INPUT " + INPUT_JUMP,
+        "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D, "-I INPUT 1 " + INPUT_JUMP]
+
+
+def test_rules_plan_new_runner_rewrites_the_filter_chain(tmp_path):
+    assert kernel(tmp_path).rules_plan(CAPTURED_RULES_OK, IPS_2 + ["198.51.100.13"])[:5] == [
+        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
+        "-A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT",
+        "-A KOHAKU-VXLAN -s 198.51.100.13/32 -j ACCEPT", "-A KOHAKU-VXLAN -j DROP"]
+
+
+def test_rules_plan_duplicate_rule_is_removed(tmp_path):
+    text = CAPTURED_RULES_OK + "-A FORWARD " + FWD_S + "\n"
+    plan = kernel(tmp_path).rules_plan(text, IPS_2)
+    assert plan.count("-D FORWARD " + FWD_S) == 2
+    assert plan[-3:] == ["-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
+                         "-I INPUT 1 " + INPUT_JUMP]
+
+
+def test_rules_plan_without_source_filter(tmp_path):
+    k = kernel(tmp_path, OVERLAY_VXLAN_SOURCE_FILTER=False)
+    assert k.rules_plan(CAPTURED_RULES_BURIED, IPS_2) == [
+        "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D, "-D INPUT " + INPUT_JUMP,
+        "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D, "-F KOHAKU-VXLAN", "-X KOHAKU-VXLAN"]
+    assert k.rules_plan(CAPTURED_RULES_NOFILTER, IPS_2) == []
+    assert k.rules_plan(CLEAN_RULES, IPS_2) == ["-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D]
+
+
+def test_ensure_rules_probes_once_and_restores_once(tmp_path, fake):
+    k = kernel(tmp_path)
+    fake.answer(IPT_S, (0, CAPTURED_RULES_BURIED, ""))
+    lines = k.ensure_rules(IPS_2)
+    assert fake.calls == [IPT_S, RESTORE]
+    assert fake.inputs[1] == "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+    assert lines[0] == ":KOHAKU-VXLAN - [0:0]" and k.chain_exists is True
+    fake.answer(IPT_S, (0, CAPTURED_RULES_OK, ""))
+    assert k.ensure_rules(IPS_2) == []
+    assert fake.calls == [IPT_S, RESTORE, IPT_S]
+
+
+def test_set_source_filter_rewrites_only_the_chain(tmp_path, fake):
+    k = kernel(tmp_path)
+    k.chain_exists = True
+    k.set_source_filter(IPS_2)
+    assert fake.calls == [RESTORE]
+    assert fake.inputs == ["*filter\n" + "\n".join(CHAIN_2) + "\nCOMMIT\n"]
+
+
+def test_set_source_filter_without_chain_does_the_full_repair(tmp_path, fake):
+    k = kernel(tmp_path)
+    k.chain_exists = False
+    k.set_source_filter(IPS_2)
+    assert fake.calls == [IPT_S, RESTORE]
+    assert k.chain_exists is True
+
+
+def test_set_source_filter_disabled_runs_nothing(tmp_path, fake):
+    kernel(tmp_path, OVERLAY_VXLAN_SOURCE_FILTER=False).set_source_filter(IPS_2)
+    assert fake.calls == []
+
+
+def test_removal_plan_removes_by_marker(tmp_path):
+    k = kernel(tmp_path)
+    assert k.removal_plan(CAPTURED_RULES_BURIED) == [
+        "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D, "-D INPUT " + INPUT_JUMP,
+        "-F KOHAKU-VXLAN", "-X KOHAKU-VXLAN"]
+    assert k.removal_plan(CLEAN_RULES) == []
+
+
+# -- forwarding and firewalld -----------------------------------------------------------------
+
+
+def test_ensure_forwarding(tmp_path, fake, isolated):
+    assert host.Kernel.ensure_forwarding() is False
+    assert fake.calls == []
+    isolated["ip_forward"] = "0\n"
+    assert host.Kernel.ensure_forwarding() is True
+    assert fake.calls == [["sysctl", "-w", "net.ipv4.ip_forward=1"]]
+
+
+def test_firewalld_not_running_costs_no_process(tmp_path, fake, mocker):
+    mocker.patch.object(host, "tool_exists", return_value=True)
+    k = kernel(tmp_path)
+    assert k.detect_firewalld() is False
+    assert k.ensure_trusted(["kohaku-host", "vxkr1"]) == []
+    assert fake.calls == []
+
+
+def test_firewalld_installed_but_stopped(tmp_path, fake, mocker):
+    mocker.patch.object(host, "tool_exists", return_value=True)
+    mocker.patch.object(host, "_firewalld_process", return_value=True)
+    fake.answer(["firewall-cmd", "--state"], (252, "not running\n", ""))
+    k = kernel(tmp_path)
+    assert k.ensure_trusted(["kohaku-host"]) == []
+    assert fake.calls == [["firewall-cmd", "--state"]]
+
+
+def test_ensure_trusted_adds_only_the_missing_interfaces(tmp_path, fake, mocker):
+    firewalld_on(mocker, fake, listed="kohaku-host vxkr1")
+    k = kernel(tmp_path)
+    assert k.ensure_trusted(["kohaku-host", "vxkr1", "vxkr2", "vxkra"]) == ["vxkr2", "vxkra"]
+    assert fake.calls == [["firewall-cmd", "--state"],
+                          ["firewall-cmd", "--zone=trusted", "--list-interfaces"],
+                          ["firewall-cmd", "--zone=trusted", "--change-interface=vxkr2",
+                           "--change-interface=vxkra"]]
+    assert "--permanent" not in sum(fake.calls, [])
+
+
+def test_ensure_trusted_all_present_runs_only_the_probes(tmp_path, fake, mocker):
+    firewalld_on(mocker, fake, listed="vxkr1 kohaku-host")
+    assert kernel(tmp_path).ensure_trusted(["kohaku-host", "vxkr1"]) == []
+    assert len(fake.calls) == 2
