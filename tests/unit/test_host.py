@@ -1183,3 +1183,361 @@ def test_ensure_trusted_all_present_runs_only_the_probes(tmp_path, fake, mocker)
     firewalld_on(mocker, fake, listed="vxkr1 kohaku-host")
     assert kernel(tmp_path).ensure_trusted(["kohaku-host", "vxkr1"]) == []
     assert len(fake.calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The state store
+# ---------------------------------------------------------------------------------------------
+
+
+def new_store(tmp_path):
+    return host.StateStore(str(tmp_path / "lib" / "overlay-state.json"))
+
+
+def test_write_is_atomic_0600_and_leaves_no_temp_file(tmp_path):
+    store = new_store(tmp_path)
+    allocs = store.update(lambda a: a.update({2: alloc(2, "r2", B_IP, 7.5),
+                                              1: alloc(1, None, A_IP, 0.0)}))
+    assert sorted(allocs) == [1, 2]
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    assert sorted(os.listdir(store.folder)) == ["overlay-state.json", "overlay-state.json.lock"]
+    assert json.loads(Path(store.path).read_text()) == {"version": 1, "allocations": [
+        {"last_seen": 0.0, "physical_ip": A_IP, "runner_id": 1, "runner_name": None},
+        {"last_seen": 7.5, "physical_ip": B_IP, "runner_id": 2, "runner_name": "r2"}]}
+    assert store.read() == ({1: alloc(1, None, A_IP, 0.0), 2: alloc(2, "r2", B_IP, 7.5)}, None)
+    assert store.writes == 1
+
+
+@pytest.mark.parametrize("where", ["replace", "write", "fsync"])
+def test_failed_write_keeps_the_old_content_and_no_temp_file(tmp_path, mocker, where):
+    store = new_store(tmp_path)
+    store.update(lambda a: a.update({1: alloc(1, "r1", A_IP)}))
+    before = Path(store.path).read_bytes()
+    mocker.patch.object(host.os, where, side_effect=OSError(28, "No space left on device"))
+    with pytest.raises(OSError):
+        store.update(lambda a: a.update({2: alloc(2, "r2", B_IP)}))
+    mocker.stopall()
+    assert Path(store.path).read_bytes() == before
+    assert sorted(os.listdir(store.folder)) == ["overlay-state.json", "overlay-state.json.lock"]
+    assert store.writes == 1
+    assert sorted(store.read()[0]) == [1]
+
+
+def test_missing_file_reads_as_none(tmp_path):
+    assert new_store(tmp_path).read() == (None, None)
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"", b"[]", b'{"version": 2, "allocations": []}',
+    b'{"version": 1, "allocations": {}}',
+    b'{"version": 1, "allocations": [{"runner_id": 1, "runner_name": "a", "physical_ip": "x"}]}',
+    b'{"version": 1, "allocations": [{"runner_id": 0, "runner_name": "a", '
+    b'"physical_ip": "198.51.100.11"}]}',
+    b'{"version": 1, "allocations": [{"runner_id": 1, "runner_name": "a/b", '
+    b'"physical_ip": "198.51.100.11"}]}',
+    b'{"version": 1, "allocations": [{"runner_id": 1, "runner_name": "a", '
+    b'"physical_ip": "198.51.100.11"}, {"runner_id": 1, "runner_name": "b", '
+    b'"physical_ip": "198.51.100.12"}]}',
+    b'{"version": 1, "allocations": [{"runner_id": 1, "runner_name": "a", '
+    b'"physical_ip": "198.51.100.11"}, {"runner_id": 2, "runner_name": "a", '
+    b'"physical_ip": "198.51.100.12"}]}',
+    b'{"version": 1, "allocations": [{"runner_id": 1, "runner_name": "a", '
+    b'"physical_ip": "198.51.100.11", "last_seen": "yesterday"}]}',
+    b"\xff\xfe",
+])
+def test_corrupt_file_is_moved_aside(tmp_path, content, caplog):
+    store = new_store(tmp_path)
+    os.makedirs(store.folder)
+    Path(store.path).write_bytes(content)
+    allocs, aside = store.read()
+    assert allocs is None
+    assert re.match(re.escape(store.path) + r"\.corrupt-\d{8}T\d{6}$", aside)
+    assert Path(aside).read_bytes() == content
+    assert not os.path.exists(store.path)
+    assert "is corrupt" in caplog.text and aside in caplog.text
+
+
+def test_corrupt_file_is_left_alone_when_asked(tmp_path):
+    store = new_store(tmp_path)
+    os.makedirs(store.folder)
+    Path(store.path).write_bytes(b"{broken")
+    assert store.read(move_aside=False) == (None, None)
+    assert Path(store.path).read_bytes() == b"{broken"
+
+
+def test_update_on_a_missing_file_starts_from_the_fallback(tmp_path):
+    store = new_store(tmp_path)
+    fallback = {3: alloc(3, None, C_IP, 0.0)}
+    allocs = store.update(lambda a: a.update({1: alloc(1, "r1", A_IP)}), fallback=fallback)
+    assert sorted(allocs) == [1, 3]
+    assert fallback == {3: alloc(3, None, C_IP, 0.0)}      # the fallback itself is untouched
+    assert sorted(store.read()[0]) == [1, 3]
+
+
+def test_serve_lock_refuses_a_second_holder(tmp_path):
+    store = new_store(tmp_path)
+    assert store.serve_running() is False
+    fd = store.hold_serve_lock()
+    try:
+        assert store.serve_running() is True
+        with pytest.raises(host.OverlayError) as exc:
+            host.StateStore(store.path).hold_serve_lock()
+        assert str(exc.value) == (
+            "another kohaku_overlay_host.py serve already uses {}: stop it first (systemctl "
+            "stop kohakuriver-overlay-host)".format(store.path))
+        assert Path(store.serve_lock_path).read_text() == "{}\n".format(os.getpid())
+        # another process is refused too
+        code = ("import importlib.util, sys\n"
+                "s = importlib.util.spec_from_file_location('h', sys.argv[1])\n"
+                "h = importlib.util.module_from_spec(s); s.loader.exec_module(h)\n"
+                "try:\n    h.StateStore(sys.argv[2]).hold_serve_lock()\n"
+                "except h.OverlayError:\n    sys.exit(7)\n")
+        assert subprocess.call([sys.executable, "-c", code, str(SCRIPT), store.path]) == 7
+    finally:
+        os.close(fd)
+    assert store.serve_running() is False
+    os.close(host.StateStore(store.path).hold_serve_lock())
+
+
+def _increment(path, count, barrier):
+    store = host.StateStore(path)
+    barrier.wait()
+
+    def bump(allocs):
+        allocs[1]["last_seen"] += 1
+
+    for _ in range(count):
+        store.update(bump)
+
+
+def test_two_processes_doing_200_updates_each_lose_none(tmp_path):
+    store = new_store(tmp_path)
+    store.update(lambda a: a.update({1: alloc(1, "r1", A_IP, 0.0)}))
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_increment, args=(store.path, 200, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert store.read()[0][1]["last_seen"] == 400.0
+    assert sorted(os.listdir(store.folder)) == ["overlay-state.json", "overlay-state.json.lock"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub: load, recovery, reconcile
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_rebuilds_a_corrupt_file_from_the_devices(tmp_path, fake, caplog):
+    hub = make_hub(tmp_path)
+    os.makedirs(hub.store.folder)
+    Path(hub.store.path).write_text("{garbage")
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))
+    hub.load()
+    expected = {1: alloc(1, None, "198.51.100.11", 0.0), 2: alloc(2, None, "198.51.100.12", 0.0),
+                10: alloc(10, None, "198.51.100.20", 0.0)}
+    assert hub.allocs == expected
+    assert hub.store.read()[0] == expected
+    asides = [f for f in os.listdir(hub.store.folder) if ".corrupt-" in f]
+    assert len(asides) == 1
+    assert (Path(hub.store.folder) / asides[0]).read_text() == "{garbage"
+    assert fake.calls == [IP_SHOW]
+    assert ("recovered 3 allocation(s) from vxkr* devices: vxkr1 -> 198.51.100.11, "
+            "vxkr2 -> 198.51.100.12, vxkra -> 198.51.100.20") in caplog.text
+
+
+def test_load_with_a_missing_file_rebuilds_too(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))
+    hub.load()
+    assert sorted(hub.allocs) == [1, 2, 10]
+    assert sorted(hub.store.read()[0]) == [1, 2, 10]
+
+
+def test_load_keeps_a_good_file(tmp_path, fake):
+    hub = make_hub(tmp_path, allocs={5: alloc(5, "r5", C_IP)})
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))
+    hub.load()
+    assert hub.allocs == {5: alloc(5, "r5", C_IP)}
+    assert hub.store.writes == 0
+
+
+def test_recovery_ignores_wrong_vni_and_unusable_remotes(tmp_path):
+    hub = make_hub(tmp_path)
+    links = host.parse_links(json.dumps([
+        link_json("vxkr1", "vxlan", 101, "198.51.100.11"),
+        link_json("vxkr2", "vxlan", 999, "198.51.100.12"),      # wrong VNI
+        link_json("vxkr3", "vxlan", 103, "127.0.0.1"),          # the HOST_REACHABLE mistake
+        link_json("vxkr4", "vxlan", 104, "10.5.0.1"),           # inside the overlay
+        link_json("vxkr5", "vxlan", 105, None),                 # no remote
+        link_json("vxkr6", "bridge"),                           # not vxlan
+        link_json("vxkr01", "vxlan", 101, "198.51.100.11")]))   # not one of our names
+    assert hub.recovered(links) == {1: alloc(1, None, "198.51.100.11", 0.0)}
+
+
+def test_an_id_whose_device_exists_is_never_handed_out(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))
+    hub.load()
+    hub.kernel.links = host.parse_links(CAPTURED_LINKS)
+    api = host.Api(hub)
+    with writer_running(hub):
+        got = [register(api, "r%d" % i, "198.51.100.%d" % (100 + i))[1]["runner_id"]
+               for i in range(10)]
+        # the runner behind a recovered tunnel gets it back by its physical IP
+        status, answer = register(api, "came-back", "198.51.100.12")
+    assert got == [3, 4, 5, 6, 7, 8, 9, 11, 12, 13]
+    assert (status, answer["runner_id"]) == (200, 2)
+    assert hub.allocs[2]["runner_name"] == "came-back"
+
+
+def healthy(hub, n_allocs):
+    """A hub with n allocations whose kernel is exactly right; returns the ip/iptables texts."""
+    allocs = dict((n, alloc(n, "runner%d" % n, "198.51.100.%d" % n if n < 255 else "198.51.101.1"))
+                  for n in range(1, n_allocs + 1))
+    hub.allocs = hub.store.update(lambda a: a.update(allocs))
+    hub.store.writes = 0
+    items = [link_json("kohaku-host", "bridge", addrs=["10.0.0.1/8"], mtu=1500)]
+    items += [link_json(hub.layout.device(n), "vxlan", 100 + n, a["physical_ip"],
+                        [hub.layout.host_vxlan_cidr(n)]) for n, a in sorted(allocs.items())]
+    return json.dumps(items), iptables_s(hub.runner_ips())
+
+
+@pytest.mark.parametrize("firewalld", [False, True])
+def test_reconcile_with_255_runners_and_nothing_to_repair_runs_a_constant_few_commands(
+        tmp_path, fake, mocker, firewalld):
+    hub = make_hub(tmp_path)
+    links, rules = healthy(hub, 255)
+    fake.answer(IP_SHOW, (0, links, ""))
+    fake.answer(IPT_S, (0, rules, ""))
+    if firewalld:
+        firewalld_on(mocker, fake, listed=" ".join(
+            ["kohaku-host"] + [hub.layout.device(n) for n in range(1, 256)]))
+    assert hub.reconcile() == []
+    expected = [IP_SHOW, IPT_S]
+    if firewalld:
+        expected += [["firewall-cmd", "--state"],
+                     ["firewall-cmd", "--zone=trusted", "--list-interfaces"]]
+    assert fake.calls == expected
+    assert hub.store.writes == 0
+
+
+def test_reconcile_repairs_drift_and_logs_it(tmp_path, fake, caplog, isolated):
+    hub = make_hub(tmp_path)
+    hub.allocs = hub.store.update(lambda a: a.update({1: alloc(1, "r1", "198.51.100.11"),
+                                                      2: alloc(2, "r2", "198.51.100.12")}))
+    isolated["ip_forward"] = "0\n"
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))      # vxkra is an orphan
+    fake.answer(IPT_S, (0, CAPTURED_RULES_BURIED, ""))  # Docker put its jump first
+    repairs = hub.reconcile()
+    assert repairs == ["net.ipv4.ip_forward=1", "vxkra", "iptables rules"]
+    assert fake.calls == [["sysctl", "-w", "net.ipv4.ip_forward=1"], IP_SHOW, BATCH, IPT_S,
+                          RESTORE]
+    assert fake.batches() == [["link del vxkra"]]
+    assert "repaired drift: net.ipv4.ip_forward=1, vxkra, iptables rules" in caplog.text
+
+
+def test_reconcile_at_startup_builds_everything_from_scratch(tmp_path, fake, caplog):
+    caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
+    hub = make_hub(tmp_path, chain=False)
+    hub.allocs = hub.store.update(lambda a: a.update({1: alloc(1, "r1", "198.51.100.11")}))
+    fake.answer(IPT_S, (0, CLEAN_RULES, ""))
+    hub.kernel.links = {}
+    repairs = hub.reconcile(startup=True)
+    assert repairs == ["kohaku-host", "vxkr1", "iptables rules"]
+    assert fake.calls == [["ip", "link", "add", "kohaku-host", "type", "dummy"], BATCH, BATCH,
+                          IPT_S, RESTORE]
+    assert fake.batches() == [["addr replace 10.0.0.1/8 dev kohaku-host",
+                               "link set kohaku-host up"], ADD_VXKR1]
+    assert fake.inputs[-1] == "*filter\n" + "\n".join([
+        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
+        "-A KOHAKU-VXLAN -j DROP", "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
+        "-I INPUT 1 " + INPUT_JUMP]) + "\nCOMMIT\n"
+    assert "start-up reconcile put in place: kohaku-host, vxkr1, iptables rules" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Process counts per registration (issue 7)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("firewalld", [False, True])
+def test_registration_cost_does_not_grow_with_the_cluster(tmp_path, fake, mocker, firewalld):
+    counts = []
+    for n_existing in (1, 200):
+        fake.calls[:], fake.inputs[:] = [], []
+        hub = make_hub(tmp_path / str(n_existing))
+        healthy(hub, n_existing)
+        hub.kernel.links = tunnels(hub, hub.allocs)
+        hub.kernel.chain_exists = True
+        hub.kernel.firewalld = firewalld
+        job = host.Job("register", runner_name="newcomer", physical_ip="198.51.101.50",
+                       previous_runner_id=None)
+        hub.commit([job])
+        new = n_existing + 1
+        assert (job.status, job.answer["runner_id"]) == (200, new)
+        expected = [BATCH, RESTORE]
+        if firewalld:
+            expected.append(["firewall-cmd", "--zone=trusted",
+                             "--change-interface=" + hub.layout.device(new)])
+        assert fake.calls == expected
+        assert fake.batches() == [["link add {} type vxlan id {} local 198.51.100.1 remote "
+                                   "198.51.101.50 dstport 4789 nolearning".format(
+                                       hub.layout.device(new), 100 + new),
+                                   "link set {} mtu 1450".format(hub.layout.device(new)),
+                                   "addr replace 10.{}.0.254/16 dev {}".format(
+                                       new, hub.layout.device(new)),
+                                   "link set {} up".format(hub.layout.device(new))]]
+        assert hub.store.writes == 1
+        counts.append(len(fake.calls))
+    assert counts[0] == counts[1] <= 3
+
+
+def test_reregistration_costs_no_process_and_one_write(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    healthy(hub, 200)
+    hub.kernel.links = tunnels(hub, hub.allocs)
+    job = host.Job("register", runner_name="runner7", physical_ip="198.51.100.7",
+                   previous_runner_id=None)
+    hub.commit([job])
+    assert (job.status, job.answer["runner_id"]) == (200, 7)
+    assert fake.calls == []
+    assert hub.store.writes == 1
+
+
+def test_group_commit_of_many_registrations_is_one_write_and_one_batch(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    jobs = [host.Job("register", runner_name="r%d" % i, physical_ip="198.51.100.%d" % (10 + i),
+                     previous_runner_id=None) for i in range(50)]
+    hub.commit(jobs)
+    assert [j.answer["runner_id"] for j in jobs] == list(range(1, 51))
+    assert fake.calls == [BATCH, RESTORE]
+    assert len(fake.batches()[0]) == 200
+    assert hub.store.writes == 1
+
+
+def test_failed_tunnel_undoes_the_new_allocation(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    fake.answer(BATCH, (2, "", "Error: argument \"vxkr1\" is wrong: Unknown device\n"))
+    fake.answer(IP_SHOW, (0, "[]", ""))
+    job = host.Job("register", runner_name="r1", physical_ip="198.51.100.11",
+                   previous_runner_id=None)
+    hub.commit([job])
+    assert job.status == 500
+    assert job.answer == {"error": "the host could not build vxkr1: Error: argument \"vxkr1\" is "
+                                   "wrong: Unknown device"}
+    assert hub.allocs == {} and hub.store.read()[0] == {}
+
+
+def test_failed_state_write_answers_500_and_changes_nothing(tmp_path, fake, mocker):
+    hub = make_hub(tmp_path, allocs={1: alloc(1, "r1", A_IP)})
+    mocker.patch.object(host.os, "replace", side_effect=OSError(28, "No space left on device"))
+    job = host.Job("register", runner_name="r2", physical_ip=B_IP, previous_runner_id=None)
+    hub.commit([job])
+    mocker.stopall()
+    assert job.status == 500
+    assert job.answer["error"].startswith("the host cannot save its state:")
+    assert fake.calls == []
+    assert sorted(hub.allocs) == [1] and sorted(hub.store.read()[0]) == [1]
