@@ -231,3 +231,28 @@ def test_status_json_reports_the_allocation_and_devices(c):
     assert st["route"] == {"present": True, "via": "10.1.0.254", "dev": lab.OVERLAY_BRIDGE}
     assert st["network"]["present"] is True
     assert st["registered_at"] > 0
+
+
+def test_a_host_that_lost_state_and_devices_gives_serve_its_old_subnet_back(c):
+    r1, r2 = c.runners
+    up(c, 1)
+    up(c, 2)
+    c.start_runner(2)
+    try:
+        cb = fresh(c, r2, "cb")
+        ip_b = c.container_ip(r2, cb)
+        assert ip_b.startswith("10.2.0.")
+        # a host reboot: no state file, no devices; the runner keeps its saved allocation
+        c.stop_host()
+        (c.host.workdir / "state.json").unlink()
+        assert c.script(c.host, "host", "down").returncode == 0
+        assert not c.ping(r2, cb, "10.0.0.1")
+        c.start_host()
+        c.wait_for(lambda: c.ping(r2, cb, "10.0.0.1"), timeout=15,
+                   what="runner 2 to register again and reach the host", log=[r2.name, "host"])
+        assert "registered again as runner 2" in c.log_tail(r2.name, lines=80)
+        assert c.container_ip(r2, cb) == ip_b
+        mine = [a for a in c.status()["allocations"] if a["runner_name"] == r2.name]
+        assert [(a["runner_id"], a["subnet"]) for a in mine] == [(2, "10.2.0.0/16")]
+    finally:
+        assert c.stop_runner(2) == 0

@@ -186,6 +186,15 @@ def cfg(tmp_path):
     return c
 
 
+@pytest.fixture(autouse=True)
+def system_bus(tmp_path, monkeypatch):
+    """A system bus socket path that exists, so firewall-cmd is asked (FakeNode answers it)."""
+    bus = tmp_path / "system_bus_socket"
+    bus.write_text("")
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=%s" % bus)
+    return bus
+
+
 @pytest.fixture
 def node(mocker):
     def make(**kw):
@@ -329,6 +338,13 @@ def test_firewalld_not_running_is_not_touched(cfg, node):
     assert runner.build(cfg, alloc(), ME) == []
     assert [c.argv for c in n.calls if c.argv[0] == "firewall-cmd"] == [["firewall-cmd",
                                                                           "--state"]]
+
+
+def test_firewall_cmd_is_not_started_when_the_system_bus_is_absent(cfg, node, system_bus):
+    n = node(built=True, firewalld=True)
+    system_bus.unlink()
+    assert runner.build(cfg, alloc(), ME) == []
+    assert [c.argv for c in n.calls if c.argv[0] == "firewall-cmd"] == []
 
 
 def test_forward_rules_below_dockers_are_moved_to_the_top_in_one_transaction(cfg, node):
