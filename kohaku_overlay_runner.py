@@ -1106,7 +1106,18 @@ class Agent(object):
     def start(self):
         """Register (forever, with backoff) and build once. False when stopped first."""
         cfg = self.cfg
-        self.address = runner_address(cfg)
+        delays = backoff_delays()
+        while self.address is None:          # at boot the underlay route may not exist yet
+            try:
+                self.address = runner_address(cfg)
+            except ConfigError:
+                raise
+            except OverlayError as e:
+                delay = next(delays)
+                self.say("address", logging.WARNING, "cannot tell this runner's address yet "
+                         "(%s); retrying" % e)
+                if self.stop.wait(delay):
+                    return False
         state = load_state(cfg["OVERLAY_STATE_FILE"])
         alloc = register_with_retry(cfg, self.address, state.get("runner_id"), self.stop,
                                     retry_full=True)

@@ -934,3 +934,18 @@ def test_run_failure_carries_argv_rc_and_stderr():
 
 def test_no_command_is_exit_2(capsys):
     assert runner.main([]) == 2
+
+
+def test_serve_start_waits_for_the_underlay_route_then_registers_and_builds(cfg, mocker):
+    mocker.patch.object(runner, "route_source", side_effect=[
+        runner.CommandError("`ip -j route get` failed (exit 2): Network is unreachable"), ME])
+    reg = mocker.patch.object(runner, "register", return_value=runner.parse_allocation(ALLOC))
+    build = mocker.patch.object(runner, "build", return_value=["bridge kohaku-overlay created"])
+    notify = mocker.Mock()
+    a = runner.Agent(cfg, stop=FakeStop(), notify=notify)
+    assert a.start() is True
+    assert a.stop.waits and a.stop.waits[0] <= 0.5
+    assert reg.call_args[0][1:] == (ME, None)
+    assert build.call_args[0][3] is None
+    notify.assert_called_once_with("READY=1")
+    assert runner.load_state(cfg["OVERLAY_STATE_FILE"])["runner_id"] == 1
