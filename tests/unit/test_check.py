@@ -1089,6 +1089,45 @@ def test_host_with_no_runner_yet(fake):
     assert rc == 0
 
 
+def test_host_does_not_blame_the_path_for_inactive_runners(fake):
+    node = healthy_host()
+    f_host_traffic(node)
+    body = status_body(2)
+    body["allocations"][0]["active"] = False
+    node.http["http://127.0.0.1:8000/api/overlay/status"] = (200, body, TOKEN)
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.vxlan_traffic"]["status"] == "PASS"
+    assert results["host.vxlan_traffic"]["detail"] == \
+        "vxkr2 receiving (1 tunnels of inactive runners not counted)"
+
+
+def test_host_without_api_only_warns_about_traffic(fake):
+    node = healthy_host()
+    f_host_traffic(node)
+    node.http.clear()
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.vxlan_traffic"]["status"] == "WARN"
+    assert results["host.vxlan_traffic"]["detail"] == \
+        "vxkr1 (tx 4 -> 9, rx 0): nothing received, UDP 4789 may be blocked on the path"
+
+
+def test_dbus_unreachable_means_firewalld_not_running(fake):
+    node = healthy_runner()
+    node.tools.add("firewall-cmd")
+    node.zones = None
+    original = node.run
+
+    def run(argv, **kw):
+        if argv[0] == "firewall-cmd":
+            node.calls.append(list(argv))
+            return chk.Result(1, "", "Error: DBUS_ERROR: Failed to connect to socket\n")
+        return original(argv, **kw)
+    node.run = run
+    _rc, results, _ = check_run(fake, node)
+    assert results["runner.firewalld.trusted"]["detail"] == \
+        "firewalld is not running (D-Bus not reachable)"
+
+
 def test_old_kernel_checksum_errors_name_the_offload_bug():
     snap = chk.Snapshot("runner", chk.config_with_defaults({}, "runner"), RUNNER_CFG)
     snap.kernel = "5.4.0-150-generic"
