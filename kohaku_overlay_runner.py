@@ -377,8 +377,6 @@ def ipv4_addrs(link):
 
 def vxlan_mismatch(link, want):
     """What differs between a vxlan link and want (dict id/local/remote/port): list of words."""
-    if link_kind(link) != "vxlan":
-        return ["type %s" % (link_kind(link) or "unknown")]
     data = link["linkinfo"].get("info_data") or {}
     diff = []
     for key in ("id", "local", "remote", "port"):
@@ -683,19 +681,19 @@ def plan_links(cfg, alloc, address, links, route):
     want = {"id": alloc["vni"], "local": address, "remote": alloc["host_physical_ip"],
             "port": alloc["vxlan_port"]}
     vx = links.get(VXLAN_DEV)
-    if vx is not None:
-        diff = vxlan_mismatch(vx, want)
-        if diff:
-            lines.append("link del %s" % VXLAN_DEV)
-            changes.append("%s recreated (%s)" % (VXLAN_DEV, ", ".join(diff)))
-            vx = None
+    if vx is not None and link_kind(vx) != "vxlan":
+        raise ConfigError("%s exists and is a %s, not a VXLAN device: remove it (ip link del %s)"
+                          % (VXLAN_DEV, link_kind(vx) or "device", VXLAN_DEV))
+    diff = vxlan_mismatch(vx, want) if vx is not None else []
+    if diff:                      # VNI, addresses, port and learning cannot be changed in place
+        lines.append("link del %s" % VXLAN_DEV)
+        vx = None
     if vx is None:
         lines.append("link add %s mtu %d type vxlan id %d local %s remote %s dstport %d "
                      "nolearning" % (VXLAN_DEV, mtu, want["id"], want["local"], want["remote"],
                                      want["port"]))
-        if not changes or not changes[-1].startswith(VXLAN_DEV):
-            changes.append("%s created (vni %d, remote %s)" % (VXLAN_DEV, want["id"],
-                                                                 want["remote"]))
+        changes.append("%s recreated (%s)" % (VXLAN_DEV, ", ".join(diff)) if diff else
+                       "%s created (vni %d, remote %s)" % (VXLAN_DEV, want["id"], want["remote"]))
         created.append(VXLAN_DEV)
         lines.append("link set dev %s master %s up" % (VXLAN_DEV, br))
     else:

@@ -397,6 +397,18 @@ def test_a_foreign_device_named_like_the_bridge_is_an_error(cfg, node):
     assert n.mutations() == []
 
 
+def test_vxlan_recreation_names_what_was_wrong_and_a_foreign_vxlan0_is_refused(cfg, node):
+    n = node(built=True)
+    n.links["vxlan0"] = vxlan_link(vni=7, learning=True)
+    assert runner.build(cfg, alloc(), ME) == [
+        "vxlan0 recreated (id 7 (want 101), learning on)"]
+    n.links["vxlan0"] = dict(vxlan_link(), linkinfo={"info_kind": "veth"})
+    with pytest.raises(runner.ConfigError) as e:
+        runner.build(cfg, alloc(), ME)
+    assert str(e.value) == ("vxlan0 exists and is a veth, not a VXLAN device: remove it "
+                            "(ip link del vxlan0)")
+
+
 def test_changed_allocation_rebuilds_when_no_container_is_attached(cfg, node):
     n = node(built=True)
     new = alloc(runner_id=2, subnet="10.2.0.0/16", gateway="10.2.0.1",
