@@ -1117,11 +1117,11 @@ def test_dbus_unreachable_means_firewalld_not_running(fake):
     node.zones = None
     original = node.run
 
-    def run(argv, **kw):
+    def run(argv, *args, **kw):
         if argv[0] == "firewall-cmd":
             node.calls.append(list(argv))
             return chk.Result(1, "", "Error: DBUS_ERROR: Failed to connect to socket\n")
-        return original(argv, **kw)
+        return original(argv, *args, **kw)
     node.run = run
     _rc, results, _ = check_run(fake, node)
     assert results["runner.firewalld.trusted"]["detail"] == \
