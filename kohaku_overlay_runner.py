@@ -1010,12 +1010,8 @@ def host_error(cfg, status, obj):
     where = "%s:%s" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"])
     if status == 401:
         return ConfigError("the host refused the token: set OVERLAY_TOKEN to the host's")
-    if status == 409:
-        return ConfigError("the host at %s refused our settings (%s): make %s match the host's "
-                           "config" % (where, msg, os.path.basename(cfg["_path"])))
-    if status == 400:
-        return ConfigError("the host at %s rejected the registration (%s): check RUNNER_NAME "
-                           "and RUNNER_ADDRESS" % (where, msg))
+    if status in (400, 409):       # the host's sentence names the key, both values and the fix
+        return ConfigError("the host at %s refused the registration: %s" % (where, msg))
     if status == 404:
         return NotRegistered("the host at %s does not know %s" % (where, cfg["RUNNER_NAME"]))
     if status == 503:

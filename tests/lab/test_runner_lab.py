@@ -187,14 +187,24 @@ def test_serve_repairs_deleted_forward_rules_and_a_downed_vxlan(c):
         ip_b = c.container_ip(r2, b)
         c.sh(r1, "iptables", "-D", *MARKED_FWD[0][2:].split())
         c.sh(r1, "iptables", "-D", *MARKED_FWD[1][2:].split())
-        c.sh(r1, "ip", "link", "set", "vxlan0", "down")
-        c.wait_for(lambda: forward(c, r1)[:2] == MARKED_FWD and
-                   "UP" in links(c, r1)["vxlan0"]["flags"], timeout=8,
-                   what="serve to put the FORWARD rules back and vxlan0 up", log=[r1.name])
+        c.sh(r1, "ip", "link", "set", "vxlan0", "down", "nomaster")
+        c.sh(r1, "ip", "route", "del", "10.0.0.0/8")
+        assert not c.ping(r1, a, ip_b)
+
+        def repaired():
+            l1 = links(c, r1)["vxlan0"]
+            route = c.sh(r1, "ip", "-j", "route", "show", "exact", "10.0.0.0/8").stdout
+            return forward(c, r1)[:2] == MARKED_FWD and "UP" in l1["flags"] and \
+                l1.get("master") == lab.OVERLAY_BRIDGE and "10.1.0.254" in route
+        c.wait_for(repaired, timeout=8, what="serve to repair rules, vxlan0 and the route",
+                   log=[r1.name])
         assert c.ping(r1, a, ip_b)
-        c.wait_for(lambda: "repaired: vxlan0 set up" in c.log_tail(r1.name, lines=60),
-                   timeout=5, what="the repair's log line", log=[r1.name])
-        assert "repaired: FORWARD accept rules for 10.0.0.0/8 added" in c.log_tail(r1.name, 60)
+        c.wait_for(lambda: "repaired: FORWARD" in c.log_tail(r1.name, lines=60),
+                   timeout=5, what="the repair's log lines", log=[r1.name])
+        log = c.log_tail(r1.name, lines=60)
+        assert "repaired: vxlan0 attached to kohaku-overlay, set up" in log
+        assert "repaired: route 10.0.0.0/8 via 10.1.0.254 added" in log
+        assert "repaired: FORWARD accept rules for 10.0.0.0/8 added" in log
     finally:
         assert c.stop_runner(1) == 0
     assert "vxlan0" in links(c, r1)             # SIGTERM tears nothing down
@@ -256,3 +266,19 @@ def test_a_host_that_lost_state_and_devices_gives_serve_its_old_subnet_back(c):
         assert [(a["runner_id"], a["subnet"]) for a in mine] == [(2, "10.2.0.0/16")]
     finally:
         assert c.stop_runner(2) == 0
+
+
+def test_a_settings_mismatch_or_a_wrong_token_is_exit_2_with_one_sentence(c):
+    r1 = c.runners[0]
+    try:
+        res = c.script(r1, "runner", "up", "--config", str(c.runner_config(1, OVERLAY_MTU=1400)))
+        assert res.returncode == 2
+        assert res.stderr.splitlines()[-1] == (
+            "error: the host at 198.51.100.1:8000 refused the registration: mtu is 1400 on the "
+            "runner but 1450 on the host: set OVERLAY_MTU = 1450 in runner_config.py")
+        res = c.script(r1, "runner", "up", "--config", str(c.runner_config(1, OVERLAY_TOKEN="x")))
+        assert res.returncode == 2
+        assert res.stderr == ("error: the host refused the token: set OVERLAY_TOKEN to the "
+                              "host's\n")
+    finally:
+        c.runner_config(1)

@@ -712,8 +712,8 @@ def test_registration_409_and_401_are_one_sentence_exit_2(cfg):
             runner.register(cfg, ME)
         with pytest.raises(runner.ConfigError) as e401:
             runner.register(cfg, ME)
-    assert str(e409.value) == ("the host at 127.0.0.1:%d refused our settings (%s): make "
-                               "runner_config.py match the host's config" % (srv.port, msg))
+    assert str(e409.value) == ("the host at 127.0.0.1:%d refused the registration: %s"
+                               % (srv.port, msg))
     assert str(e401.value) == "the host refused the token: set OVERLAY_TOKEN to the host's"
     assert e409.value.exit_code == e401.value.exit_code == 2
 
