@@ -31,6 +31,7 @@ import ast
 import contextlib
 import difflib
 import errno
+import fcntl
 import http.client
 import ipaddress
 import json
@@ -58,6 +59,7 @@ BACKOFF_MAX = 30.0                  # cap of the exponential backoff
 REPAIR_EVERY = 3                    # serve re-checks the local build every N heartbeats
 HTTP_TIMEOUT = 10.0
 STATE_VERSION = 1
+HEARTBEAT_RECORD_EVERY = 30.0       # seconds between writes of last_heartbeat to the state file
 
 # key -> (accepted types, default). A default of None is computed at load time.
 RUNNER_KEYS = [
@@ -522,6 +524,48 @@ def saved_allocation(state):
         return parse_allocation(state)
     except OverlayError:
         return None
+
+
+def serve_lock_path(cfg):
+    return cfg["OVERLAY_STATE_FILE"] + ".serve.lock"
+
+
+def hold_serve_lock(cfg):
+    """Held by `serve` for its life (one serve per state file); returns the open file."""
+    path = serve_lock_path(cfg)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise OverlayError("cannot open the lock file %s (%s): fix the folder or set "
+                           "OVERLAY_STATE_FILE" % (path, e))
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise OverlayError("another serve (pid %s) already runs with the state file %s: stop it "
+                           "first" % (pid, cfg["OVERLAY_STATE_FILE"]))
+    f.seek(0)
+    f.truncate()
+    f.write("%d\n" % os.getpid())
+    f.flush()
+    return f
+
+
+def serve_running(cfg):
+    """The pid (a string) of a serve holding the lock of this state file, else None."""
+    try:
+        f = open(serve_lock_path(cfg), "r")
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "?"
+    return None
 
 
 # ---- idempotent primitives: probes ------------------------------------------------------------
@@ -1088,6 +1132,7 @@ class Agent(object):
         self.ready = False
         self.beats = 0
         self.registered_at = None
+        self.heartbeat_recorded = 0.0
         self.last = {}
 
     def say(self, key, level, message):
@@ -1185,8 +1230,13 @@ class Agent(object):
             self.repair()
 
     def record_heartbeat(self):
+        """Keep last_heartbeat in the state file for `status`, written at most every 30 s."""
+        now = time.time()
+        if now - self.heartbeat_recorded < HEARTBEAT_RECORD_EVERY:
+            return
+        self.heartbeat_recorded = now
         try:
-            save_state(self.cfg["OVERLAY_STATE_FILE"], self.alloc, last_heartbeat=time.time(),
+            save_state(self.cfg["OVERLAY_STATE_FILE"], self.alloc, last_heartbeat=now,
                        registered_at=self.registered_at)
         except OverlayError as e:
             self.say("state", logging.WARNING, str(e))
@@ -1299,6 +1349,7 @@ def cmd_serve(args):
             pass
         return 0
     require_host(cfg)
+    lock = hold_serve_lock(cfg)        # noqa: F841 (held until the process exits)
     agent = Agent(cfg, stop)
     if not agent.start():
         return 0
@@ -1308,6 +1359,11 @@ def cmd_serve(args):
 
 def cmd_down(args):
     cfg = load_config(args.config)
+    pid = serve_running(cfg)
+    if pid and not DRY_RUN:
+        raise OverlayError("kohaku_overlay_runner.py serve (pid %s) is running and would build "
+                           "the overlay again: stop it first (systemctl stop "
+                           "kohakuriver-overlay-runner), then run down" % pid)
     changes = teardown(cfg, force=args.force)
     verb = "would remove" if DRY_RUN else "removed"
     print("overlay %s: %d thing(s)" % (verb, len(changes)) if changes

@@ -961,3 +961,21 @@ def test_serve_start_waits_for_the_underlay_route_then_registers_and_builds(cfg,
     assert build.call_args[0][3] is None
     notify.assert_called_once_with("READY=1")
     assert runner.load_state(cfg["OVERLAY_STATE_FILE"])["runner_id"] == 1
+
+
+def test_one_serve_per_state_file_and_down_refuses_while_it_runs(cfg, mocker, capsys):
+    held = runner.hold_serve_lock(cfg)
+    try:
+        assert runner.serve_running(cfg) == str(os.getpid())
+        with pytest.raises(runner.OverlayError) as e:
+            runner.hold_serve_lock(cfg)
+        assert str(e.value) == ("another serve (pid %d) already runs with the state file %s: "
+                                "stop it first" % (os.getpid(), cfg["OVERLAY_STATE_FILE"]))
+        mocker.patch.object(runner, "load_config", return_value=cfg)
+        teardown = mocker.patch.object(runner, "teardown")
+        assert runner.main(["down"]) == 1
+        assert "serve (pid %d) is running" % os.getpid() in capsys.readouterr().err
+        assert teardown.call_count == 0
+    finally:
+        held.close()
+    assert runner.serve_running(cfg) is None
