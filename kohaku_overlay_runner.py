@@ -184,9 +184,12 @@ def first_line(text):
 # ---- config reader ----------------------------------------------------------------------------
 
 
+TYPE_WORDS = {str: "a string in quotes", int: "an integer", float: "a number",
+              bool: "True or False"}
+
+
 def type_name(types):
-    return " or ".join("a number" if t is float else "an %s" % t.__name__ if t is int
-                       else "a %s" % t.__name__ for t in types)
+    return "a number" if float in types else " or ".join(TYPE_WORDS[t] for t in types)
 
 
 def type_ok(value, types):
@@ -774,8 +777,21 @@ def ensure_links(cfg, alloc, address, stack):
         return []
     for name in created:
         undo(stack, "delete %s" % name, ["ip", "link", "del", name])
-    run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", echo=["ip " + l for l in lines])
+    ip_batch(lines)
     return changes
+
+
+def ip_batch(lines):
+    """All ip work of a pass in one process; a failure names the line that failed."""
+    try:
+        run(["ip", "-batch", "-"], input="\n".join(lines) + "\n",
+            echo=["ip " + l for l in lines])
+    except CommandError as e:
+        m = re.search(r"Command failed -:(\d+)", e.stderr or "")
+        if not m or not 0 < int(m.group(1)) <= len(lines):
+            raise
+        raise CommandError("`ip %s` failed: %s" % (lines[int(m.group(1)) - 1],
+                                                   first_line(e.stderr)), e.argv, e.rc, e.stderr)
 
 
 def plan_rules(cidr, forward, nat):
@@ -998,7 +1014,7 @@ def teardown(cfg, force=False):
     if text:
         run(["iptables-restore", "--noflush"], input=text, echo=echo)
     if lines:
-        run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", echo=["ip " + l for l in lines])
+        ip_batch(lines)
     return changes + more
 
 

@@ -979,3 +979,21 @@ def test_one_serve_per_state_file_and_down_refuses_while_it_runs(cfg, mocker, ca
     finally:
         held.close()
     assert runner.serve_running(cfg) is None
+
+
+def test_a_failing_ip_batch_names_the_line_that_failed(mocker):
+    err = 'Cannot find device "vxlan0"\nCommand failed -:2\n'
+    mocker.patch.object(runner, "run", side_effect=runner.CommandError(
+        "`ip -batch -` failed (exit 1)", ["ip", "-batch", "-"], 1, err))
+    with pytest.raises(runner.CommandError) as e:
+        runner.ip_batch(["link set dev kohaku-overlay up", "link set dev vxlan0 up"])
+    assert str(e.value) == '`ip link set dev vxlan0 up` failed: Cannot find device "vxlan0"'
+
+
+def test_wrong_type_message_names_the_expected_type(tmp_path):
+    p = tmp_path / "runner_config.py"
+    p.write_text("HEARTBEAT_INTERVAL = 'often'\n")
+    with pytest.raises(runner.ConfigError) as e:
+        runner.load_config(str(p))
+    assert str(e.value) == ("runner_config.py line 1: HEARTBEAT_INTERVAL must be a number, not "
+                            "'often'; fix the value")
