@@ -993,7 +993,7 @@ def teardown(cfg, force=False):
     if net is not None:
         containers = container_names(net)
         if containers and not force:
-            raise attached_error(name, containers, "cannot be removed")
+            raise attached_error(name, containers, "is to be removed")
         for c in containers:
             run(["docker", "network", "disconnect", "-f", name, c])
             changes.append("container %s disconnected from %s" % (c, name))

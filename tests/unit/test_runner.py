@@ -508,7 +508,7 @@ def test_down_refuses_while_containers_are_attached(cfg, node):
     with pytest.raises(runner.ContainersAttached) as e:
         runner.teardown(cfg)
     assert str(e.value) == (
-        "the Docker network kohakuriver-overlay cannot be removed but containers are still "
+        "the Docker network kohakuriver-overlay is to be removed but containers are still "
         "attached (c1): remove them (docker rm -f c1) or run "
         "`kohaku_overlay_runner.py down --force`")
     assert n.mutations() == []
