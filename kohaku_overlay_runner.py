@@ -338,6 +338,12 @@ def validate_config(cfg):
         bad("OVERLAY_STATE_FILE", "is empty", "give a file path")
 
 
+def require_root(command):
+    if os.geteuid() != 0:
+        raise OverlayError("%s changes links, routes and iptables, which needs root: run it as "
+                           "root (sudo)" % command)
+
+
 def require_host(cfg):
     if not cfg["HOST_ADDRESS"]:
         raise ConfigError("HOST_ADDRESS is not set in %s: set it to the host's address" %
@@ -1314,6 +1320,7 @@ def build_parser():
 
 def cmd_up(args):
     cfg = load_config(args.config)
+    require_root("up")
     if not cfg["OVERLAY_ENABLED"]:
         created = ensure_default_network(cfg)
         print("overlay disabled (OVERLAY_ENABLED = False in %s): containers use %s%s" % (
@@ -1365,6 +1372,7 @@ def cmd_serve(args):
             pass
         return 0
     require_host(cfg)
+    require_root("serve")
     lock = hold_serve_lock(cfg)        # noqa: F841 (held until the process exits)
     agent = Agent(cfg, stop)
     if not agent.start():
@@ -1375,6 +1383,7 @@ def cmd_serve(args):
 
 def cmd_down(args):
     cfg = load_config(args.config)
+    require_root("down")
     pid = serve_running(cfg)
     if pid and not DRY_RUN:
         raise OverlayError("kohaku_overlay_runner.py serve (pid %s) is running and would build "

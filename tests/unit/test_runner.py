@@ -187,6 +187,12 @@ def cfg(tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def as_root(mocker):
+    """The commands that change the node check for root; the tests run anywhere."""
+    return mocker.patch.object(runner.os, "geteuid", return_value=0)
+
+
+@pytest.fixture(autouse=True)
 def system_bus(tmp_path, monkeypatch):
     """A system bus socket path that exists, so firewall-cmd is asked (FakeNode answers it)."""
     bus = tmp_path / "system_bus_socket"
@@ -997,3 +1003,11 @@ def test_wrong_type_message_names_the_expected_type(tmp_path):
         runner.load_config(str(p))
     assert str(e.value) == ("runner_config.py line 1: HEARTBEAT_INTERVAL must be a number, not "
                             "'often'; fix the value")
+
+
+def test_up_without_root_is_one_sentence(cfg, mocker, capsys, as_root):
+    as_root.return_value = 1000
+    mocker.patch.object(runner, "load_config", return_value=cfg)
+    assert runner.main(["up"]) == 1
+    assert capsys.readouterr().err == ("error: up changes links, routes and iptables, which "
+                                       "needs root: run it as root (sudo)\n")
