@@ -282,3 +282,23 @@ def test_a_settings_mismatch_or_a_wrong_token_is_exit_2_with_one_sentence(c):
                               "host's\n")
     finally:
         c.runner_config(1)
+
+
+def test_a_failed_up_rolls_back_what_it_built(c):
+    r1 = c.runners[0]
+    c.docker(r1, "rm", "-f", "ca", check=False)
+    assert down(c, 1, "--force").returncode == 0
+    # a network of the admin's that holds the runner's subnet: docker network create must fail
+    c.docker(r1, "network", "create", "--subnet", "10.1.0.0/16", "blocker")
+    try:
+        res = c.script(r1, "runner", "up")
+        assert res.returncode == 1
+        assert res.stderr.splitlines()[-1].startswith("error: `docker network create")
+        assert "rolling back: delete vxlan0" in res.stderr
+        l1 = links(c, r1)
+        assert "vxlan0" not in l1 and lab.OVERLAY_BRIDGE not in l1
+        assert not [l for l in iptables_save(c, r1) if "kohaku-overlay" in l]
+    finally:
+        c.docker(r1, "network", "rm", "blocker")
+    up(c, 1)
+    assert forward(c, r1)[:2] == MARKED_FWD
