@@ -1399,6 +1399,17 @@ def forward_rule_index(rules, key, cidr):
     return None
 
 
+def forward_reinsert(rules, cidr, idx=None):
+    """Commands that delete the overlay's FORWARD accept rules where they are and insert them
+    as rules 1 and 2 again."""
+    if idx is None:
+        idx = dict((k, forward_rule_index(rules, k, cidr)) for k in ("src", "dst"))
+    dels = ["iptables -D FORWARD %s" % rules[idx[k]]["raw"][len("-A FORWARD "):]
+            for k in ("dst", "src") if idx[k] is not None]
+    return dels + ["iptables -I FORWARD %d -%s %s -m comment --comment %s -j ACCEPT" % (
+        n, k[0], cidr, MARKER) for n, k in ((1, "src"), (2, "dst"))]
+
+
 @check("forward_rules", "FORWARD accepts the overlay CIDR ahead of any DROP/REJECT")
 def check_forward_rules(snap):
     ipt = snap.need("ipt")[snap.ipt_active]
@@ -1411,8 +1422,7 @@ def check_forward_rules(snap):
     idx = dict((k, forward_rule_index(rules, k, cidr)) for k in ("src", "dst"))
     blockers = [i for i, r in enumerate(rules) if r.get("target") in ("DROP", "REJECT") or
                 (r.get("target") in table.chains and can_drop(table, r["target"]))]
-    add = ["iptables -I FORWARD %d -%s %s -m comment --comment %s -j ACCEPT" % (
-        n, k[0], cidr, MARKER) for n, k in ((1, "src"), (2, "dst"))]
+    add = forward_reinsert(rules, cidr, idx=dict((k, None) for k in idx))
     if None in idx.values():
         missing = " and ".join("-%s %s" % (k[0], cidr) for k in ("src", "dst") if idx[k] is None)
         if policy in ("DROP", "REJECT") or blockers:
@@ -1426,12 +1436,8 @@ def check_forward_rules(snap):
     above = [i for i in blockers if i < last]
     if above:
         first = rules[above[0]]
-        dels = ["iptables -D FORWARD -%s %s -m comment --comment %s -j ACCEPT" % (
-            k[0], cidr, MARKER) if MARKER == rules[idx[k]].get("comment") else
-            "iptables -D FORWARD %s" % rules[idx[k]]["raw"][len("-A FORWARD "):]
-            for k in ("dst", "src")]
         return fail("FORWARD accept rules are at bottom: below rule %d `%s` which can drop" % (
-            above[0] + 1, first["raw"]), "\n".join(dels + add))
+            above[0] + 1, first["raw"]), "\n".join(forward_reinsert(rules, cidr, idx)))
     return ok("FORWARD rules %d and %d accept %s (policy %s)" % (
         idx["src"] + 1, idx["dst"] + 1, cidr, policy))
 
@@ -1619,6 +1625,13 @@ def check_docker_network(snap):
             raise Skip("docker: %s" % snap.docker_error)
         return fail("Docker does not answer: %s" % snap.docker_error, "systemctl start docker")
     if net is None:
+        # docker network create puts Docker's FORWARD jumps back on top of the overlay's rules
+        try:
+            ipt = snap.need("ipt")[snap.ipt_active]
+            create += "\n" + "\n".join(forward_reinsert(
+                (ipt.get("filter") or Table()).rules("FORWARD"), snap.overlay_cidr()))
+        except Skip:
+            create += "\nthen " + restart(snap)
         return fail("Docker network %s does not exist: containers cannot join the overlay" %
                     name, create)
     opts = net.get("Options") or {}

@@ -865,7 +865,11 @@ FAULTS = [
      "kohakuriver-overlay does not exist",
      "docker network create --driver bridge --subnet 10.1.0.0/16 --gateway 10.1.0.1 "
      "--aux-address host=10.1.0.254 -o com.docker.network.bridge.name=kohaku-overlay "
-     "-o com.docker.network.driver.mtu=1450 kohakuriver-overlay"),
+     "-o com.docker.network.driver.mtu=1450 kohakuriver-overlay\n"
+     "iptables -D FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
+     "iptables -D FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
+     "iptables -I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
+     "iptables -I FORWARD 2 -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"),
     (f_runner_docker_mtu, "runner.docker.network", "FAIL", "mtu 1500 (want 1450)",
      "docker network rm kohakuriver-overlay && docker network create"),
     (f_runner_docker_down, "runner.docker.network", "FAIL", "Cannot connect",
