@@ -253,7 +253,9 @@ def describe_node(node):
              "FunctionDef": "a function", "ClassDef": "a class", "JoinedStr": "an f-string",
              "Attribute": "an attribute", "Expr": "an expression", "If": "an if",
              "For": "a loop", "While": "a loop", "With": "a with block", "Subscript": "a subscript",
-             "AugAssign": "an augmented assignment", "Name": "a name", "BinOp": "an expression"}
+             "AugAssign": "an augmented assignment", "Name": "a name", "BinOp": "an expression",
+             "Assign": "an assignment to more than one name",
+             "AnnAssign": "an annotation without a value"}
     return names.get(kind, "a %s statement" % kind)
 
 
