@@ -2212,3 +2212,412 @@ def test_server_refuses_a_port_in_use():
             host.ApiServer(lambda *a: (200, {}), "127.0.0.1", srv.port)
     assert str(exc.value) == ("cannot listen on 127.0.0.1:{}: Address already in use; set "
                               "HOST_BIND_IP/HOST_PORT or stop what uses the port".format(srv.port))
+
+
+# ---------------------------------------------------------------------------------------------
+# Status rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def guide_hub(tmp_path, extra=None):
+    """The guide's cluster: runner1 at 192.168.88.20, runner2 at 192.168.88.77, both active."""
+    allocs = {1: alloc(1, "runner1", "192.168.88.20"), 2: alloc(2, "runner2", "192.168.88.77")}
+    allocs.update(extra or {})
+    hub = make_hub(tmp_path, allocs=allocs)
+    hub.kernel.links = tunnels(hub, hub.allocs)
+    now = time.monotonic()
+    for a in allocs.values():
+        if a["runner_name"]:
+            hub.beats[a["runner_name"]] = now
+    return hub
+
+
+def test_render_status_is_the_guides_output_byte_for_byte(tmp_path):
+    assert host.render_status(guide_hub(tmp_path).status()) == GUIDE_STATUS
+
+
+def test_render_status_ascii(tmp_path):
+    out = host.render_status(guide_hub(tmp_path).status(), ascii_only=True)
+    assert out == GUIDE_STATUS_ASCII
+    out.encode("ascii")
+
+
+def test_render_status_long_names_widen_the_column(tmp_path):
+    long_name = "runner-with-a-very-long-name-" + "x" * 34
+    hub = guide_hub(tmp_path, {3: alloc(3, long_name, "198.51.100.13")})
+    lines = host.render_status(hub.status()).split("\n")
+    guide = GUIDE_STATUS.split("\n")
+    assert lines[:3] + lines[6:8] == guide[:3] + guide[6:8]      # the panel keeps its width
+    table = lines[9:]
+    assert len(set(len(l) for l in table)) == 1
+    assert len(table[0]) == 1 + (63 + 3) + (2 + 3) + (13 + 3) + (13 + 3) + (6 + 3)
+    assert table[1] == "┃ Runner" + " " * 58 + "┃ ID ┃ Subnet        ┃ Physical IP   ┃ Status ┃"
+    assert table[5] == "│ " + long_name + " │  3 │ 10.3.0.0/16   │ 198.51.100.13 │ Active │"
+
+
+def test_render_status_inactive_recovered_and_wide_values(tmp_path):
+    hub = guide_hub(tmp_path, {3: alloc(3, None, "198.51.100.13", 0.0),
+                               100: alloc(100, "r100", "203.0.113.200")})
+    hub.beats["runner2"] -= 3600
+    lines = host.render_status(hub.status()).split("\n")
+    assert lines[1:6] == [
+        "│ Host IP: 10.0.0.1/8                                            │",
+        "│ Bridge: kohaku-overlay                                         │",
+        "│ Total Allocations: 4                                           │",
+        "│ Active: 2 | Inactive: 2                                        │",
+        "│ Available IDs: 251/255                                         │"]
+    assert lines[9:] == [
+        "┏━━━━━━━━━━━━━━━━┳━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━━━┓",
+        "┃ Runner         ┃  ID ┃ Subnet        ┃ Physical IP   ┃ Status   ┃",
+        "┡━━━━━━━━━━━━━━━━╇━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━┩",
+        "│ runner1        │   1 │ 10.1.0.0/16   │ 192.168.88.20 │ Active   │",
+        "│ runner2        │   2 │ 10.2.0.0/16   │ 192.168.88.77 │ Inactive │",
+        "│ (recovered)    │   3 │ 10.3.0.0/16   │ 198.51.100.13 │ Inactive │",
+        "│ r100           │ 100 │ 10.100.0.0/16 │ 203.0.113.200 │ Active   │",
+        "└────────────────┴─────┴───────────────┴───────────────┴──────────┘"]
+
+
+def test_render_status_disabled_and_empty(tmp_path):
+    hub = make_hub(tmp_path, OVERLAY_ENABLED=False)
+    lines = host.render_status(hub.status(), ascii_only=True).split("\n")
+    assert lines[:3] == [
+        "+-------------------- Overlay Network Status --------------------+",
+        "| Overlay: disabled (OVERLAY_ENABLED = False)                    |",
+        "| Host IP: 10.0.0.1/8                                            |"]
+    assert lines[-4:] == ["+================+====+===============+===============+========+",
+                          "| Runner         | ID | Subnet        | Physical IP   | Status |",
+                          "+================+====+===============+===============+========+",
+                          "+----------------+----+---------------+---------------+--------+"]
+
+
+def test_can_print_unicode():
+    class Stream(object):
+        def __init__(self, encoding):
+            self.encoding = encoding
+
+    assert host.can_print_unicode(Stream("utf-8")) is True
+    assert host.can_print_unicode(Stream("ascii")) is False
+    assert host.can_print_unicode(Stream("latin-1")) is False
+    assert host.can_print_unicode(Stream(None)) is False
+    assert host.can_print_unicode(Stream("no-such-codec")) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def host_config(tmp_path, **values):
+    lines = ["OVERLAY_STATE_FILE = {!r}".format(str(tmp_path / "state" / "overlay-state.json"))]
+    lines += ["{} = {!r}".format(k, v) for k, v in values.items()]
+    return write_config(tmp_path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["serve", "--bogus"], ["release"],
+                                  ["status", "--config"], ["down", "--yes"]])
+def test_bad_usage_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        host.main(argv)
+    assert exc.value.code == 2
+    assert "usage: kohaku_overlay_host.py" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        host.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == host.__version__ + "\n"
+
+
+@pytest.fixture
+def cli(tmp_path, fake):
+    """The guide's two runners behind a real ApiServer; returns (config path, hub, port)."""
+    hub = guide_hub(tmp_path)
+    with writer_running(hub):
+        with api_server(host.Api(hub).dispatch) as srv:
+            yield host_config(tmp_path, HOST_PORT=srv.port, OVERLAY_TOKEN=TOKEN,
+                              OVERLAY_ENABLED=True), hub, srv.port
+
+
+def test_cli_status_prints_the_guides_table(cli, capsys):
+    path, hub, port = cli
+    assert host.main(["status", "--config", path]) == 0
+    assert capsys.readouterr().out == GUIDE_STATUS + "\n"
+    assert host.main(["status", "--config", path, "--ascii"]) == 0
+    assert capsys.readouterr().out == GUIDE_STATUS_ASCII + "\n"
+
+
+def test_cli_status_json(cli, capsys):
+    path, hub, port = cli
+    assert host.main(["status", "--config", path, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert (st["total"], st["active"], st["available_ids"]) == (2, 2, 253)
+    assert [(a["runner_name"], a["vxlan_device"], a["physical_ip"]) for a in st["allocations"]] == [
+        ("runner1", "vxkr1", "192.168.88.20"), ("runner2", "vxkr2", "192.168.88.77")]
+
+
+def test_cli_status_falls_back_to_ascii_on_an_ascii_terminal(cli, capsys, monkeypatch):
+    path, hub, port = cli
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert host.main(["status", "--config", path]) == 0
+    out.flush()
+    assert out.buffer.getvalue().decode("ascii") == GUIDE_STATUS_ASCII + "\n"
+
+
+def test_cli_release(cli, capsys, fake):
+    path, hub, port = cli
+    assert host.main(["release", "runner2", "--yes", "--config", path]) == 0
+    assert capsys.readouterr().out == "released runner2\n"
+    assert wait_for(lambda: fake.batches() and fake.batches()[-1] == ["link del vxkr2"])
+    assert wait_for(lambda: sorted(hub.store.read()[0]) == [1])
+    assert host.main(["release", "runner2", "--yes", "--config", path]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "error: the host API answered 404: runner runner2 has no allocation\n"
+    assert captured.out == ""
+
+
+def test_cli_release_bad_name_is_usage(cli, capsys):
+    path, hub, port = cli
+    assert host.main(["release", "../etc", "--yes", "--config", path]) == 2
+    assert capsys.readouterr().err == ("error: bad runner name '../etc': use 1-63 of "
+                                       "A-Za-z0-9._-\n")
+
+
+def test_cli_release_asks_on_a_terminal(cli, capsys, monkeypatch):
+    path, hub, port = cli
+    monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda q: asked.append(q) or "n")
+    assert host.main(["release", "runner1", "--config", path]) == 1
+    assert capsys.readouterr().out == "nothing released\n"
+    assert asked == ["Release runner runner1? Its tunnel is removed and its containers lose the "
+                     "overlay. [y/N] "]
+    assert sorted(hub.allocs) == [1, 2]
+    monkeypatch.setattr("builtins.input", lambda q: "yes")
+    assert host.main(["release", "runner1", "--config", path]) == 0
+    assert capsys.readouterr().out == "released runner1\n"
+
+
+def test_cli_cleanup(cli, capsys):
+    path, hub, port = cli
+    hub.beats["runner2"] -= 3600
+    assert host.main(["cleanup", "--yes", "--config", path]) == 0
+    assert capsys.readouterr().out == "released 1 inactive allocation(s)\n"
+    assert wait_for(lambda: [a["runner_name"] for a in hub.store.read()[0].values()] == ["runner1"])
+
+
+def test_cli_wrong_token_is_one_line_exit_1(cli, tmp_path, capsys):
+    path, hub, port = cli
+    bad = host_config(tmp_path, HOST_PORT=port, OVERLAY_TOKEN="nope")
+    assert host.main(["status", "--config", bad]) == 1
+    assert capsys.readouterr().err == ("error: the host API answered 401: missing or wrong bearer "
+                                       "token: send Authorization: Bearer <OVERLAY_TOKEN>\n")
+
+
+def test_cli_unreachable_host_is_one_line_exit_1(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = host_config(tmp_path, HOST_PORT=port)
+    assert host.main(["status", "--config", path]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the host API at http://127.0.0.1:{}: ".format(port))
+    assert err.endswith("is `kohaku_overlay_host.py serve` running? (systemctl status "
+                        "kohakuriver-overlay-host)\n")
+    assert err.count("\n") == 1
+
+
+def test_cli_talks_to_the_bind_address_when_not_all(cli, tmp_path, capsys):
+    path, hub, port = cli
+    other = host_config(tmp_path, HOST_PORT=port, OVERLAY_TOKEN=TOKEN, HOST_BIND_IP="127.0.0.1")
+    assert host.main(["status", "--config", other, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 2
+
+
+# -- serve --dry-run and the reachable-address check ------------------------------------------
+
+LOCAL_ADDRS = json.dumps([{"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1"}]},
+                          {"ifname": "u0", "addr_info": [{"family": "inet", "local": HOST_IP}]}])
+
+
+def dry_run_serve(tmp_path, popen, isolated, capsys, **extra):
+    isolated["ip_forward"] = "0\n"
+    popen.script = {("ip", "-j", "addr", "show"): LOCAL_ADDRS, tuple(IP_SHOW): CAPTURED_LINKS,
+                    tuple(IPT_S): CAPTURED_RULES_BURIED}
+    values = dict(HOST_REACHABLE_ADDRESS=HOST_IP, OVERLAY_ENABLED=True)
+    values.update(extra)
+    path = host_config(tmp_path, **values)
+    code = host.main(["serve", "--dry-run", "--config", path])
+    return code, capsys.readouterr()
+
+
+def test_serve_dry_run_prints_the_plan_and_changes_nothing(tmp_path, popen, isolated, capsys):
+    code, out = dry_run_serve(tmp_path, popen, isolated, capsys)
+    assert code == 0
+    lines = out.out.splitlines()
+    assert lines[:4] == ["[#] sysctl -w net.ipv4.ip_forward=1", "[#] ip link set vxkra mtu 1450",
+                         "[#] ip addr replace 10.10.0.254/16 dev vxkra", "[#] ip link set vxkra up"]
+    # the rules plan (Docker's jump is first in CAPTURED_RULES_BURIED): iptables lines only
+    assert "[#] iptables-restore --noflush" in lines[4:-1]
+    assert all(l.startswith("[#] iptables") for l in lines[4:-1])
+    assert lines[-1] == "dry run: the commands above would run; nothing was changed"
+    assert popen.calls == [["ip", "-j", "addr", "show"], IP_SHOW, IPT_S]
+    assert not (tmp_path / "state").exists()
+
+
+def test_serve_dry_run_shows_the_rules_it_would_apply(tmp_path, popen, isolated, capsys):
+    """BUG (host-bugs.md): under --dry-run the rules plan shows only `[#] iptables-restore
+    --noflush`; the rules it would insert or delete are not printed anywhere."""
+    code, out = dry_run_serve(tmp_path, popen, isolated, capsys)
+    assert code == 0
+    assert "-I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT" in out.out
+    assert "-D FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT" in out.out
+
+
+def test_serve_dry_run_leaves_a_corrupt_state_file_alone(tmp_path, popen, isolated, capsys):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / "overlay-state.json").write_text("{broken")
+    code, out = dry_run_serve(tmp_path, popen, isolated, capsys)
+    assert code == 0
+    assert sorted(os.listdir(str(folder))) == ["overlay-state.json"]
+    assert (folder / "overlay-state.json").read_text() == "{broken"
+
+
+def test_serve_dry_run_disabled_does_nothing(tmp_path, popen, capsys):
+    path = host_config(tmp_path, HOST_REACHABLE_ADDRESS=HOST_IP, OVERLAY_ENABLED=False)
+    assert host.main(["serve", "--dry-run", "--config", path]) == 0
+    assert capsys.readouterr().out == "dry run: the commands above would run; nothing was changed\n"
+    assert popen.calls == []
+
+
+@pytest.mark.parametrize("address, message", [
+    ("", "HOST_REACHABLE_ADDRESS is not set: set it in host_config.py to this host's underlay IP "
+         "that runners can reach"),
+    ("127.0.0.1", "HOST_REACHABLE_ADDRESS is 127.0.0.1, which runners cannot reach (VXLAN tunnels "
+                  "would fail): set it to the Host's actual IP"),
+    ("0.0.0.0", "HOST_REACHABLE_ADDRESS is 0.0.0.0, which runners cannot reach"),
+    ("my-host", "HOST_REACHABLE_ADDRESS 'my-host' is not an IPv4 address: set it to this host's "
+                "underlay IP"),
+    ("198.51.100.2", "HOST_REACHABLE_ADDRESS 198.51.100.2 is not an address of this machine: set "
+                     "it to one of this host's own IPs (see `ip -br addr`)"),
+])
+def test_serve_refuses_an_unusable_reachable_address(tmp_path, popen, isolated, capsys, address,
+                                                     message):
+    code, out = dry_run_serve(tmp_path, popen, isolated, capsys, HOST_REACHABLE_ADDRESS=address)
+    assert code == 2
+    assert out.err.startswith("error: " + message) and out.err.count("\n") == 1
+    assert out.out == ""
+
+
+# -- down --------------------------------------------------------------------------------------
+
+DOWN_RESTORE = ("*filter\n-D FORWARD " + FWD_S + "\n-D FORWARD " + FWD_D + "\n-D INPUT " +
+                INPUT_JUMP + "\n-F KOHAKU-VXLAN\n-X KOHAKU-VXLAN\nCOMMIT\n")
+
+
+def test_down_removes_devices_and_rules_by_marker(tmp_path, fake, capsys):
+    path = host_config(tmp_path, HOST_REACHABLE_ADDRESS=HOST_IP, OVERLAY_ENABLED=True)
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))
+    fake.answer(IPT_S, (0, CAPTURED_RULES_OK, ""))
+    assert host.main(["down", "--config", path]) == 0
+    assert fake.calls == [IP_SHOW, BATCH, IPT_S, RESTORE]
+    assert fake.batches() == [["link del kohaku-host", "link del vxkr1", "link del vxkr2",
+                               "link del vxkra"]]
+    assert fake.inputs[3] == DOWN_RESTORE
+    assert capsys.readouterr().out == (
+        "removed 4 device(s) and 5 rule change(s); allocations kept in {}\n".format(
+            tmp_path / "state" / "overlay-state.json"))
+
+
+def test_down_with_firewalld_running_removes_the_zone_entries(tmp_path, fake, mocker, capsys):
+    path = host_config(tmp_path)
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))
+    fake.answer(IPT_S, (0, CAPTURED_RULES_NOFILTER, ""))
+    firewalld_on(mocker, fake, listed="eth0 kohaku-host vxkr1")
+    assert host.main(["down", "--config", path]) == 0
+    assert fake.calls == [IP_SHOW, ["firewall-cmd", "--state"],
+                          ["firewall-cmd", "--zone=trusted", "--list-interfaces"],
+                          ["firewall-cmd", "--zone=trusted", "--remove-interface=kohaku-host",
+                           "--remove-interface=vxkr1"], BATCH, IPT_S, RESTORE]
+    assert fake.inputs[-1] == "*filter\n-D FORWARD " + FWD_S + "\n-D FORWARD " + FWD_D + \
+        "\nCOMMIT\n"
+
+
+def test_down_twice_is_a_no_op(tmp_path, fake, capsys):
+    path = host_config(tmp_path)
+    fake.answer(IP_SHOW, (0, json.dumps([link_json("u0", "veth", addrs=[HOST_IP + "/24"])]), ""))
+    fake.answer(IPT_S, (0, CLEAN_RULES, ""))
+    assert host.main(["down", "--config", path]) == 0
+    assert fake.calls == [IP_SHOW, IPT_S]
+    assert capsys.readouterr().out.startswith("removed 0 device(s) and 0 rule change(s)")
+
+
+def test_down_dry_run_prints_and_removes_nothing(tmp_path, popen, capsys):
+    popen.script = {tuple(IP_SHOW): CAPTURED_LINKS, tuple(IPT_S): CAPTURED_RULES_OK}
+    path = host_config(tmp_path)
+    assert host.main(["down", "--dry-run", "--config", path]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == ["[#] ip link del kohaku-host", "[#] ip link del vxkr1",
+                       "[#] ip link del vxkr2", "[#] ip link del vxkra"]
+    assert out[-1].startswith("would remove 4 device(s) and 5 rule change(s)")
+    assert popen.calls == [IP_SHOW, IPT_S]
+
+
+def test_down_refuses_while_serve_runs(tmp_path, fake, capsys):
+    path = host_config(tmp_path)
+    fd = host.StateStore(str(tmp_path / "state" / "overlay-state.json")).hold_serve_lock()
+    try:
+        assert host.main(["down", "--config", path]) == 1
+    finally:
+        os.close(fd)
+    assert capsys.readouterr().err == (
+        "error: kohaku_overlay_host.py serve is running and would rebuild everything: stop it "
+        "first (systemctl stop kohakuriver-overlay-host)\n")
+    assert fake.calls == []
+
+
+# -- serve as a real process (overlay disabled: status only, no kernel command at all) --------
+
+
+def test_serve_process_notifies_systemd_refuses_a_second_serve_and_stops_on_sigterm(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = host_config(tmp_path, HOST_BIND_IP="127.0.0.1", HOST_PORT=port, OVERLAY_TOKEN=TOKEN)
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()                       # no ip, no iptables: serve must not need them here
+    notify_path = str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(15)
+    env = {"PATH": str(empty_bin), "NOTIFY_SOCKET": notify_path, "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--config", path], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert notify.recv(100) == b"READY=1"
+        assert http_call(port, "GET", "/healthz")[:2] == (200, {"ok": True})
+        status, st, _ = http_call(port, "GET", "/api/overlay/status",
+                                  {"Authorization": "Bearer " + TOKEN})
+        assert (status, st["enabled"], st["total"]) == (200, False, 0)
+        assert http_call(port, "PUT", "/api/overlay/heartbeat/r1",
+                         {"Authorization": "Bearer " + TOKEN})[0] == 503
+        second = subprocess.run([sys.executable, str(SCRIPT), "serve", "--config", path],
+                                env={"PATH": str(empty_bin), "HOME": str(tmp_path)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        assert second.returncode == 1
+        assert b"error: another kohaku_overlay_host.py serve already uses" in second.stderr
+        assert b"Traceback" not in second.stderr
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0
+        assert notify.recv(100) == b"STOPPING=1"
+        assert b"Traceback" not in err
+        assert b"OVERLAY_TOKEN is empty" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert not (tmp_path / "state" / "overlay-state.json").exists()
