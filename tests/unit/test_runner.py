@@ -1011,3 +1011,39 @@ def test_up_without_root_is_one_sentence(cfg, mocker, capsys, as_root):
     assert runner.main(["up"]) == 1
     assert capsys.readouterr().err == ("error: up changes links, routes and iptables, which "
                                        "needs root: run it as root (sudo)\n")
+
+
+def test_status_text_and_json_on_a_built_node(cfg, node, mocker, capsys):
+    n = node(built=True)
+    n.networks["kohakuriver-overlay"] = docker_net(containers=["web"])
+    runner.save_state(cfg["OVERLAY_STATE_FILE"], ALLOC, registered_at=0.0 + 1790000000)
+    mocker.patch.object(runner, "load_config", return_value=cfg)
+    assert runner.main(["status"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "Overlay:          enabled",
+        "Runner:           runner1 (id 1)",
+        "Subnet:           10.1.0.0/16, gateway 10.1.0.1",
+        "Host:             198.51.100.1, overlay 10.0.0.1, on this segment 10.1.0.254",
+        "VNI / port / MTU: 101 / 4789 / 1450",
+        "vxlan0:           present, up, mtu 1450, vni 101 local 198.51.100.11 remote 198.51.100.1",
+        "kohaku-overlay:   present, up, mtu 1450, 10.1.0.1/16",
+        "Route:            10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay",
+        "Docker network:   kohakuriver-overlay: present, 1 container(s)",
+        "Registered:       2026-09-21 14:13:20 UTC",
+        "Last heartbeat:   never"]
+    assert runner.main(["status", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["network"] == {"name": "kohakuriver-overlay", "present": True,
+                             "containers": ["web"]}
+    assert st["devices"]["vxlan0"]["remote"] == HOST
+    assert st["allocation"] == ALLOC
+    assert n.mutations() == []
+
+
+def test_status_before_any_registration(cfg, node, mocker, capsys):
+    node()
+    mocker.patch.object(runner, "load_config", return_value=cfg)
+    assert runner.main(["status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "Runner:         runner1 (not registered)"
+    assert out[2] == "vxlan0:         absent"
