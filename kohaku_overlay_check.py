@@ -553,16 +553,17 @@ def can_drop(table, chain, seen=None):
     return False
 
 
-def parse_firewalld_zones(text):
-    """firewall-cmd --list-all-zones -> {zone: {default, target, interfaces, sources, ports,
-    rich}}."""
+def parse_firewalld_zones(text, default_zone=""):
+    """firewall-cmd --list-all-zones (+ --get-default-zone) -> {zone: {default, target,
+    interfaces, sources, ports, rich}}."""
     zones, cur, in_rich = {}, None, False
     for line in (text or "").splitlines():
         if not line.strip():
             continue
         if not line[0].isspace():
             name, _, attrs = line.partition(" ")
-            cur = zones[name] = {"default": "default" in attrs, "target": "default",
+            cur = zones[name] = {"default": "default" in attrs or name == default_zone,
+                                 "target": "default",
                                  "interfaces": [], "sources": [], "ports": [], "rich": []}
             in_rich = False
         elif cur is not None and line.startswith("\t"):
@@ -852,18 +853,46 @@ def read_sysctls(snap):
         snap.sysctl[name.replace("/", ".")] = int(text) if text.isdigit() else None
 
 
+def firewalld_process():
+    """Is a firewalld process running? (/proc: no firewall-cmd, a python program, spawned)"""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = read_bytes("/proc/%s/cmdline" % pid).split(b"\0")[:2]
+        except OSError:
+            continue
+        if any(os.path.basename(a) == b"firewalld" for a in argv):
+            return True
+    return False
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def gather_firewalld():
-    """None when firewall-cmd is missing or firewalld is not running, else the zones."""
+    """(state, text): the zones (and the default zone, which --list-all-zones does not mark)
+    when firewalld runs; firewall-cmd is slow to start, so both calls run side by side."""
     if not which("firewall-cmd"):
         return ("missing", "firewall-cmd is not installed")
-    res = run(["firewall-cmd", "--list-all-zones"], check=False)
+    if not firewalld_process():
+        return ("stopped", "firewalld is not running")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    try:
+        zones_f = pool.submit(run, ["firewall-cmd", "--list-all-zones"], False)
+        default_f = pool.submit(run, ["firewall-cmd", "--get-default-zone"], False)
+        res, default = zones_f.result(), default_f.result()
+    finally:
+        pool.shutdown(wait=True)
     if res.rc == 252 or "not running" in res.out + res.err:
         return ("stopped", "firewalld is not running")
     if "DBUS_ERROR" in res.out + res.err:
         return ("stopped", "firewalld is not running (D-Bus not reachable)")
     if res.rc != 0:
         return ("error", "firewall-cmd --list-all-zones failed: %s" % first_line(res.err))
-    return ("running", res.out)
+    return ("running", res.out, default.out.strip() if default.rc == 0 else "")
 
 
 def gather_docker(name):
@@ -969,7 +998,7 @@ def store_results(snap, results):
         snap.lost("zones", val[1])
     else:
         snap.raw["firewalld-zones.txt"] = val[1]
-        snap.zones = parse_firewalld_zones(val[1])
+        snap.zones = parse_firewalld_zones(val[1], val[2])
     ok, val = results["api"]
     snap.api = val if ok else {"health": val}
     if "docker" in results:
@@ -1596,10 +1625,12 @@ def check_firewalld_port(snap):
         return ok("UDP %d open in firewalld for %s" % (
             port, listed(peers) if peers else "the underlay interface"))
     zone = closed[0][1]
+    opt = "--zone=%s " % zone if zone else ""
     return fail("firewalld zone %s does not open UDP %d%s" % (
-        zone, port, " from " + listed(p for p, _ in closed if p) if closed[0][0] else ""),
-        "firewall-cmd --zone=%s --add-port=%d/udp && firewall-cmd --permanent --zone=%s "
-        "--add-port=%d/udp" % (zone, port, zone, port))
+        zone or "(default)", port,
+        " from " + listed(p for p, _ in closed if p) if closed[0][0] else ""),
+        "firewall-cmd %s--add-port=%d/udp && firewall-cmd --permanent %s--add-port=%d/udp" % (
+            opt, port, opt, port))
 
 
 # -- Docker and the bridge FDB ------------------------------------------------------------------

@@ -103,7 +103,7 @@ ZONES = """block
   ports: 
   rich rules: 
 
-public (default, active)
+public (active)
   target: default
   icmp-block-inversion: no
   interfaces: eth0
@@ -148,6 +148,7 @@ class FakeNode(object):
         self.second = {}                # ifname -> (rx, tx) in the second counter sample
         self.calls = []
         self.raises = {}                # file path -> exception class
+        self.fw_process = True          # a firewalld process exists
 
     # -- the mocked doors --
     def run(self, argv, check=True, mutates=False, input=None, timeout=10):
@@ -170,6 +171,8 @@ class FakeNode(object):
             out = json.dumps(self.routes)
         elif tool.startswith("iptables-"):
             out = self.ipt[tool.split("-")[1]]
+        elif a == ("firewall-cmd", "--get-default-zone"):
+            out = "public\n"
         elif tool == "firewall-cmd":
             if self.zones is None:
                 rc, out = 252, "not running\n"
@@ -357,6 +360,7 @@ def fake(mocker):
     for name in ("run", "which", "read_text", "file_mode", "http_get"):
         mocker.patch.object(chk, name, side_effect=door(name))
     mocker.patch.object(chk, "is_root", side_effect=lambda: holder.node.root)
+    mocker.patch.object(chk, "firewalld_process", side_effect=lambda: holder.node.fw_process)
     mocker.patch.object(chk, "SAMPLE_GAP", 0)
     return holder
 
@@ -1037,6 +1041,19 @@ def test_without_firewall_cmd_firewalld_checks_skip(fake):
     node.tools.add("firewall-cmd")
     _rc, results, _ = check_run(fake, node)
     assert results["host.firewalld.trusted"]["detail"] == "firewalld is not running"
+    assert [c for c in node.calls if c[0] == "firewall-cmd"] == [["firewall-cmd",
+                                                                  "--list-all-zones"],
+                                                                 ["firewall-cmd",
+                                                                  "--get-default-zone"]]
+
+
+def test_no_firewalld_process_spawns_no_firewall_cmd(fake):
+    node = healthy_host()
+    node.tools.add("firewall-cmd")
+    node.fw_process = False
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.firewalld.trusted"]["detail"] == "firewalld is not running"
+    assert not [c for c in node.calls if c[0] == "firewall-cmd"]
 
 
 def test_without_ping_the_probes_skip(fake):
@@ -1449,7 +1466,7 @@ def test_verdict_walks_jumps_returns_and_policies():
 
 
 def test_firewalld_zone_parsing():
-    zones = chk.parse_firewalld_zones(ZONES % "vxkr1 kohaku-host")
+    zones = chk.parse_firewalld_zones(ZONES % "vxkr1 kohaku-host", "public")
     assert zones["public"]["default"] is True and zones["trusted"]["target"] == "ACCEPT"
     assert chk.firewalld_zone(zones, iface="vxkr1") == "trusted"
     assert chk.firewalld_zone(zones, iface="vxkr9") == "public"
