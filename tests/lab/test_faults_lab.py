@@ -1,0 +1,440 @@
+"""Faults injected into a real cluster: crashes, lost files, frozen runners, drift.
+
+One module-scoped lab without Docker (runners are real `kohaku_overlay_runner.py serve`
+processes; their "containers" are namespaces on the runner bridge) plus bare namespaces on the
+underlay that register over HTTP like runners would. Each test starts the host on a fresh state
+(`fresh_host`), so the tests are independent of each other's order.
+
+Pass criteria, one per test:
+- kill -9 at each failpoint of a registration commit: the state file parses, holds every
+  answered registration, no id twice; after the next start no vxkr* device lacks an allocation
+  (and none is missing); the retried registration gets the id the file promised (or the lowest
+  free one when the crash came before the write).
+- a second `serve` on the same state exits 1 with one line; the first keeps serving.
+- 200 registrations from 20 namespaces at once: 200 answers, ids 1..200 each once, the file
+  valid (0600) and equal to the answers, 200 devices.
+- the state file deleted while devices exist: the ids come back from the devices, a newcomer gets
+  an unused id, a runner at a recovered tunnel's address gets that id.
+- state file and devices gone (a host reboot): real runners get their old subnets back
+  (previous_runner_id, from the local file of a restarted runner and from the memory of a
+  running one) and their containers talk again with unchanged addresses.
+- a runner frozen with SIGSTOP past OVERLAY_INACTIVE_AFTER: Inactive, id and tunnel kept;
+  resumed: Active with the same id.
+- drift (rules deleted under a DROP policy, iptables flushed, route deleted, vxlan0 down, vxlan0
+  detached from the bridge, a vxkr device deleted) is repaired by `serve` on the side it hit
+  within a few intervals, and traffic flows again.
+- iptables-legacy rules beside the nft ones: `kohaku_overlay_check.py` reports it.
+"""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+import lab
+
+HOST = lab.HOST_IP
+PORT = 8000
+FAILPOINTS = ["commit:before-save", "commit:after-save", "commit:after-device",
+              "commit:before-answer"]
+
+# Registrations sent at once from one namespace: JSON list of bodies on stdin, answers out.
+REG_CLIENT = r'''
+import http.client, json, sys, threading, time
+host, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+bodies = json.load(sys.stdin)
+out = [None] * len(bodies)
+def one(i):
+    t0 = time.monotonic()
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=30)
+        c.request("POST", "/api/overlay/register", body=json.dumps(bodies[i]),
+                  headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+        r = c.getresponse()
+        out[i] = [r.status, json.loads(r.read().decode()), time.monotonic() - t0]
+    except Exception as exc:
+        out[i] = [None, repr(exc), time.monotonic() - t0]
+threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+for t in threads: t.start()
+for t in threads: t.join()
+json.dump(out, sys.stdout)
+'''
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def body(node, name, **extra):
+    req = {"runner_name": name, "physical_ip": node.ip, "vxlan_id": 100, "vxlan_port": 4789,
+           "mtu": 1450}
+    req.update(extra)
+    return req
+
+
+def client(c, node, bodies):
+    """Popen of REG_CLIENT in node's namespace, bodies already written to its stdin."""
+    p = subprocess.Popen(["ip", "netns", "exec", node.ns, sys.executable, "-c", REG_CLIENT, HOST,
+                          str(PORT), lab.TOKEN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True)
+    p.stdin.write(json.dumps(bodies))
+    p.stdin.close()
+    return p
+
+
+def collect(p, timeout=60):
+    out = p.stdout.read()
+    err = p.stderr.read()
+    p.wait(timeout)
+    assert p.returncode == 0, err[-2000:]
+    return json.loads(out)
+
+
+def register(c, node, name, **extra):
+    """(status, answer) of one registration from node (status None: no answer)."""
+    status, answer, _ = collect(client(c, node, [body(node, name, **extra)]))[0]
+    return status, answer
+
+
+def state(c):
+    path = c.host.workdir / "state.json"
+    data = json.loads(path.read_text())
+    assert data["version"] == 1
+    allocs = data["allocations"]
+    ids = [a["runner_id"] for a in allocs]
+    assert len(ids) == len(set(ids))
+    return dict((a["runner_id"], a) for a in allocs)
+
+
+def devices(c):
+    """{vxkrN: remote} of the host's vxlan devices."""
+    out = json.loads(c.sh(c.host, "ip", "-j", "-d", "link", "show").stdout)
+    return dict((l["ifname"], l["linkinfo"]["info_data"].get("remote")) for l in out
+                if (l.get("linkinfo") or {}).get("info_kind") == "vxlan")
+
+
+def allocations(c):
+    return sorted((a["runner_id"], a["runner_name"], a["physical_ip"], a["active"])
+                  for a in c.status()["allocations"])
+
+
+def host_pid(c):
+    return c._procs["host"][0].pid
+
+
+def runner_pid(c, i):
+    return c._procs[c.runners[i - 1].name][0].pid
+
+
+def forward(c, node):
+    return c.sh(node, "iptables", "-S", "FORWARD").stdout.splitlines()
+
+
+MARKED = ["-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
+          "-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"]
+
+
+def clean_runner(c, i):
+    """Stop runner i (SIGCONT first, in case it is frozen) and remove what it built."""
+    node = c.runners[i - 1]
+    if c.proc_running(node.name):
+        try:
+            os.kill(runner_pid(c, i), signal.SIGCONT)
+        except OSError:
+            pass
+        c.stop_runner(i)
+    c.script(node, "runner", "down", "--force")
+    c.sh(node, "rm", "-f", str(node.workdir / "runner-state.json"))
+
+
+# ---- the lab ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def c():
+    lab.require(docker=False)
+    with lab.Lab(runners=2, docker=False) as cluster:
+        cluster.bare_nodes = {}
+        yield cluster
+
+
+def bare(c, k):
+    """Bare namespace k (1..20) at 198.51.100.(100+k), created on first use."""
+    if k not in c.bare_nodes:
+        c.bare_nodes[k] = c.add_bare_node("b%d" % k, "198.51.100.%d" % (100 + k))
+    return c.bare_nodes[k]
+
+
+def fresh_host(c, **config):
+    """Stop the host and every runner, remove devices, rules and state; start it again."""
+    for i in (1, 2):
+        clean_runner(c, i)
+    c.stop_host()
+    c.script(c.host, "host", "down", check=True)
+    for p in c.host.workdir.glob("state.json*"):
+        p.unlink()
+    settings = {"OVERLAY_REPAIR_INTERVAL": 1}
+    settings.update(config)
+    c.host_config(**settings)
+    c.start_host()
+    return c
+
+
+# ---- kill -9 at each step of a registration -------------------------------------------------
+
+
+@pytest.mark.parametrize("point", FAILPOINTS)
+def test_kill_9_during_a_registration_loses_nothing(c, point, monkeypatch):
+    fresh_host(c)
+    b1, b2 = bare(c, 1), bare(c, 2)
+    assert register(c, b1, "early")[1]["runner_id"] == 1
+    c.stop_host()
+    monkeypatch.setenv("KOHAKU_OVERLAY_FAILPOINT", point)
+    c.start_host()
+    monkeypatch.delenv("KOHAKU_OVERLAY_FAILPOINT")
+    status, answer = register(c, b2, "late")
+    assert status is None                       # the host died before it could answer
+    assert c.stop_host() == -signal.SIGKILL     # it was the failpoint, not something else
+    saved = state(c)
+    names = dict((a["runner_name"], n) for n, a in saved.items())
+    assert names.get("early") == 1              # every answered registration is in the file
+    assert ("late" in names) == (point != "commit:before-save")
+    c.start_host()
+    st = c.status()
+    assert sorted(devices(c)) == sorted(a["vxlan_device"] for a in st["allocations"])
+    assert register(c, b2, "late")[1]["runner_id"] == 2
+    assert register(c, b1, "early")[1]["runner_id"] == 1
+    assert devices(c) == {"vxkr1": b1.ip, "vxkr2": b2.ip}
+    assert sorted((n, a["runner_name"]) for n, a in state(c).items()) == [(1, "early"), (2, "late")]
+
+
+def test_a_second_serve_on_the_same_state_refuses(c):
+    fresh_host(c)
+    res = c.script(c.host, "host", "serve", timeout=30)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1
+    assert len(lines) == 1
+    assert lines[0].startswith("error: another kohaku_overlay_host.py serve already uses ")
+    assert c.proc_running("host")
+    assert c.status()["total"] == 0
+
+
+# ---- many at once -----------------------------------------------------------------------------
+
+
+def test_200_concurrent_registrations_from_20_namespaces(c):
+    fresh_host(c)
+    nodes = [bare(c, k) for k in range(1, 21)]
+    t0 = time.monotonic()
+    procs = [(node, client(c, node, [body(node, "n%d-%d" % (k, j)) for j in range(10)]))
+             for k, node in enumerate(nodes, 1)]
+    answers = {}
+    for node, p in procs:
+        for status, answer, _ in collect(p, timeout=120):
+            assert status == 200, answer
+            answers[answer["runner_name"]] = (answer["runner_id"], node.ip)
+    elapsed = time.monotonic() - t0
+    assert len(answers) == 200
+    assert sorted(n for n, _ in answers.values()) == list(range(1, 201))
+    saved = state(c)
+    assert dict((a["runner_name"], (n, a["physical_ip"])) for n, a in saved.items()) == answers
+    mode = stat.S_IMODE(os.stat(str(c.host.workdir / "state.json")).st_mode)
+    assert mode == 0o600
+    devs = devices(c)
+    assert len(devs) == 200
+    assert all(devs["vxkr" + lab_base36(n)] == ip for n, ip in answers.values())
+    chain = c.sh(c.host, "iptables", "-S", "KOHAKU-VXLAN").stdout.splitlines()
+    assert sorted(chain[1:-1]) == sorted("-A KOHAKU-VXLAN -s %s/32 -j ACCEPT" % n.ip for n in nodes)
+    assert chain[-1] == "-A KOHAKU-VXLAN -j DROP"
+    assert elapsed < 30
+
+
+def lab_base36(n):
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
+# ---- lost state -------------------------------------------------------------------------------
+
+
+def test_a_deleted_state_file_is_rebuilt_from_the_devices(c):
+    fresh_host(c)
+    b = [bare(c, k) for k in (1, 2, 3, 4)]
+    for k, name in enumerate(("alpha", "beta", "gamma")):
+        assert register(c, b[k], name)[1]["runner_id"] == k + 1
+    c.stop_host()
+    (c.host.workdir / "state.json").unlink()
+    c.start_host()
+    assert allocations(c) == [(1, None, b[0].ip, False), (2, None, b[1].ip, False),
+                              (3, None, b[2].ip, False)]
+    assert register(c, b[3], "newcomer")[1]["runner_id"] == 4    # no live id re-issued
+    assert register(c, b[1], "beta")[1]["runner_id"] == 2        # claimed by its address
+    assert sorted((n, a["runner_name"]) for n, a in state(c).items()) == \
+        [(1, None), (2, "beta"), (3, None), (4, "newcomer")]
+    assert devices(c) == {"vxkr1": b[0].ip, "vxkr2": b[1].ip, "vxkr3": b[2].ip, "vxkr4": b[3].ip}
+
+
+def test_a_host_reboot_gives_real_runners_their_old_subnets_back(c):
+    fresh_host(c)
+    r1, r2 = c.runners
+    try:
+        c.start_runner(1)
+        c.start_runner(2)
+        c.wait_active(["runner1", "runner2"])
+        assert [(a[0], a[1]) for a in allocations(c)] == [(1, "runner1"), (2, "runner2")]
+        ca = c.container(r1, "reboot-a")
+        cb = c.container(r2, "reboot-b")
+        ip_a, ip_b = c.container_ip(r1, ca), c.container_ip(r2, cb)
+        assert c.ping(r1, ca, ip_b)
+        # the reboot: runner 1 frozen (it keeps its allocation in memory), runner 2 stopped
+        # (it keeps it in its local file); the host loses its state file and every device
+        os.kill(runner_pid(c, 1), signal.SIGSTOP)
+        assert c.stop_runner(2) == 0
+        assert c.stop_host(signal.SIGKILL) == -signal.SIGKILL
+        (c.host.workdir / "state.json").unlink()
+        assert c.script(c.host, "host", "down").returncode == 0
+        assert devices(c) == {}
+        c.start_host()
+        # runner 2 registers first: without previous_runner_id it would get id 1
+        c.start_runner(2)
+        c.wait_for(lambda: [(a[0], a[1]) for a in allocations(c)] == [(2, "runner2")],
+                   timeout=15, what="runner2 registered again", log=["host", "runner2"])
+        os.kill(runner_pid(c, 1), signal.SIGCONT)
+        c.wait_active(["runner1", "runner2"], timeout=30)
+        assert [(a[0], a[1]) for a in allocations(c)] == [(1, "runner1"), (2, "runner2")]
+        # within seconds, not after the runners' stale ARP entry for 10.N.0.254 (the old
+        # vxkrN's MAC) times out, ~30-40 s later (see /work/host-bugs.md)
+        c.wait_for(lambda: c.ping(r1, ca, ip_b), timeout=10, what="containers to talk again",
+                   log=["host", "runner1", "runner2"])
+        assert (c.container_ip(r1, ca), c.container_ip(r2, cb)) == (ip_a, ip_b)
+    finally:
+        clean_runner(c, 1)
+        clean_runner(c, 2)
+
+
+def test_a_frozen_runner_turns_inactive_and_comes_back_with_its_id(c):
+    fresh_host(c)
+    try:
+        c.start_runner(1)
+        c.wait_active(["runner1"])
+        pid = runner_pid(c, 1)
+        os.kill(pid, signal.SIGSTOP)
+        c.wait_for(lambda: allocations(c) == [(1, "runner1", c.runners[0].ip, False)],
+                   timeout=15, interval=0.5, what="runner1 Inactive with id 1")
+        assert devices(c) == {"vxkr1": c.runners[0].ip}
+        assert register(c, bare(c, 1), "other")[1]["runner_id"] == 2   # id 1 is kept
+        os.kill(pid, signal.SIGCONT)
+        c.wait_for(lambda: (1, "runner1", c.runners[0].ip, True) in allocations(c),
+                   timeout=10, interval=0.3, what="runner1 Active again")
+        assert [(n, a["runner_name"]) for n, a in sorted(state(c).items())] == \
+            [(1, "runner1"), (2, "other")]
+    finally:
+        clean_runner(c, 1)
+
+
+# ---- drift ------------------------------------------------------------------------------------
+
+
+def _ours(c, node):
+    """Our rules on node, in iptables-save order (filter and nat)."""
+    return [l for table in ("filter", "nat") for l in
+            c.sh(node, "iptables", "-t", table, "-S").stdout.splitlines()
+            if "kohaku-overlay" in l or "KOHAKU-VXLAN" in l]
+
+
+def test_drift_is_repaired_by_serve_on_both_sides(c):
+    fresh_host(c)
+    r1, r2 = c.runners
+    try:
+        c.start_runner(1)
+        c.start_runner(2)
+        c.wait_active(["runner1", "runner2"])
+        ca = c.container(r1, "drift-a")
+        cb = c.container(r2, "drift-b")
+        ip_b = c.container_ip(r2, cb)
+        assert c.ping(r1, ca, ip_b)
+        want = {"host": _ours(c, c.host), "runner1": _ours(c, r1)}
+        assert len(want["host"]) >= 4 and len(want["runner1"]) == 3
+
+        def repaired(node, key, extra=lambda: True):
+            def ok():
+                have = _ours(c, node)
+                return (sorted(have) == sorted(want[key]) and forward(c, node)[1:3] == MARKED
+                        and extra())
+            return ok
+
+        def drift(node, key, what, argvs, extra=lambda: True, timeout=12):
+            for argv in argvs:
+                c.sh(node, *argv)
+            c.wait_for(repaired(node, key, extra), timeout=timeout, interval=0.3,
+                       what="%s: serve to repair %s" % (node.name, what),
+                       log=["host", "runner1"])
+            c.wait_for(lambda: c.ping(r1, ca, ip_b), timeout=8, interval=0.2,
+                       what="traffic across the host again after %s" % what)
+
+        for node, key in ((c.host, "host"), (r1, "runner1")):
+            drift(node, key, "FORWARD rules deleted under a DROP policy",
+                  [["iptables", "-P", "FORWARD", "DROP"]] +
+                  [["iptables", "-D"] + rule.split()[1:] for rule in MARKED])
+            c.sh(node, "iptables", "-P", "FORWARD", "ACCEPT")
+            drift(node, key, "iptables flushed", [["iptables", "-F"], ["iptables", "-t", "nat", "-F"]])
+
+        def link(node, name):
+            return json.loads(c.sh(node, "ip", "-j", "-d", "link", "show", "dev", name).stdout)[0]
+
+        def route_ok():
+            out = c.sh(r1, "ip", "-j", "route", "show", "10.0.0.0/8").stdout
+            return [(r.get("gateway"), r.get("dev")) for r in json.loads(out)] == \
+                [("10.1.0.254", lab.OVERLAY_BRIDGE)]
+
+        drift(r1, "runner1", "the overlay route", [["ip", "route", "del", "10.0.0.0/8"]],
+              extra=route_ok)
+        drift(r1, "runner1", "vxlan0 down", [["ip", "link", "set", "vxlan0", "down"]],
+              extra=lambda: "UP" in link(r1, "vxlan0")["flags"])
+        drift(r1, "runner1", "vxlan0 detached from the bridge",
+              [["ip", "link", "set", "vxlan0", "nomaster"]],
+              extra=lambda: link(r1, "vxlan0").get("master") == lab.OVERLAY_BRIDGE)
+        drift(c.host, "host", "vxkr1 deleted", [["ip", "link", "del", "vxkr1"]],
+              extra=lambda: devices(c).get("vxkr1") == r1.ip)
+        assert "repaired drift" in (c.host.workdir / "host.log").read_text()
+    finally:
+        for node in (c.host, r1):
+            c.sh(node, "iptables", "-P", "FORWARD", "ACCEPT", check=False)
+        clean_runner(c, 1)
+        clean_runner(c, 2)
+
+
+# ---- iptables-legacy beside iptables-nft --------------------------------------------------------
+
+
+def test_check_reports_iptables_legacy_rules_beside_nft(c):
+    fresh_host(c)
+
+    def backends():
+        res = c.script(c.host, "check", "--json", timeout=90)
+        report = json.loads(res.stdout)
+        found = [r for r in report["results"] if r["id"].endswith("iptables.backends")]
+        assert len(found) == 1, report["results"]
+        return res.returncode, found[0]
+
+    rc, clean = backends()
+    assert clean["status"] == "PASS"
+    try:
+        c.sh(c.host, "iptables-legacy", "-A", "FORWARD", "-s", "10.0.0.0/8", "-j", "DROP")
+        rc, mixed = backends()
+        assert (rc, mixed["status"]) == (1, "FAIL")
+        assert "legacy" in mixed["detail"]
+        assert "iptables-legacy" in mixed["fix"]
+    finally:
+        c.sh(c.host, "iptables-legacy", "-F", "FORWARD", check=False)
+    rc, after = backends()
+    assert after["status"] == "PASS"
