@@ -810,9 +810,11 @@ def gather(snap, links, links_text=""):
     elif not backends:
         snap.lost("ipt", "iptables is not installed: install iptables")
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(len(jobs), 1))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) + 2)
     try:
         futures = dict((k, pool.submit(f)) for k, f in jobs.items())
+        # a runner that knows its allocation from its state file pings while the rest is read
+        pings = {} if host else start_pings(snap, runner_allocation(snap), pool)
         results = {}
         for key, fut in futures.items():
             try:
@@ -822,7 +824,7 @@ def gather(snap, links, links_text=""):
         store_results(snap, results)
         if not host:
             snap.alloc = runner_allocation(snap)
-            ping_probes(snap, pool)
+            collect_pings(snap, pings or start_pings(snap, snap.alloc, pool))
     finally:
         pool.shutdown(wait=True)
 
@@ -952,24 +954,28 @@ def runner_allocation(snap):
     return alloc
 
 
-def ping_probes(snap, pool):
-    """Ping the host's overlay IP, and a don't-fragment probe at the MTU, in parallel."""
-    alloc = snap.alloc
+def start_pings(snap, alloc, pool):
+    """Ping the host's overlay IP, and a don't-fragment probe at the MTU, side by side.
+    -> {probe: (argv, future)}; collect_pings() waits for them."""
     if alloc is None:
-        snap.lost("pings", "no allocation known")
-        return
+        return {}
     target = alloc.get("host_overlay_ip") or alloc.get("host_vxlan_ip")
     mtu = alloc.get("mtu") or snap.cfg["OVERLAY_MTU"]
     probes = {"ping": ["ping", "-n", "-c", "1", "-W", "1", target],
               "df": ["ping", "-n", "-M", "do", "-s", str(mtu - 28), "-c", "1", "-W", "1",
                      target]}
     snap.pings["target"] = target
-    futures = dict((k, pool.submit(run, argv, False)) for k, argv in probes.items())
-    for key, fut in futures.items():
+    return dict((k, (argv, pool.submit(run, argv, False))) for k, argv in probes.items())
+
+
+def collect_pings(snap, started):
+    if not started:
+        snap.lost("pings", "no allocation known")
+    for key, (argv, fut) in started.items():
         try:
             res = fut.result()
             text = (res.out + res.err).strip().splitlines()
-            snap.pings[key] = (res.rc == 0, quote_argv(probes[key]),
+            snap.pings[key] = (res.rc == 0, quote_argv(argv),
                                first_line(res.err) or (text[1] if len(text) > 1 else ""))
         except OverlayError as e:
             snap.lost("pings", str(e))
@@ -1782,10 +1788,12 @@ def check_runner_status(snap):
                                                     mine[0].get("subnet")))
 
 
-@check("settings", "VNI base, port and MTU match the host's", roles=("runner",),
-       needs=("allocation",))
+@check("settings", "VNI base, port and MTU match the host's", roles=("runner",))
 def check_settings(snap):
-    cfg, alloc = snap.cfg, snap.alloc
+    """Compares with the host's status (vxlan_id/vxlan_port/mtu), else with the host's last
+    answer kept in the state file. Works before registration too: a mismatch is exactly what
+    makes the host refuse to register this runner (409)."""
+    cfg, alloc = snap.cfg, snap.alloc or {"source": "none"}
     res = snap.api.get("status")
     body = res[1] if isinstance(res, tuple) and res[0] == 200 and \
         isinstance(res[1], dict) else {}
@@ -1804,6 +1812,9 @@ def check_settings(snap):
         raise Skip("the host's settings are unknown")
     wrong = [(cfg_key, cfg[cfg_key], host[key]) for key, cfg_key in SETTINGS
              if key in host and host[key] != cfg[cfg_key]]
+    if not wrong and not snap.alloc and body:
+        return ok("%s match the host's status" % ", ".join(
+            "%s=%s" % (k, host[k]) for k, _ in SETTINGS if k in host))
     if wrong:
         return fail("%s; the host refuses to register this runner (409)" % "; ".join(
             "%s = %s here but %s on the host" % w for w in wrong),
@@ -1940,7 +1951,9 @@ def check_udp_csum(snap):
     if not after:
         return ok("Udp InCsumErrors 0")
     old = kernel_older(snap.kernel, 5, 7)
-    why = (" (kernel %s < 5.7 has the VXLAN checksum offload bug)" % snap.kernel) if old else ""
+    why = (" (kernel %s < 5.7 has the VXLAN checksum offload bug)" % snap.kernel) if old else \
+        " (kernel %s is past the < 5.7 VXLAN checksum offload bug: a sender sends bad " \
+        "checksums)" % snap.kernel
     fix = ("ethtool -K %s tx-checksum-ip-generic off (or upgrade the kernel to 5.7+)" %
            (RUNNER_VXLAN if snap.role == "runner" else "vxkrN")) if old else \
         "find the sender: tcpdump -vv -ni any udp port %d | grep -i 'bad udp cksum'" % \

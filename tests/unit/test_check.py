@@ -1161,6 +1161,24 @@ def test_old_kernel_checksum_errors_name_the_offload_bug():
     assert fix.startswith("ethtool -K vxlan0 tx-checksum-ip-generic off")
 
 
+def test_settings_mismatch_found_before_registration(fake):
+    """The host refuses (409) a runner whose MTU differs: no state file, not in the status."""
+    node = healthy_runner()
+    del node.files[RUNNER_STATE]
+    f_runner_not_listed(node)
+    f_runner_mtu_mismatch(node)
+    rc, results, _ = check_run(fake, node)
+    assert results["runner.allocation"]["status"] == "FAIL"
+    assert results["runner.settings"]["status"] == "FAIL"
+    assert results["runner.settings"]["detail"] == "OVERLAY_MTU = 1400 here but 1450 on the " \
+        "host; the host refuses to register this runner (409)"
+    assert results["runner.settings"]["fix"] == "OVERLAY_MTU = 1450   # in %s\nthen " \
+        "systemctl restart kohakuriver-runner" % RUNNER_CFG
+    assert results["runner.ping"]["detail"] == "needs runner.allocation"
+    assert not any(c[0] == "ping" for c in node.calls)
+    assert rc == 1
+
+
 def test_runner_falls_back_to_host_status_without_state_file(fake):
     node = healthy_runner()
     del node.files[RUNNER_STATE]
