@@ -1405,7 +1405,7 @@ def test_an_id_whose_device_exists_is_never_handed_out(tmp_path, fake):
 
 def healthy(hub, n_allocs):
     """A hub with n allocations whose kernel is exactly right; returns the ip/iptables texts."""
-    allocs = dict((n, alloc(n, "runner%d" % n, "198.51.100.%d" % n if n < 255 else "198.51.101.1"))
+    allocs = dict((n, alloc(n, "runner%d" % n, "198.51.{}.{}".format(100 + n // 200, 10 + n % 200)))
                   for n in range(1, n_allocs + 1))
     hub.allocs = hub.store.update(lambda a: a.update(allocs))
     hub.store.writes = 0
@@ -1509,7 +1509,7 @@ def test_reregistration_costs_no_process_and_one_write(tmp_path, fake):
     hub = make_hub(tmp_path)
     healthy(hub, 200)
     hub.kernel.links = tunnels(hub, hub.allocs)
-    job = host.Job("register", runner_name="runner7", physical_ip="198.51.100.7",
+    job = host.Job("register", runner_name="runner7", physical_ip="198.51.100.17",
                    previous_runner_id=None)
     hub.commit([job])
     assert (job.status, job.answer["runner_id"]) == (200, 7)
@@ -2621,3 +2621,84 @@ def test_serve_process_notifies_systemd_refuses_a_second_serve_and_stops_on_sigt
             proc.wait()
         notify.close()
     assert not (tmp_path / "state" / "overlay-state.json").exists()
+
+
+def test_cli_with_a_non_ascii_token_works_or_is_refused_as_config(tmp_path, fake, capsys):
+    """BUG (host-bugs.md): the server compares the token as UTF-8 bytes, http.client sends header
+    values as latin-1: with OVERLAY_TOKEN = "tökén" on both sides `status` gets 401. Either the
+    command works, or such a token is a config error (exit 2) naming OVERLAY_TOKEN."""
+    hub = make_hub(tmp_path, OVERLAY_TOKEN="t\u00f6k\u00e9n")
+    with api_server(host.Api(hub).dispatch) as srv:
+        path = host_config(tmp_path, HOST_PORT=srv.port, OVERLAY_TOKEN="t\u00f6k\u00e9n")
+        code = host.main(["status", "--config", path, "--json"])
+    captured = capsys.readouterr()
+    if code == 2:
+        assert captured.err.startswith("error: ") and "OVERLAY_TOKEN" in captured.err
+    else:
+        assert (code, captured.err) == (0, "")
+        assert json.loads(captured.out)["total"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Activity, restarts and concurrency
+# ---------------------------------------------------------------------------------------------
+
+
+def test_runner_turns_inactive_after_overlay_inactive_after(tmp_path, fake):
+    hub = make_hub(tmp_path, allocs={1: alloc(1, "r1", A_IP), 2: alloc(2, "r2", B_IP)},
+                   OVERLAY_INACTIVE_AFTER=2)
+    now = time.monotonic()
+    hub.beats.update({"r1": now - 1.0, "r2": now - 3.0})
+    assert [a["active"] for a in hub.status()["allocations"]] == [True, False]
+    assert (hub.status()["active"], hub.status()["inactive"]) == (1, 1)
+
+
+def test_after_a_restart_runners_are_inactive_until_they_heartbeat(tmp_path, fake):
+    hub = make_hub(tmp_path, allocs={1: alloc(1, "r1", A_IP), 2: alloc(2, "r2", B_IP)})
+    fake.answer(IP_SHOW, (0, "[]", ""))
+    hub.load()
+    st = hub.status()
+    assert (st["total"], st["active"], st["inactive"]) == (2, 0, 2)
+    assert [a["last_seen"] for a in st["allocations"]] == [1000.0, 1000.0]
+    hub.heartbeat("r1", A_IP)
+    assert hub.status()["active"] == 1
+
+
+def test_repair_pass_saves_the_heartbeats_seen(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    links, rules = healthy(hub, 1)
+    fake.answer(IP_SHOW, (0, links, ""))
+    fake.answer(IPT_S, (0, rules, ""))
+    ip = hub.allocs[1]["physical_ip"]
+    hub.heartbeat("runner1", ip)
+    assert hub.reconcile() == []
+    assert hub.store.writes == 1
+    assert hub.store.read()[0][1]["last_seen"] > 1000.0
+    assert fake.calls == [IP_SHOW, IPT_S]
+
+
+def test_concurrent_registrations_get_distinct_ids_in_few_commits(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    api = host.Api(hub)
+    answers = [None] * 100
+
+    def one(i):
+        answers[i] = register(api, "r%d" % i, "198.51.100.%d" % (i + 10))
+
+    with writer_running(hub):
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert [a[0] for a in answers] == [200] * 100
+    assert sorted(a[1]["runner_id"] for a in answers) == list(range(1, 101))
+    saved = hub.store.read()[0]
+    assert sorted(saved) == list(range(1, 101))
+    assert dict((a["runner_name"], n) for n, a in saved.items()) == dict(
+        (a[1]["runner_name"], a[1]["runner_id"]) for a in answers)
+    # group commit: one state write and at most two processes per commit, never more
+    assert hub.store.writes <= 100
+    assert len(fake.calls) <= 2 * hub.store.writes + 1
+    devices = [l.split()[2] for b in fake.batches() for l in b if l.startswith("link add")]
+    assert sorted(devices) == sorted(hub.layout.device(n) for n in range(1, 101))
