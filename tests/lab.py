@@ -38,6 +38,7 @@ Importable API (tests/ is on sys.path through tests/conftest.py)::
         c.firewall_cmd(*args) -> CompletedProcess     # firewalld=True: the lab's firewalld
         c.wait_for(pred, timeout=10, interval=0.1, what="...", log=None)  # AssertionError + log tails
         c.log_tail("host"|"runner1"|"dockerd-r1"|..., lines=40) -> str
+        lab.require(docker=True, firewalld=False)    # in a test: skip here / fail under CI=true
         c.add_bare_node(name, ip) -> Node  # a namespace on the underlay, nothing else
         c.teardown()                   # idempotent; also on exceptions, atexit and SIGTERM/SIGHUP
 
@@ -151,6 +152,17 @@ def cannot_run_reason(docker=True, firewalld=False):
         return "missing tools: %s (apt-get install iproute2 iptables iputils-ping util-linux " \
                "busybox-static docker.io firewalld dbus)" % ", ".join(miss)
     return None
+
+
+def require(docker=True, firewalld=False):
+    """For tests: skip with the reason when the lab cannot run here, fail instead under CI=true."""
+    import pytest
+    reason = cannot_run_reason(docker=docker, firewalld=firewalld)
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("CI=true but the lab cannot run: %s" % reason, pytrace=False)
+    pytest.skip(reason)
 
 
 def _path():
@@ -644,10 +656,12 @@ class Lab(object):
                      "--log-file", w / "firewalld.log"], env=env)
         self.wait_for(lambda: self._firewalld_running(), timeout=60, interval=0.3,
                       what="firewalld in the host namespace to run", log=["firewalld", "dbus"])
-        # what an operator following the guide does on the host
-        self.firewall_cmd("--add-port=8000/tcp", "--add-port=4789/udp", check=True)
-        self.say("firewalld runs in %s (bus %s), 8000/tcp and 4789/udp open"
-                 % (self.host.ns, self.dbus_address))
+        # what an operator following the guide does on the host: permanent (written to the lab's
+        # copy of /etc/firewalld, never the machine's) so that a later --reload keeps them
+        self.firewall_cmd("--permanent", "--add-port=8000/tcp", "--add-port=4789/udp", check=True)
+        self.firewall_cmd("--reload", check=True)
+        self.say("firewalld runs in %s (bus %s, config %s), 8000/tcp and 4789/udp open"
+                 % (self.host.ns, self.dbus_address, fwconf))
 
     def _firewalld_running(self):
         popen = self._procs["firewalld"][0]

@@ -8,7 +8,6 @@
   rules and ip_forward must be what they were before. A difference is reported as an error.
 """
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -17,20 +16,6 @@ import pytest
 import lab
 
 HERE = Path(__file__).resolve().parent
-
-
-def in_ci():
-    return os.environ.get("CI", "").lower() == "true"
-
-
-def require(docker=True, firewalld=False):
-    """Skip (fail under CI=true) when the lab cannot run here with these parts."""
-    reason = lab.cannot_run_reason(docker=docker, firewalld=firewalld)
-    if reason is None:
-        return
-    if in_ci():
-        pytest.fail("CI=true but the lab cannot run: %s" % reason, pytrace=False)
-    pytest.skip(reason)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -90,7 +75,7 @@ def _comm(pid):
 @pytest.fixture(scope="session", autouse=True)
 def lab_guard():
     """Session-wide: the can-it-run decision first, the nothing-left check last."""
-    require(docker=True)
+    lab.require(docker=True)
     before = _root_snapshot()
     yield
     lab._teardown_all()
