@@ -92,7 +92,7 @@ MAX_CONNECTIONS = 1024          # open connections (less when the fd limit is lo
 MAX_WORKERS = 32                # threads that run handlers (registration waits on a commit)
 MAX_PENDING = 512               # complete requests waiting for a worker; more get 503
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 STATE_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +219,24 @@ def _describe_node(node):
     return names.get(type(node), "a {} statement".format(type(node).__name__))
 
 
+# what ast and literal_eval raise on hostile input: unhashable set members, deep nesting
+LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
+
+
 def _is_string(node):
     try:
         return isinstance(ast.literal_eval(node), str)
-    except ValueError:
+    except LITERAL_ERRORS:
         return False
+
+
+def _short(value):
+    """repr() for messages: bounded, and safe for ints too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number too long to print"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_config(path, keys, explicit):
@@ -246,7 +259,7 @@ def read_config(path, keys, explicit):
     where = os.path.basename(full)
     try:
         tree = ast.parse(source, filename=full)
-    except (SyntaxError, ValueError) as exc:
+    except LITERAL_ERRORS as exc:
         raise ConfigError("{} line {}: not valid Python syntax ({}); fix that line".format(
             where, getattr(exc, "lineno", "?"), getattr(exc, "msg", exc)))
     for node in tree.body:
@@ -270,14 +283,14 @@ def read_config(path, keys, explicit):
             continue
         try:
             literal = ast.literal_eval(value)
-        except ValueError:
+        except LITERAL_ERRORS:
             raise ConfigError("{} line {}: {} must be a plain literal, not an expression that "
                               "runs code; write the value itself".format(where, node.lineno, name))
         want = keys[name][0]
         if type(literal) is not want:  # bool is not an int here, and int is not a bool
-            raise ConfigError("{}: {} must be {}, got {!r} on line {}".format(
+            raise ConfigError("{}: {} must be {}, got {} on line {}".format(
                 where, name, {bool: "True or False", int: "an integer", str: "a string"}[want],
-                literal, node.lineno))
+                _short(literal), node.lineno))
         values[name] = literal
     return values
 
@@ -396,7 +409,8 @@ def load_settings(path, explicit):
                            ("OVERLAY_MTU", 576, 9000), ("OVERLAY_INACTIVE_AFTER", 1, 86400),
                            ("OVERLAY_REPAIR_INTERVAL", 1, 3600)):
         if not low <= cfg[key] <= high:
-            raise ConfigError("{} = {} is out of range: use {}..{}".format(key, cfg[key], low, high))
+            raise ConfigError("{} = {} is out of range: use {}..{}".format(
+                key, _short(cfg[key]), low, high))
     if not 1 <= cfg["OVERLAY_VXLAN_ID"] or cfg["OVERLAY_VXLAN_ID"] + layout.max_id > 0xFFFFFF:
         raise ConfigError("OVERLAY_VXLAN_ID = {} leaves no room for {} VNIs below 16777216".format(
             cfg["OVERLAY_VXLAN_ID"], layout.max_id))
@@ -411,7 +425,8 @@ def load_settings(path, explicit):
 # Parsers: pure functions over tool output
 # ---------------------------------------------------------------------------------------------
 
-Link = collections.namedtuple("Link", "name kind up mtu vni local remote port learning addrs")
+Link = collections.namedtuple("Link", "name kind up mtu vni local remote port learning addrs mac")
+Link.__new__.__defaults__ = (None,)  # mac: only compared where the hub sets it
 
 
 def parse_links(text):
@@ -426,7 +441,7 @@ def parse_links(text):
             name=item["ifname"], kind=info.get("info_kind"), up="UP" in item.get("flags", []),
             mtu=item.get("mtu"), vni=data.get("id"), local=data.get("local"),
             remote=data.get("remote"), port=data.get("port"), learning=data.get("learning"),
-            addrs=addrs)
+            addrs=addrs, mac=item.get("address"))
     return links
 
 
@@ -515,8 +530,19 @@ class Kernel(object):
 
     @staticmethod
     def restore(lines):
-        if lines:
-            run(["iptables-restore", "--noflush"], input="*filter\n" + "\n".join(lines) + "\nCOMMIT\n")
+        """Apply filter-table changes in one iptables-restore; each is shown as the iptables
+        command it stands for, so --dry-run shows the rules themselves."""
+        if not lines:
+            return
+        for line in lines:
+            shown = "iptables -N " + line[1:].split()[0] if line.startswith(":") else \
+                "iptables " + line
+            if DRY_RUN:
+                print("[#] " + shown)
+            else:
+                log.info("[#] %s", shown)
+        run(["iptables-restore", "--noflush"], echo=False,
+            input="*filter\n" + "\n".join(lines) + "\nCOMMIT\n")
 
     def read_rules(self):
         return run(["iptables", "-S"], mutates=False).stdout
@@ -544,11 +570,11 @@ class Kernel(object):
         return self.links
 
     def tunnel_spec(self, n, remote):
+        vni = self.cfg["OVERLAY_VXLAN_ID"] + n
         return Link(name=self.layout.device(n), kind="vxlan", up=True, mtu=self.cfg["OVERLAY_MTU"],
-                    vni=self.cfg["OVERLAY_VXLAN_ID"] + n,
-                    local=self.cfg["HOST_REACHABLE_ADDRESS"], remote=remote,
+                    vni=vni, local=self.cfg["HOST_REACHABLE_ADDRESS"], remote=remote,
                     port=self.cfg["OVERLAY_VXLAN_PORT"], learning=False,
-                    addrs={self.layout.host_vxlan_cidr(n)})
+                    addrs={self.layout.host_vxlan_cidr(n)}, mac=tunnel_mac(vni))
 
     def tunnel_plan(self, n, remote):
         """ip batch lines that make vxkrN what allocation n wants (none when it already is)."""
@@ -560,8 +586,11 @@ class Kernel(object):
             lines.append("link del " + want.name)
             have = None
         if have is None:
-            lines.append("link add {} type vxlan id {} local {} remote {} dstport {} nolearning"
-                         .format(want.name, want.vni, want.local, want.remote, want.port))
+            lines.append("link add {} address {} type vxlan id {} local {} remote {} dstport {} "
+                         "nolearning".format(want.name, want.mac, want.vni, want.local,
+                                             want.remote, want.port))
+        elif have.mac != want.mac:
+            lines.append("link set {} address {}".format(want.name, want.mac))
         if have is None or have.mtu != want.mtu:
             lines.append("link set {} mtu {}".format(want.name, want.mtu))
         for extra in sorted((have.addrs if have else set()) - want.addrs):
@@ -679,6 +708,13 @@ class Kernel(object):
         missing = sorted(set(names) - set(listed))
         self.trust(missing)
         return missing
+
+
+def tunnel_mac(vni):
+    """A fixed MAC per tunnel (locally administered, from the VNI): a re-created vxkrN keeps
+    its address, so the runners' ARP entries for the host stay right and traffic resumes at
+    once instead of after the neighbour entry expires."""
+    return "02:6b:6f:{:02x}:{:02x}:{:02x}".format((vni >> 16) & 255, (vni >> 8) & 255, vni & 255)
 
 
 def _firewalld_process():
@@ -1083,12 +1119,12 @@ class Hub(object):
                 if n is None:
                     raise ApiError(404, "runner {} has no allocation".format(args["name"]))
                 del allocs[n]
-                job.finish(200, {"released": True})
+                job.status, job.answer = 200, {"released": True}
             elif kind == "cleanup":
                 idle = [n for n, a in allocs.items() if not self.is_active(a)]
                 for n in idle:
                     del allocs[n]
-                job.finish(200, {"released": len(idle)})
+                job.status, job.answer = 200, {"released": len(idle)}
         except ApiError as exc:
             job.finish(exc.status, {"error": exc.message})
 
@@ -1142,8 +1178,10 @@ class Hub(object):
                 log.info("registered %s as runner %d (%s) from %s", name, j.runner_id,
                          answer["subnet"], j.args["physical_ip"])
                 j.finish(200, answer)
-            elif j.kind == "release" and j.status == 200:
-                log.info("released runner %s", j.args["name"])
+            elif not j.done.is_set():  # release and cleanup: answered once the state is saved
+                if j.kind == "release" and j.status == 200:
+                    log.info("released runner %s", j.args["name"])
+                j.finish(j.status, j.answer)
 
     def writer(self):
         """The only thread that changes the state file or the kernel while serving."""
@@ -1280,7 +1318,7 @@ class Api(object):
             raise ApiError(411, "a registration needs a JSON body sent with Content-Length")
         try:
             req = json.loads(body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise ApiError(400, "the body is not valid UTF-8 JSON")
         if not isinstance(req, dict):
             raise ApiError(400, "the body must be a JSON object")
@@ -1355,7 +1393,7 @@ def parse_request(buf):
     if "content-length" not in headers:
         return request[0], request[1], headers, None
     length = headers["content-length"]
-    if not length.isdigit() or len(length) > 12:
+    if not re.match(r"\A[0-9]{1,12}\Z", length):
         raise ApiError(400, "Content-Length must be a non-negative integer")
     if int(length) > MAX_BODY:
         raise ApiError(413, "request body over {} bytes".format(MAX_BODY))
@@ -1415,7 +1453,7 @@ class ApiServer(object):
                 self._expire()
         finally:
             for conn in list(self.conns.values()):
-                self._drop(conn)
+                self._close(conn)
             self.sel.close()
             self.sock.close()
             self.pool.shutdown(wait=False)
@@ -1488,6 +1526,10 @@ class ApiServer(object):
             request = parse_request(conn.buf)
         except ApiError as exc:
             self._refuse(conn, exc.status, {"error": exc.message})
+            return
+        except Exception as exc:  # a parser bug must never end the loop that serves everyone
+            log.exception("cannot parse a request from %s: %r", conn.peer, exc)
+            self._refuse(conn, 400, {"error": "malformed request"})
             return
         if request is None:
             return

@@ -93,6 +93,7 @@ def test_registrations_build_the_hub_end_of_each_tunnel(host):
         assert (data["id"], data["local"], data["remote"], data["port"], data["learning"]) == \
             (100 + n, "198.51.100.1", runner.ip, 4789, False)
         assert dev["mtu"] == 1450
+        assert dev["address"] == "02:6b:6f:00:00:%02x" % (100 + n)  # stable across re-creation
         assert "UP" in dev["flags"]
         assert [(a["local"], a["prefixlen"]) for a in dev["addr_info"] if a["family"] == "inet"] \
             == [("10.%d.0.254" % n, 16)]
@@ -203,7 +204,8 @@ def test_dry_run_prints_the_plan_and_changes_nothing(cluster):
     before = (sorted(links(c)), c.sh(c.host, "iptables-save").stdout.count("\n-A"))
     res = c.script(c.host, "host", "serve", "--dry-run", check=True)
     assert "[#] ip link add kohaku-host type dummy" in res.stdout
-    assert "[#] iptables-restore --noflush" in res.stdout
+    assert "[#] iptables -I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay " \
+        "-j ACCEPT" in res.stdout
     assert (sorted(links(c)), c.sh(c.host, "iptables-save").stdout.count("\n-A")) == before
 
 
