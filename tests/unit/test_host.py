@@ -2702,3 +2702,43 @@ def test_concurrent_registrations_get_distinct_ids_in_few_commits(tmp_path, fake
     assert len(fake.calls) <= 2 * hub.store.writes + 1
     devices = [l.split()[2] for b in fake.batches() for l in b if l.startswith("link add")]
     assert sorted(devices) == sorted(hub.layout.device(n) for n in range(1, 101))
+
+
+def test_server_answers_503_when_too_many_requests_wait(server, monkeypatch):
+    srv, hub = server
+    monkeypatch.setattr(host, "MAX_PENDING", 0)
+    answer = raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert answer.endswith(b'{"error": "the host is busy: try again"}\n')
+
+
+def test_server_closes_connections_over_its_cap_and_keeps_the_others(server):
+    srv, hub = server
+    srv.max_conns = 1
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as first:
+        first.sendall(b"GET /healthz HTTP/1.1\r\n")            # holds the only slot
+        time.sleep(0.3)
+        assert raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\n\r\n", timeout=2.0) == b""
+        first.sendall(b"\r\n")
+        assert first.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
+def test_notify_systemd_abstract_socket(monkeypatch):
+    name = "kohut-notify-{}".format(os.getpid())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(5)
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        host.notify_systemd("READY=1")
+        assert sock.recv(100) == b"READY=1"
+    finally:
+        sock.close()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    host.notify_systemd("READY=1")                              # unset: nothing, no error
+
+
+def test_notify_systemd_to_a_missing_socket_only_warns(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    host.notify_systemd("READY=1")
+    assert "cannot notify systemd:" in caplog.text
