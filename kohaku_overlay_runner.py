@@ -184,6 +184,15 @@ def first_line(text):
 # ---- config reader ----------------------------------------------------------------------------
 
 
+def shown(value, limit=60):
+    """repr() for messages: bounded, and safe for ints too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number of %d bits" % value.bit_length()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 TYPE_WORDS = {str: "a string in quotes", int: "an integer", float: "a number",
               bool: "True or False"}
 
@@ -208,6 +217,9 @@ def parse_config_text(text, filename="runner_config.py"):
     except SyntaxError as e:
         raise ConfigError("%s line %s: not valid Python (%s); fix the line" % (
             filename, e.lineno, e.msg))
+    except (MemoryError, RecursionError, ValueError) as e:
+        raise ConfigError("%s cannot be read (%s): keep to NAME = value lines" % (
+            filename, type(e).__name__))
     values, warnings = {}, []
     for node in tree.body:
         if isinstance(node, ast.Expr) and is_string_literal(node.value):
@@ -234,8 +246,8 @@ def parse_config_text(text, filename="runner_config.py"):
                 filename, node.lineno, name, hint))
             continue
         if not type_ok(literal, KEY_TYPES[name]):
-            raise ConfigError("%s line %d: %s must be %s, not %r; fix the value" % (
-                filename, node.lineno, name, type_name(KEY_TYPES[name]), literal))
+            raise ConfigError("%s line %d: %s must be %s, not %s; fix the value" % (
+                filename, node.lineno, name, type_name(KEY_TYPES[name]), shown(literal)))
         values[name] = literal
     return values, warnings
 
@@ -298,40 +310,40 @@ def validate_config(cfg):
         raise ConfigError("%s in %s %s: %s" % (key, f, why, fix))
 
     if not NAME_RE.match(cfg["RUNNER_NAME"]):
-        bad("RUNNER_NAME", "is %r, not 1-63 of A-Za-z0-9._- starting alphanumeric"
-            % cfg["RUNNER_NAME"], "set a valid name")
+        bad("RUNNER_NAME", "is %s, not 1-63 of A-Za-z0-9._- starting alphanumeric"
+            % shown(cfg["RUNNER_NAME"]), "set a valid name")
     for key in ("HOST_PORT", "OVERLAY_VXLAN_PORT"):
         if not 1 <= cfg[key] <= 65535:
-            bad(key, "is %d, not a port (1-65535)" % cfg[key], "fix the value")
+            bad(key, "is %s, not a port (1-65535)" % shown(cfg[key]), "fix the value")
     if not 1 <= cfg["OVERLAY_VXLAN_ID"] <= 16777215 - 255:
-        bad("OVERLAY_VXLAN_ID", "is %d, out of range" % cfg["OVERLAY_VXLAN_ID"],
+        bad("OVERLAY_VXLAN_ID", "is %s, out of range" % shown(cfg["OVERLAY_VXLAN_ID"]),
             "use a base between 1 and 16776960 (the host's value)")
     if not 576 <= cfg["OVERLAY_MTU"] <= 9000:
-        bad("OVERLAY_MTU", "is %d, out of range" % cfg["OVERLAY_MTU"],
+        bad("OVERLAY_MTU", "is %s, out of range" % shown(cfg["OVERLAY_MTU"]),
             "use the host's value (1450 for a 1500-byte underlay)")
     if not 0 < cfg["HEARTBEAT_INTERVAL"] <= 3600:
-        bad("HEARTBEAT_INTERVAL", "is %r" % cfg["HEARTBEAT_INTERVAL"], "use 1 to 3600 seconds")
+        bad("HEARTBEAT_INTERVAL", "is %s" % shown(cfg["HEARTBEAT_INTERVAL"]), "use 1 to 3600 seconds")
     for key in ("OVERLAY_BRIDGE_NAME",):
         if not IFNAME_RE.match(cfg[key]) or cfg[key] == VXLAN_DEV:
-            bad(key, "is %r, not a valid interface name" % cfg[key],
+            bad(key, "is %s, not a valid interface name" % shown(cfg[key]),
                 "use up to 15 of A-Za-z0-9._- (default kohaku-overlay)")
     for key in ("OVERLAY_NETWORK_NAME", "DOCKER_NETWORK_NAME"):
         if not NAME_RE.match(cfg[key]):
-            bad(key, "is %r, not a valid Docker network name" % cfg[key], "fix the value")
+            bad(key, "is %s, not a valid Docker network name" % shown(cfg[key]), "fix the value")
     if cfg["RUNNER_ADDRESS"]:
         ip = parse_ipv4(cfg["RUNNER_ADDRESS"])
         if ip is None or ip.is_loopback or ip.is_unspecified or ip.is_multicast:
-            bad("RUNNER_ADDRESS", "is %r, not a usable IPv4 address" % cfg["RUNNER_ADDRESS"],
+            bad("RUNNER_ADDRESS", "is %s, not a usable IPv4 address" % shown(cfg["RUNNER_ADDRESS"]),
                 "set this runner's underlay address or remove the line")
     try:
         net = ipaddress.IPv4Network(cfg["DOCKER_NETWORK_SUBNET"])
     except ValueError:
-        bad("DOCKER_NETWORK_SUBNET", "is %r, not an IPv4 network" % cfg["DOCKER_NETWORK_SUBNET"],
+        bad("DOCKER_NETWORK_SUBNET", "is %s, not an IPv4 network" % shown(cfg["DOCKER_NETWORK_SUBNET"]),
             "use a form like 172.30.0.0/16")
     gw = parse_ipv4(cfg["DOCKER_NETWORK_GATEWAY"])
     if gw is None or gw not in net:
-        bad("DOCKER_NETWORK_GATEWAY", "is %r, not an address inside %s" % (
-            cfg["DOCKER_NETWORK_GATEWAY"], net), "use an address of DOCKER_NETWORK_SUBNET")
+        bad("DOCKER_NETWORK_GATEWAY", "is %s, not an address inside %s" % (
+            shown(cfg["DOCKER_NETWORK_GATEWAY"]), net), "use an address of DOCKER_NETWORK_SUBNET")
     token = cfg["OVERLAY_TOKEN"]
     if any(not 33 <= ord(c) <= 126 for c in token):
         bad("OVERLAY_TOKEN", "holds spaces or characters outside printable ASCII",

@@ -1047,3 +1047,17 @@ def test_status_before_any_registration(cfg, node, mocker, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "Runner:         runner1 (not registered)"
     assert out[2] == "vxlan0:         absent"
+
+
+@pytest.mark.parametrize("text,words", [
+    ("OVERLAY_MTU = 0x" + "f" * 5000 + "\n", "OVERLAY_MTU in runner_config.py is a number of"),
+    ("HOST_ADDRESS = " + "not " * 40000 + "1\n", "runner_config.py "),
+    ("RUNNER_NAME = '" + "x" * 500 + "'\n", "RUNNER_NAME in runner_config.py is 'xxx"),
+])
+def test_hostile_config_values_are_config_errors_with_bounded_messages(tmp_path, text, words):
+    p = tmp_path / "runner_config.py"
+    p.write_text(text)
+    with pytest.raises(runner.ConfigError) as e:
+        runner.load_config(str(p))
+    assert str(e.value).startswith(words)
+    assert len(str(e.value)) < 300
