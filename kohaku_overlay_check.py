@@ -1336,8 +1336,8 @@ def check_allocation(snap):
         name = snap.cfg["RUNNER_NAME"] or socket.gethostname()
         return fail("no allocation: %s is missing and the host lists no runner %s" % (path, name),
                     restart(snap))
-    return ok("runner id %s, subnet %s (from the %s)" % (alloc.get("runner_id"),
-                                                        alloc.get("subnet"), alloc["source"]))
+    return ok("runner id %s, subnet %s (from the %s)" % (
+        alloc.get("runner_id"), alloc.get("subnet"), alloc["source"]))
 
 
 def runner_tunnel(snap):
@@ -2027,8 +2027,8 @@ def summary_line(s):
 
 
 def format_report(snap, results):
-    lines = ["kohaku-overlay check %s: role %s, config %s" % (__version__, snap.role,
-                                                             snap.cfg_path)]
+    lines = ["kohaku-overlay check %s: role %s, config %s" % (
+        __version__, snap.role, snap.cfg_path)]
     width = max([len(r.id) for r in results] or [0])
     for r in results:
         lines.append("[%s] %-*s  %s" % (r.status, width, r.id, r.detail))

@@ -97,32 +97,32 @@ COMMIT
 ZONES = """block
   target: %%REJECT%%
   icmp-block-inversion: no
-  interfaces: 
-  sources: 
-  services: 
-  ports: 
-  rich rules: 
+  interfaces:
+  sources:
+  services:
+  ports:
+  rich rules:
 
 public (active)
   target: default
   icmp-block-inversion: no
   interfaces: eth0
-  sources: 
+  sources:
   services: dhcpv6-client ssh
   ports: 4789/udp
-  protocols: 
+  protocols:
   forward: yes
   masquerade: no
-  rich rules: 
+  rich rules:
 
 trusted (active)
   target: ACCEPT
   icmp-block-inversion: no
   interfaces: %s
-  sources: 
-  services: 
-  ports: 
-  rich rules: 
+  sources:
+  services:
+  ports:
+  rich rules:
 """
 
 
@@ -1245,8 +1245,8 @@ def test_json_format(fake):
     assert sorted(data) == ["config", "exit_code", "results", "role", "summary", "version"]
     assert data["role"] == "runner" and data["config"] == RUNNER_CFG
     assert sorted(data["results"][0]) == ["detail", "fix", "id", "status", "title"]
-    assert [r["id"] for r in data["results"]] == [c.id("runner")
-                                                 for c in chk.checks_for("runner")]
+    assert [r["id"] for r in data["results"]] == \
+        [c.id("runner") for c in chk.checks_for("runner")]
 
 
 def test_only_runs_the_named_checks_and_prefixes(fake):
@@ -1309,9 +1309,9 @@ def test_missing_explicit_config_is_exit_2(fake, capsys):
                                  "(found a call); write a plain value\n"),
     ("OVERLAY_MTU = = 3\n", "error: host_config.py line 1: syntax error (invalid syntax); "
                             "fix the line\n"),
-    ('OVERLAY_SUBNET = "10.0.0.0/8/8/8"\n', 'error: OVERLAY_SUBNET "10.0.0.0/8/8/8": the three '
-                                           'numbers must be positive and sum to 32 (e.g. '
-                                           '"10.0.0.0/8/8/16")\n'),
+    ('OVERLAY_SUBNET = "10.0.0.0/8/8/8"\n',
+     'error: OVERLAY_SUBNET "10.0.0.0/8/8/8": the three numbers must be positive and sum to 32 '
+     '(e.g. "10.0.0.0/8/8/16")\n'),
 ])
 def test_unreadable_config_is_exit_2_with_one_line(fake, capsys, text, message):
     node = healthy_host()
