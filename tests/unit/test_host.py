@@ -10,6 +10,7 @@ network namespace, after applying the host's own commands there:
         ip link add kohaku-host type bridge          # this kernel has no dummy type
         ip -force -batch - < (the host's lines for kohaku-host, vxkr1, vxkr2, vxkra)
         ip link set vxkra down; ip link set vxkra mtu 1400; ip addr flush dev vxkra
+        ip link set vxkra address 02:00:00:00:00:01
         ip -j -d addr show                           # -> CAPTURED_LINKS
         iptables-restore --noflush < (rules_plan("", [.11, .12]))
         iptables -S                                  # -> CAPTURED_RULES_OK
@@ -65,12 +66,12 @@ INPUT_JUMP = "-p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j 
 
 CAPTURED_LINKS = r"""[
 {"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK", "UP", "LOWER_UP"], "mtu": 65536, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "loopback", "address": "00:00:00:00:00:00", "broadcast": "00:00:00:00:00:00", "promiscuity": 0, "allmulti": 0, "min_mtu": 0, "max_mtu": 0, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8, "scope": "host", "label": "lo", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "::1", "prefixlen": 128, "scope": "host", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
-{"ifindex": 2, "link": "u0", "ifname": "u1", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1500, "qdisc": "noop", "operstate": "DOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "d6:6b:2c:c2:2b:3b", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "veth"}, "num_tx_queues": 2, "num_rx_queues": 2, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": []},
-{"ifindex": 3, "link": "u1", "ifname": "u0", "flags": ["NO-CARRIER", "BROADCAST", "MULTICAST", "UP", "M-DOWN"], "mtu": 1500, "qdisc": "noqueue", "operstate": "LOWERLAYERDOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "c2:3c:1c:7f:59:28", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "veth"}, "num_tx_queues": 2, "num_rx_queues": 2, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "198.51.100.1", "prefixlen": 24, "scope": "global", "label": "u0", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
-{"ifindex": 4, "ifname": "kohaku-host", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1500, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "92:da:0d:f6:fb:98", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "bridge", "info_data": {"forward_delay": 1500, "hello_time": 200, "max_age": 2000, "ageing_time": 30000, "stp_state": 0, "priority": 32768, "vlan_filtering": 0, "bridge_id": "8000.0:0:0:0:0:0", "root_id": "8000.0:0:0:0:0:0", "root_port": 0, "root_path_cost": 0, "topology_change": 0, "topology_change_detected": 0, "hello_timer": 0.0, "tcn_timer": 0.0, "topology_change_timer": 0.0, "gc_timer": 0.08, "group_fwd_mask": "0", "group_addr": "01:80:c2:00:00:00", "mcast_snooping": 1, "no_linklocal_learn": 0, "mcast_vlan_snooping": 0, "mcast_router": 1, "mcast_query_use_ifaddr": 0, "mcast_querier": 0, "mcast_hash_elasticity": 16, "mcast_hash_max": 4096, "mcast_last_member_cnt": 2, "mcast_startup_query_cnt": 2, "mcast_last_member_intvl": 100, "mcast_membership_intvl": 26000, "mcast_querier_intvl": 25500, "mcast_query_intvl": 12500, "mcast_query_response_intvl": 1000, "mcast_startup_query_intvl": 3124, "mcast_stats_enabled": 0, "mcast_igmp_version": 2, "mcast_mld_version": 1, "nf_call_iptables": 0, "nf_call_ip6tables": 0, "nf_call_arptables": 0}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.0.0.1", "prefixlen": 8, "scope": "global", "label": "kohaku-host", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::90da:dff:fef6:fb98", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
-{"ifindex": 5, "ifname": "vxkr1", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "8a:a2:8f:4f:9d:e1", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 101, "remote": "198.51.100.11", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.1.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr1", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::88a2:8fff:fe4f:9de1", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
-{"ifindex": 6, "ifname": "vxkr2", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "06:fc:af:13:4d:7f", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 102, "remote": "198.51.100.12", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.2.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr2", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::4fc:afff:fe13:4d7f", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
-{"ifindex": 7, "ifname": "vxkra", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1400, "qdisc": "noqueue", "operstate": "DOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "8a:05:67:19:f4:1a", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 110, "remote": "198.51.100.20", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": []}
+{"ifindex": 2, "link": "u0", "ifname": "u1", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1500, "qdisc": "noop", "operstate": "DOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "ee:2c:cb:57:8e:28", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "veth"}, "num_tx_queues": 2, "num_rx_queues": 2, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": []},
+{"ifindex": 3, "link": "u1", "ifname": "u0", "flags": ["NO-CARRIER", "BROADCAST", "MULTICAST", "UP", "M-DOWN"], "mtu": 1500, "qdisc": "noqueue", "operstate": "LOWERLAYERDOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "da:f0:84:ec:2e:78", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "veth"}, "num_tx_queues": 2, "num_rx_queues": 2, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 524280, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "198.51.100.1", "prefixlen": 24, "scope": "global", "label": "u0", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 4, "ifname": "kohaku-host", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1500, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "ba:d0:ab:8e:bd:64", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "bridge", "info_data": {"forward_delay": 1500, "hello_time": 200, "max_age": 2000, "ageing_time": 30000, "stp_state": 0, "priority": 32768, "vlan_filtering": 0, "bridge_id": "8000.0:0:0:0:0:0", "root_id": "8000.0:0:0:0:0:0", "root_port": 0, "root_path_cost": 0, "topology_change": 0, "topology_change_detected": 0, "hello_timer": 0.0, "tcn_timer": 0.0, "topology_change_timer": 0.0, "gc_timer": 0.08, "group_fwd_mask": "0", "group_addr": "01:80:c2:00:00:00", "mcast_snooping": 1, "no_linklocal_learn": 0, "mcast_vlan_snooping": 0, "mcast_router": 1, "mcast_query_use_ifaddr": 0, "mcast_querier": 0, "mcast_hash_elasticity": 16, "mcast_hash_max": 4096, "mcast_last_member_cnt": 2, "mcast_startup_query_cnt": 2, "mcast_last_member_intvl": 100, "mcast_membership_intvl": 26000, "mcast_querier_intvl": 25500, "mcast_query_intvl": 12500, "mcast_query_response_intvl": 1000, "mcast_startup_query_intvl": 3124, "mcast_stats_enabled": 0, "mcast_igmp_version": 2, "mcast_mld_version": 1, "nf_call_iptables": 0, "nf_call_ip6tables": 0, "nf_call_arptables": 0}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.0.0.1", "prefixlen": 8, "scope": "global", "label": "kohaku-host", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::b8d0:abff:fe8e:bd64", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 5, "ifname": "vxkr1", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "02:6b:6f:00:00:65", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 101, "remote": "198.51.100.11", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.1.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr1", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::6b:6fff:fe00:65", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 6, "ifname": "vxkr2", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "02:6b:6f:00:00:66", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 102, "remote": "198.51.100.12", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.2.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr2", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::6b:6fff:fe00:66", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
+{"ifindex": 7, "ifname": "vxkra", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1400, "qdisc": "noqueue", "operstate": "DOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "02:00:00:00:00:01", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 110, "remote": "198.51.100.20", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": []}
 ]"""
 
 CAPTURED_RULES_OK = """\
@@ -255,12 +256,14 @@ def register(api, name="runner1", ip="198.51.100.11", peer=None, headers=None, *
 
 
 def link_json(name, kind=None, vni=None, remote=None, addrs=(), up=True, mtu=1450, local=HOST_IP,
-              port=4789, learning=False):
+              port=4789, learning=False, mac=None):
     """One `ip -j -d addr show` entry, in the shape of CAPTURED_LINKS."""
     item = {"ifname": name, "flags": ["BROADCAST", "MULTICAST"] + (["UP", "LOWER_UP"] if up else []),
             "mtu": mtu, "addr_info": []}
     if kind:
         item["linkinfo"] = {"info_kind": kind}
+    if mac or kind == "vxlan":
+        item["address"] = mac or host.tunnel_mac(vni)
     if kind == "vxlan":
         item["linkinfo"]["info_data"] = {"id": vni, "remote": remote, "local": local,
                                          "port": port, "learning": learning}
@@ -399,6 +402,13 @@ def test_run_ip_batch_is_one_process_and_logs_each_line(fake, caplog):
 # ---------------------------------------------------------------------------------------------
 # Addressing
 # ---------------------------------------------------------------------------------------------
+
+
+def test_tunnel_mac_is_fixed_per_vni_and_locally_administered():
+    assert host.tunnel_mac(101) == "02:6b:6f:00:00:65"
+    assert host.tunnel_mac(5036) == "02:6b:6f:00:13:ac"
+    assert host.tunnel_mac(0xFFFFFF) == "02:6b:6f:ff:ff:ff"
+    assert len(set(host.tunnel_mac(100 + n) for n in range(1, 256))) == 255
 
 
 @pytest.mark.parametrize("n, digits", [(0, "0"), (1, "1"), (9, "9"), (10, "a"), (35, "z"),
@@ -714,13 +724,15 @@ def test_parse_links_on_captured_output():
     assert sorted(links) == ["kohaku-host", "lo", "u0", "u1", "vxkr1", "vxkr2", "vxkra"]
     assert links["vxkr1"] == host.Link(
         name="vxkr1", kind="vxlan", up=True, mtu=1450, vni=101, local=HOST_IP,
-        remote="198.51.100.11", port=4789, learning=False, addrs={"10.1.0.254/16"})
+        remote="198.51.100.11", port=4789, learning=False, addrs={"10.1.0.254/16"},
+        mac="02:6b:6f:00:00:65")
     assert links["vxkra"] == host.Link(
         name="vxkra", kind="vxlan", up=False, mtu=1400, vni=110, local=HOST_IP,
-        remote="198.51.100.20", port=4789, learning=False, addrs=set())
+        remote="198.51.100.20", port=4789, learning=False, addrs=set(), mac="02:00:00:00:00:01")
     assert links["kohaku-host"] == host.Link(
         name="kohaku-host", kind="bridge", up=True, mtu=1500, vni=None, local=None, remote=None,
-        port=None, learning=None, addrs={"10.0.0.1/8"})       # the fe80:: address is ignored
+        port=None, learning=None, addrs={"10.0.0.1/8"},       # the fe80:: address is ignored
+        mac="ba:d0:ab:8e:bd:64")
     assert (links["lo"].kind, links["lo"].addrs) == (None, {"127.0.0.1/8"})
     assert (links["u1"].up, links["u0"].up, links["u0"].addrs) == (False, True, {"198.51.100.1/24"})
 
@@ -736,7 +748,7 @@ def test_link_json_helper_matches_the_real_shape():
         link_json("vxkr1", "vxlan", 101, "198.51.100.11", ["10.1.0.254/16"]),
         link_json("kohaku-host", "bridge", addrs=["10.0.0.1/8"], mtu=1500)]))
     assert made["vxkr1"] == real["vxkr1"]
-    assert made["kohaku-host"] == real["kohaku-host"]
+    assert made["kohaku-host"] == real["kohaku-host"]._replace(mac=None)
 
 
 def test_parse_rules_on_captured_output():
@@ -832,8 +844,8 @@ def test_503_when_every_id_is_held_by_an_active_runner():
 # Kernel: the exact commands of create and repair
 # ---------------------------------------------------------------------------------------------
 
-ADD_VXKR1 = ["link add vxkr1 type vxlan id 101 local 198.51.100.1 remote 198.51.100.11 "
-             "dstport 4789 nolearning", "link set vxkr1 mtu 1450",
+ADD_VXKR1 = ["link add vxkr1 address 02:6b:6f:00:00:65 type vxlan id 101 local 198.51.100.1 "
+             "remote 198.51.100.11 dstport 4789 nolearning", "link set vxkr1 mtu 1450",
              "addr replace 10.1.0.254/16 dev vxkr1", "link set vxkr1 up"]
 
 
@@ -870,8 +882,8 @@ def test_tunnel_plan_new_remote_recreates(tmp_path):
     k = kernel(tmp_path)
     assert k.tunnel_plan(1, "198.51.100.50")[0] == [
         "link del vxkr1",
-        "link add vxkr1 type vxlan id 101 local 198.51.100.1 remote 198.51.100.50 dstport 4789 "
-        "nolearning", "link set vxkr1 mtu 1450", "addr replace 10.1.0.254/16 dev vxkr1",
+        "link add vxkr1 address 02:6b:6f:00:00:65 type vxlan id 101 local 198.51.100.1 remote "
+        "198.51.100.50 dstport 4789 nolearning", "link set vxkr1 mtu 1450", "addr replace 10.1.0.254/16 dev vxkr1",
         "link set vxkr1 up"]
 
 
@@ -889,20 +901,22 @@ def test_tunnel_plan_wrong_mtu_missing_address_extra_address_down(tmp_path):
                                                     "addr replace 10.1.0.254/16 dev vxkr1"]
     k.links["vxkr1"] = base._replace(up=False)
     assert k.tunnel_plan(1, "198.51.100.11")[0] == ["link set vxkr1 up"]
+    k.links["vxkr1"] = base._replace(mac="aa:bb:cc:dd:ee:ff")
+    assert k.tunnel_plan(1, "198.51.100.11")[0] == ["link set vxkr1 address 02:6b:6f:00:00:65"]
 
 
 def test_tunnel_plan_captured_drifted_device(tmp_path):
-    # vxkra was taken down, its MTU changed and its address flushed on the real kernel
+    # vxkra was taken down, its MTU, MAC and address changed on the real kernel
     assert kernel(tmp_path).tunnel_plan(10, "198.51.100.20")[0] == [
-        "link set vxkra mtu 1450", "addr replace 10.10.0.254/16 dev vxkra", "link set vxkra up"]
+        "link set vxkra address 02:6b:6f:00:00:6e", "link set vxkra mtu 1450", "addr replace 10.10.0.254/16 dev vxkra", "link set vxkra up"]
 
 
 def test_tunnel_plan_other_layout(tmp_path):
     k = kernel(tmp_path, {}, OVERLAY_SUBNET="172.16.0.0/12/6/14", OVERLAY_HOST_IP="172.16.0.1",
                OVERLAY_VXLAN_ID=5000, OVERLAY_MTU=1400, OVERLAY_VXLAN_PORT=8472)
     assert k.tunnel_plan(36, "198.51.100.11")[0] == [
-        "link add vxkr10 type vxlan id 5036 local 198.51.100.1 remote 198.51.100.11 dstport 8472 "
-        "nolearning", "link set vxkr10 mtu 1400", "addr replace 172.25.0.254/18 dev vxkr10",
+        "link add vxkr10 address 02:6b:6f:00:13:ac type vxlan id 5036 local 198.51.100.1 remote "
+        "198.51.100.11 dstport 8472 nolearning", "link set vxkr10 mtu 1400", "addr replace 172.25.0.254/18 dev vxkr10",
         "link set vxkr10 up"]
 
 
@@ -912,11 +926,11 @@ def test_sync_tunnels_repairs_and_prunes_in_one_process(tmp_path, fake):
                                    prune=True)
     assert errors == {1: None, 2: None, 3: None}
     expected = ["link del vxkr2",
-                "link add vxkr2 type vxlan id 102 local 198.51.100.1 remote 198.51.100.77 "
-                "dstport 4789 nolearning", "link set vxkr2 mtu 1450",
+                "link add vxkr2 address 02:6b:6f:00:00:66 type vxlan id 102 local 198.51.100.1 "
+                "remote 198.51.100.77 dstport 4789 nolearning", "link set vxkr2 mtu 1450",
                 "addr replace 10.2.0.254/16 dev vxkr2", "link set vxkr2 up",
-                "link add vxkr3 type vxlan id 103 local 198.51.100.1 remote 198.51.100.13 "
-                "dstport 4789 nolearning", "link set vxkr3 mtu 1450",
+                "link add vxkr3 address 02:6b:6f:00:00:67 type vxlan id 103 local 198.51.100.1 "
+                "remote 198.51.100.13 dstport 4789 nolearning", "link set vxkr3 mtu 1450",
                 "addr replace 10.3.0.254/16 dev vxkr3", "link set vxkr3 up",
                 "link del vxkra"]
     assert lines == expected
@@ -1493,9 +1507,10 @@ def test_registration_cost_does_not_grow_with_the_cluster(tmp_path, fake, mocker
             expected.append(["firewall-cmd", "--zone=trusted",
                              "--change-interface=" + hub.layout.device(new)])
         assert fake.calls == expected
-        assert fake.batches() == [["link add {} type vxlan id {} local 198.51.100.1 remote "
-                                   "198.51.101.50 dstport 4789 nolearning".format(
-                                       hub.layout.device(new), 100 + new),
+        assert fake.batches() == [["link add {} address {} type vxlan id {} local 198.51.100.1 "
+                                   "remote 198.51.101.50 dstport 4789 nolearning".format(
+                                       hub.layout.device(new), host.tunnel_mac(100 + new),
+                                       100 + new),
                                    "link set {} mtu 1450".format(hub.layout.device(new)),
                                    "addr replace 10.{}.0.254/16 dev {}".format(
                                        new, hub.layout.device(new)),
@@ -1604,8 +1619,8 @@ def test_register_with_a_changed_physical_ip_recreates_the_tunnel(served, fake):
     status, answer = register(api, "runner1", "198.51.100.99")
     assert (status, answer["runner_id"]) == (200, 1)
     assert fake.batches()[-1] == [
-        "link del vxkr1", "link add vxkr1 type vxlan id 101 local 198.51.100.1 remote "
-        "198.51.100.99 dstport 4789 nolearning", "link set vxkr1 mtu 1450",
+        "link del vxkr1", "link add vxkr1 address 02:6b:6f:00:00:65 type vxlan id 101 local "
+        "198.51.100.1 remote 198.51.100.99 dstport 4789 nolearning", "link set vxkr1 mtu 1450",
         "addr replace 10.1.0.254/16 dev vxkr1", "link set vxkr1 up"]
     assert fake.inputs[-1] == ("*filter\n:KOHAKU-VXLAN - [0:0]\n-A KOHAKU-VXLAN -s "
                                "198.51.100.99/32 -j ACCEPT\n-A KOHAKU-VXLAN -j DROP\nCOMMIT\n")
@@ -2455,13 +2470,21 @@ def dry_run_serve(tmp_path, popen, isolated, capsys, **extra):
 def test_serve_dry_run_prints_the_plan_and_changes_nothing(tmp_path, popen, isolated, capsys):
     code, out = dry_run_serve(tmp_path, popen, isolated, capsys)
     assert code == 0
-    lines = out.out.splitlines()
-    assert lines[:4] == ["[#] sysctl -w net.ipv4.ip_forward=1", "[#] ip link set vxkra mtu 1450",
-                         "[#] ip addr replace 10.10.0.254/16 dev vxkra", "[#] ip link set vxkra up"]
-    # the rules plan (Docker's jump is first in CAPTURED_RULES_BURIED): iptables lines only
-    assert "[#] iptables-restore --noflush" in lines[4:-1]
-    assert all(l.startswith("[#] iptables") for l in lines[4:-1])
-    assert lines[-1] == "dry run: the commands above would run; nothing was changed"
+    assert out.out.splitlines() == [
+        "[#] sysctl -w net.ipv4.ip_forward=1",
+        "[#] ip link set vxkra address 02:6b:6f:00:00:6e", "[#] ip link set vxkra mtu 1450",
+        "[#] ip addr replace 10.10.0.254/16 dev vxkra", "[#] ip link set vxkra up",
+        # the rules plan: Docker's jump is first in CAPTURED_RULES_BURIED
+        "[#] iptables -N KOHAKU-VXLAN",
+        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
+        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT",
+        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.20/32 -j ACCEPT",
+        "[#] iptables -A KOHAKU-VXLAN -j DROP",
+        "[#] iptables -D FORWARD " + FWD_S, "[#] iptables -D FORWARD " + FWD_D,
+        "[#] iptables -D INPUT " + INPUT_JUMP,
+        "[#] iptables -I FORWARD 1 " + FWD_S, "[#] iptables -I FORWARD 2 " + FWD_D,
+        "[#] iptables -I INPUT 1 " + INPUT_JUMP,
+        "dry run: the commands above would run; nothing was changed"]
     assert popen.calls == [["ip", "-j", "addr", "show"], IP_SHOW, IPT_S]
     assert not (tmp_path / "state").exists()
 
