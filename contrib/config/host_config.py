@@ -1,0 +1,32 @@
+"""kohaku-overlay host config (example): copy to /etc/kohakuriver/host_config.py, mode 0600.
+
+Read with `ast`, never executed: only `NAME: type = literal` lines, comments and strings.
+Every key but HOST_REACHABLE_ADDRESS, OVERLAY_ENABLED and OVERLAY_TOKEN shows its default.
+"""
+
+# IMPORTANT: the Host's real address on the underlay, the one runners reach (not 127.0.0.1).
+HOST_REACHABLE_ADDRESS: str = "192.168.88.53"  # Change to your Host IP!
+HOST_BIND_IP: str = "0.0.0.0"
+HOST_PORT: int = 8000                 # the registration API (TCP): open it to the runners
+
+# =============================================================================
+# Overlay Network Configuration (VXLAN Hub)
+# =============================================================================
+
+OVERLAY_ENABLED: bool = True
+OVERLAY_BRIDGE_NAME: str = "kohaku-overlay"
+OVERLAY_HOST_IP: str = "10.0.0.1"
+OVERLAY_HOST_PREFIX: int = 8
+OVERLAY_SUBNET: str = "10.0.0.0/8/8/16"   # BASE/NETWORK_PREFIX/NODE_BITS/SUBNET_BITS
+OVERLAY_VXLAN_ID: int = 100           # runner N uses VNI 100 + N
+OVERLAY_VXLAN_PORT: int = 4789        # UDP: open it between the Host and every Runner
+OVERLAY_MTU: int = 1450               # underlay MTU minus 50
+OVERLAY_STATE_FILE: str = "/var/lib/kohakuriver/overlay-state.json"
+
+# The same secret on the Host and every Runner; "" disables authentication (loud warning).
+# Make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'
+OVERLAY_TOKEN: str = ""
+
+OVERLAY_INACTIVE_AFTER: int = 30      # seconds without a heartbeat until a runner is Inactive
+OVERLAY_VXLAN_SOURCE_FILTER: bool = True  # UDP 4789 only from registered runner addresses
+OVERLAY_REPAIR_INTERVAL: int = 10     # seconds between checks that devices and rules are in place
