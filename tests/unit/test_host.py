@@ -664,6 +664,28 @@ def test_unhashable_literal_is_a_config_error_not_a_crash(tmp_path, capsys):
     assert err.startswith("error: host_config.py line 1: OVERLAY_MTU")
 
 
+@pytest.mark.parametrize("text, words", [
+    ("OVERLAY_MTU = {1, [2]}\n", ["line 1", "OVERLAY_MTU must be a plain literal"]),
+    ("{[1]: 2}\n", ["line 1", "only NAME = value lines are allowed"]),
+    ("HOST_PORT = 1" + "0" * 5000 + "\n", ["host_config.py line 1"]),
+    ("HOST_PORT = 1" + "0" * 100 + "\n", ["HOST_PORT = 10000", "... is out of range: use 1..65535"]),
+    ("OVERLAY_TOKEN = " + "(" * 300 + "'x'" + ")" * 300 + "\n", ["not valid Python syntax"]),
+    ("OVERLAY_TOKEN = " + "[" * 100000 + "]" * 100000 + "\n", ["host_config.py"]),
+    ("OVERLAY_TOKEN = '" + "x" * 100 + "' * 10\n", ["OVERLAY_TOKEN must be a plain literal"]),
+    ("HOST_PORT = 80\x00\n", ["host_config.py"]),
+    ("OVERLAY_TOKEN = '\xff'\n".encode("latin-1"), ["not valid Python syntax"]),
+], ids=["unhashable-set", "unhashable-dict", "huge-int", "big-int", "deep-parens", "deep-lists", "product",
+        "nul-byte", "not-utf8"])
+def test_hostile_config_values_are_config_errors(tmp_path, capsys, text, words):
+    path = tmp_path / "host_config.py"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert host.main(["status", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and len(err) < 400
+    for word in words:
+        assert word in err
+
+
 def test_missing_default_config_means_defaults(tmp_path):
     cfg = host.read_config(str(tmp_path / "absent.py"), host.CONFIG_KEYS, explicit=False)
     assert cfg == dict((k, d) for k, (t, d) in host.CONFIG_KEYS.items())
