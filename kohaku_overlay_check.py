@@ -1233,16 +1233,23 @@ def compute_host_tunnels(snap):
         out.append((dev, snap.links[dev], {
             "vni": cfg["OVERLAY_VXLAN_ID"] + n, "local": cfg["HOST_REACHABLE_ADDRESS"],
             "remote": alloc.get("physical_ip"), "port": cfg["OVERLAY_VXLAN_PORT"],
-            "mtu": cfg["OVERLAY_MTU"],
+            "mtu": cfg["OVERLAY_MTU"], "mac": tunnel_mac(cfg["OVERLAY_VXLAN_ID"] + n),
             "address": "%s/%d" % (snap.layout.host_addr(n), snap.layout.subnet_prefix)}))
     return out
 
 
+def tunnel_mac(vni):
+    """The host daemon's fixed MAC for a tunnel (from the VNI): a re-created vxkrN keeps it, so
+    the runners' ARP entries for the host stay right."""
+    return "02:6b:6f:%02x:%02x:%02x" % ((vni >> 16) & 255, (vni >> 8) & 255, vni & 255)
+
+
 def vxlan_recreate(dev, want, master=None):
     """The commands that rebuild one VXLAN device as the daemons build it."""
+    mac = " address %s" % want["mac"] if want.get("mac") else ""
     cmds = ["ip link del %s" % dev,
-            "ip link add %s type vxlan id %s local %s remote %s dstport %s nolearning" % (
-                dev, want["vni"], want["local"] or "<local IP>",
+            "ip link add %s%s type vxlan id %s local %s remote %s dstport %s nolearning" % (
+                dev, mac, want["vni"], want["local"] or "<local IP>",
                 want["remote"] or "<remote IP>", want["port"]),
             "ip link set %s mtu %s" % (dev, want["mtu"])]
     if want.get("address"):

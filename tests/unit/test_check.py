@@ -785,8 +785,9 @@ FAULTS = [
     (f_host_vxkr1_remote_loopback, "host.vxkr.remote", "FAIL",
      "vxkr1 remote is 127.0.0.1, not 198.51.100.11: the HOST_REACHABLE_ADDRESS is not "
      "configured correctly",
-     "ip link del vxkr1\nip link add vxkr1 type vxlan id 101 local 198.51.100.1 remote "
-     "198.51.100.11 dstport 4789 nolearning"),
+     "ip link del vxkr1\nip link add vxkr1 address 02:6b:6f:00:00:65 type vxlan id 101 local "
+     "198.51.100.1 remote 198.51.100.11 dstport 4789 nolearning\nip link set vxkr1 mtu 1450\n"
+     "ip addr add 10.1.0.254/16 dev vxkr1\nip link set vxkr1 up"),
     (f_host_address_removed, "host.kohaku_host.address", "FAIL",
      "kohaku-host has no IPv4 address, not 10.0.0.1/8", "ip addr add 10.0.0.1/8 dev kohaku-host"),
     (f_host_reachable_loopback, "host.reachable_address", "FAIL", "127.0.0.1",
