@@ -14,8 +14,6 @@ while the same frame from the registered runner's address does (the control).
 """
 
 import json
-import os
-import signal
 import struct
 import subprocess
 import sys
