@@ -901,7 +901,9 @@ def gather_docker(name):
     res = run(["docker", "network", "inspect", name], check=False)
     if res.rc == 0:
         return ("found", res.out)
-    err = first_line(res.err)
+    # the docker CLI may print WARNING lines (its config file) before the error itself
+    lines = [line.strip() for line in res.err.splitlines() if line.strip()]
+    err = ([line for line in lines if not line.startswith("WARNING")] or lines or [""])[-1]
     if "not found" in err.lower() or "no such network" in err.lower():
         return ("missing", err)
     return ("error", err)

@@ -1029,9 +1029,13 @@ def test_without_docker_docker_checks_skip(fake):
 
 def test_docker_permission_denied_skips(fake):
     node = healthy_runner()
-    node.docker_err = "permission denied while trying to connect to the Docker daemon socket"
+    node.docker_err = "WARNING: Error loading config file: open /root/.docker/config.json: " \
+        "permission denied\npermission denied while trying to connect to the Docker daemon " \
+        "socket at unix:///var/run/docker.sock\n"
     _rc, results, _ = check_run(fake, node)
     assert results["runner.docker.network"]["status"] == "SKIP"
+    assert results["runner.docker.network"]["detail"] == "docker: permission denied while " \
+        "trying to connect to the Docker daemon socket at unix:///var/run/docker.sock"
 
 
 def test_without_firewall_cmd_firewalld_checks_skip(fake):
