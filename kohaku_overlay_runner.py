@@ -1009,7 +1009,11 @@ def teardown(cfg, force=False):
     """`down`: Docker network, zone entries, rules (by marker), route, vxlan0, bridge."""
     changes = []
     name, br = cfg["OVERLAY_NETWORK_NAME"], cfg["OVERLAY_BRIDGE_NAME"]
-    net = docker_inspect(name)
+    docker_error = None
+    try:
+        net = docker_inspect(name)
+    except CommandError as e:          # remove the rest anyway, then say what is left
+        net, docker_error = None, (None if e.rc == 127 else e)   # 127: no Docker, no network
     if net is not None:
         containers = container_names(net)
         if containers and not force:
@@ -1035,6 +1039,9 @@ def teardown(cfg, force=False):
         run(["iptables-restore", "--noflush"], input=text, echo=echo)
     if lines:
         ip_batch(lines)
+    if docker_error is not None:
+        raise OverlayError("the rest is removed but not the Docker network %s, since %s; run "
+                           "down again once dockerd runs" % (name, docker_error))
     return changes + more
 
 

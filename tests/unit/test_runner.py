@@ -1061,3 +1061,27 @@ def test_hostile_config_values_are_config_errors_with_bounded_messages(tmp_path,
         runner.load_config(str(p))
     assert str(e.value).startswith(words)
     assert len(str(e.value)) < 300
+
+
+def test_down_with_docker_unreachable_removes_the_rest_and_says_what_is_left(cfg, node):
+    n = node(built=True)
+    n.docker_up = False
+    with pytest.raises(runner.OverlayError) as e:
+        runner.teardown(cfg)
+    assert n.argvs() == [["iptables-restore", "--noflush"], ["ip", "-batch", "-"]]
+    assert str(e.value).startswith("the rest is removed but not the Docker network "
+                                   "kohakuriver-overlay, since docker is not reachable")
+
+
+def test_down_without_docker_installed_is_a_success(cfg, node, mocker):
+    n = node(built=True)
+    probe = n.probe
+
+    def no_docker(argv):
+        if argv[0] == "docker":
+            raise runner.CommandError("docker is not installed: install docker.io", argv, 127)
+        return probe(argv)
+    n.probe = no_docker
+    changes = runner.teardown(cfg)
+    assert n.argvs() == [["iptables-restore", "--noflush"], ["ip", "-batch", "-"]]
+    assert changes[-1] == "3 marked iptables rule(s) removed"
