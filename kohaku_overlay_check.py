@@ -1825,7 +1825,7 @@ def check_settings(snap):
         return ok("%s match the host's status" % ", ".join(
             "%s=%s" % (k, host[k]) for k, _ in SETTINGS if k in host))
     if wrong:
-        return fail("%s; the host refuses to register this runner (409)" % "; ".join(
+        return fail("%s; the host refuses registrations with these settings (409)" % "; ".join(
             "%s = %s here but %s on the host" % w for w in wrong),
             "\n".join(config_line(snap, k, h) for k, _, h in wrong) +
             "\nthen " + restart(snap))

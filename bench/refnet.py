@@ -14,7 +14,7 @@ hand-built hub (the SPEC's devices, no iptables rules, namespaces as containers)
              ip_forward=1
     <p>xcN   eth0 10.N.0.2/16 mtu 1450 (veth on the runner's bridge), default via 10.N.0.1
 
-plain bridge (same-runner reference)::
+plain bridge (same-runner reference; a second one with letter "q" at the overlay's MTU 1450)::
 
     <p>pbr   bridge br0;  <p>pa eth0 10.9.0.2/24 and <p>pb eth0 10.9.0.3/24 on it (mtu 1500)
 """
@@ -111,8 +111,9 @@ class HandBuiltHub(object):
 
 
 class PlainBridge(object):
-    def __init__(self, prefix):
-        p = prefix + "p"
+    def __init__(self, prefix, letter="p", mtu=1500):
+        p = prefix + letter
+        self.mtu = mtu
         self.br, self.a, self.b = p + "br", p + "a", p + "b"
         self.ip = {self.a: "10.9.0.2", self.b: "10.9.0.3"}
         self.names = [self.br, self.a, self.b]
@@ -122,9 +123,9 @@ class PlainBridge(object):
         _batch(self.br, ["link add br0 type bridge", "link set dev br0 up"])
         for ns, port in ((self.a, "pa"), (self.b, "pb")):
             _ns(ns)
-            _run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
-                  "netns", self.br])
-            _batch(self.br, ["link set dev %s master br0 up" % port])
+            _run(["ip", "-n", ns, "link", "add", "eth0", "mtu", self.mtu, "type", "veth", "peer",
+                  "name", port, "netns", self.br])
+            _batch(self.br, ["link set dev %s master br0 mtu %d up" % (port, self.mtu)])
             _batch(ns, ["addr add %s/24 dev eth0" % self.ip[ns], "link set dev eth0 up"])
         return self
 

@@ -232,6 +232,9 @@ class Bench(object):
         self.fake_plan = []
         self.containers = {}
         self.iperf_servers = []
+        self.servers = {}
+        self.paths = {}
+        self.hub = self.plain = self.plain1450 = None
 
     # -- setup -------------------------------------------------------------------------------
     def host_config(self, **extra):
@@ -297,52 +300,66 @@ class Bench(object):
         self.ips = {"c1b": c.container_ip(1, "c1b"), "c2": ip2}
 
     # -- phase: data plane -------------------------------------------------------------------
+    def add_path(self, key, client, server, dst):
+        """A measured path; one iperf3 server per server namespace, kept until cleanup()."""
+        if server not in self.servers:
+            self.servers[server] = subprocess.Popen(
+                ["nsenter", "--net=" + server, "iperf3", "-s", "-p", str(IPERF_PORT)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.iperf_servers.append(self.servers[server])
+        self.paths[key] = (client, dst)
+
+    def measure(self, keys, reps, seconds, rtt=True, states=None):
+        """Interleaved repetitions: per rep every key (under every state) once; medians later.
+
+        states: [(label, apply, undo)] switched inside each rep, so that a what-if and its
+        baseline see the same machine load. Returns {(state label, key): {"bps": [...], ...}}.
+        """
+        states = states or [("", None, None)]
+        for key in keys:                      # ARP, and fail early on a broken path
+            ping_until_reply(self.paths[key][0], self.paths[key][1], deadline=5)
+        out = {}
+        for rep in range(reps):
+            for label, apply, undo in states:
+                if apply:
+                    apply()
+                try:
+                    for key in keys:
+                        d = out.setdefault((label, key), {"bps": [], "rtt": [], "retr": []})
+                        if rtt:
+                            d["rtt"].append(ping_rtt(*self.paths[key]))
+                    for key in keys:
+                        b, rt = iperf(self.paths[key][0], self.paths[key][1], seconds)
+                        out[(label, key)]["bps"].append(b)
+                        out[(label, key)]["retr"].append(rt)
+                finally:
+                    if undo:
+                        undo()
+        return out
+
     def phase_data(self):
         c, r, args = self.c, self.r, self.args
         if not self.containers:
             raise lab.LabError("the up phase did not leave containers to measure")
-        hub = refnet.HandBuiltHub(c.prefix).build()
-        plain = refnet.PlainBridge(c.prefix).build()
+        self.hub = refnet.HandBuiltHub(c.prefix).build()
+        self.plain = refnet.PlainBridge(c.prefix).build()
+        self.plain1450 = refnet.PlainBridge(c.prefix, letter="q", mtu=refnet.MTU).build()
+        hub, plain, q = self.hub, self.plain, self.plain1450
         ns = lambda name: "/run/netns/" + name  # noqa: E731
-        paths = [
-            # key, client netns, server netns, destination
-            ("underlay", c.runners[0].netns_path, c.runners[1].netns_path, c.runners[1].ip),
-            ("cross", self.containers["c1"], self.containers["c2"], self.ips["c2"]),
-            ("hb_underlay", ns(hub.runner[1]), ns(hub.runner[2]), hub.runner_ip[2]),
-            ("hb_cross", ns(hub.cont[1]), ns(hub.cont[2]), hub.cont_ip[2]),
-            ("same", self.containers["c1"], self.containers["c1b"], self.ips["c1b"]),
-            ("plain", ns(plain.a), ns(plain.b), plain.ip[plain.b]),
-        ]
-        for key, client, server, dst in paths:
-            p = subprocess.Popen(["nsenter", "--net=" + server, "iperf3", "-s", "-p",
-                                  str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-            self.iperf_servers.append(p)
-        try:
-            for key, client, server, dst in paths:   # ARP, and fail early on a broken path
-                ping_until_reply(client, dst, deadline=5)
-            time.sleep(0.2)
-            bps = dict((k[0], []) for k in paths)
-            rtt = dict((k[0], []) for k in paths)
-            retr = dict((k[0], []) for k in paths)
-            for rep in range(args.reps):
-                for key, client, server, dst in paths:
-                    rtt[key].append(ping_rtt(client, dst))
-                for key, client, server, dst in paths:
-                    b, rt = iperf(client, dst, args.seconds)
-                    bps[key].append(b)
-                    retr[key].append(rt)
-        finally:
-            for p in self.iperf_servers:
-                p.terminate()
-            for p in self.iperf_servers:
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            self.iperf_servers = []
-            hub.remove()
-            plain.remove()
+        self.add_path("underlay", c.runners[0].netns_path, c.runners[1].netns_path,
+                      c.runners[1].ip)
+        self.add_path("cross", self.containers["c1"], self.containers["c2"], self.ips["c2"])
+        self.add_path("hb_underlay", ns(hub.runner[1]), ns(hub.runner[2]), hub.runner_ip[2])
+        self.add_path("hb_cross", ns(hub.cont[1]), ns(hub.cont[2]), hub.cont_ip[2])
+        self.add_path("same", self.containers["c1"], self.containers["c1b"], self.ips["c1b"])
+        self.add_path("plain", ns(plain.a), ns(plain.b), plain.ip[plain.b])
+        self.add_path("plain1450", ns(q.a), ns(q.b), q.ip[q.b])
+        time.sleep(0.2)
+        keys = ["underlay", "cross", "hb_underlay", "hb_cross", "same", "plain", "plain1450"]
+        got = self.measure(keys, args.reps, args.seconds)
+        bps = dict((k, got[("", k)]["bps"]) for k in keys)
+        rtt = dict((k, got[("", k)]["rtt"]) for k in keys)
+        retr = dict((k, got[("", k)]["retr"]) for k in keys)
 
         def per_rep(a, b, src):
             return median([ratio(x, y) for x, y in zip(src[a], src[b])])
@@ -365,6 +382,9 @@ class Bench(object):
         r.add("data plane", "TCP same-runner / plain bridge", fmt_r(same),
               "%s / %s" % (fmt_gbps(m["same"]), fmt_gbps(m["plain"])), ">= 0.90",
               same is not None and same >= 0.9)
+        r.add("data plane", "  plain bridge at MTU 1450 / at 1500", fmt_r(per_rep("plain1450",
+                                                                               "plain", bps)),
+              "%s / %s" % (fmt_gbps(m["plain1450"]), fmt_gbps(m["plain"])))
         r.add("data plane", "RTT cross-runner / underlay", fmt_r(per_rep("cross", "underlay", rtt)),
               "%s / %s (avg of 20 pings)" % (fmt_ms(mr["cross"]), fmt_ms(mr["underlay"])))
         r.add("data plane", "  hand-built hub: RTT cross / underlay",
@@ -372,12 +392,124 @@ class Bench(object):
               "%s / %s" % (fmt_ms(mr["hb_cross"]), fmt_ms(mr["hb_underlay"])))
         r.add("data plane", "RTT same-runner / plain bridge", fmt_r(per_rep("same", "plain", rtt)),
               "%s / %s" % (fmt_ms(mr["same"]), fmt_ms(mr["plain"])))
-        r.add("data plane", "TCP retransmits (median per run)",
+        r.add("data plane", "TCP retransmits per run (median)",
               "%s" % median(retr["cross"]),
-              "cross %s, underlay %s, hb cross %s, same %s" % (
+              "cross %s, underlay %s, hb cross %s, same %s, plain %s" % (
                   median(retr["cross"]), median(retr["underlay"]), median(retr["hb_cross"]),
-                  median(retr["same"])))
+                  median(retr["same"]), median(retr["plain"])))
         self.data = {"bps": bps, "rtt": rtt, "retransmits": retr}
+
+    # -- phase: why (what-ifs in the runners' namespaces, undone after each run) ---------------
+    def runners_do(self, *argv):
+        for node in self.c.runners:
+            self.c.sh(node, *argv)
+
+    def phase_why(self):
+        c, r, args = self.c, self.r, self.args
+        if "cross" not in self.paths:
+            raise lab.LabError("the why phase needs the data phase's paths")
+        notrack = [("-t", "raw", "%s", "PREROUTING", "-p", "udp", "--dport", "4789", "-m",
+                    "comment", "--comment", "kohaku-bench", "-j", "NOTRACK"),
+                   ("-t", "raw", "%s", "OUTPUT", "-p", "udp", "--dport", "4789", "-m",
+                    "comment", "--comment", "kohaku-bench", "-j", "NOTRACK")]
+
+        def rules(op):
+            return lambda: [self.runners_do("iptables", *[a % op if a == "%s" else a for a in rule])
+                            for rule in notrack]
+
+        def brnf(v):
+            return lambda: self.runners_do("sysctl", "-q", "-w",
+                                           "net.bridge.bridge-nf-call-iptables=%d" % v)
+
+        def both_on():
+            rules("-A")()
+            brnf(0)()
+
+        def both_off():
+            rules("-D")()
+            brnf(1)()
+
+        states = [("as built", None, None),
+                  ("NOTRACK udp/4789", rules("-A"), rules("-D")),
+                  ("bridge-nf-call-iptables=0", brnf(0), brnf(1)),
+                  ("both", both_on, both_off)]
+        got = self.measure(["cross", "same"], args.reps, args.seconds, rtt=False, states=states)
+        base = dict((k, got[("as built", k)]["bps"]) for k in ("cross", "same"))
+        for label, _, _ in states[1:]:
+            for k in ("cross", "same"):
+                vals = got[(label, k)]["bps"]
+                gain = median([ratio(x, y) for x, y in zip(vals, base[k])])
+                r.add("why (what-if, runners' namespaces)", "%s: %s vs as built" % (
+                    "cross-runner" if k == "cross" else "same-runner", label), fmt_r(gain),
+                    "%s vs %s" % (fmt_gbps(median(vals)), fmt_gbps(median(base[k]))))
+        conntrack = c.sh(c.runners[0], "sysctl", "-n", "net.netfilter.nf_conntrack_count",
+                         check=False).stdout.strip()
+        r.note("the runners' namespaces track connections (nf_conntrack_count %s on runner1: "
+               "Docker's MASQUERADE and conntrack rules load it), so every VXLAN packet and every "
+               "bridged frame (net.bridge.bridge-nf-call-iptables=1, set by Docker) passes "
+               "conntrack and the FORWARD chain; the hand-built hub has neither" % (conntrack or "?"))
+
+    # -- phase: data plane again with 255 tunnels ---------------------------------------------
+    def phase_data255(self):
+        c, r, args = self.c, self.r, self.args
+        if "cross" not in self.paths:
+            raise lab.LabError("the data255 phase needs the data phase's paths")
+        total = c.status()["total"]
+        chain = c.sh(c.host, "iptables", "-S", "KOHAKU-VXLAN", check=False).stdout.splitlines()
+        pos = [i for i, l in enumerate(chain)
+               if any(("-s %s/32 " % n.ip) in l + " " for n in c.runners)]
+        filler = ["-I KOHAKU-VXLAN 1 -s 192.0.2.%d/32 -m comment --comment kohaku-bench -j ACCEPT"
+                  % i for i in range(1, 251)]
+
+        def fill():
+            c.sh(c.host, "iptables-restore", "--noflush",
+                 input="*filter\n" + "\n".join(filler) + "\nCOMMIT\n")
+
+        def unfill():
+            c.sh(c.host, "iptables-restore", "--noflush",
+                 input="*filter\n" + "\n".join(l.replace("-I KOHAKU-VXLAN 1", "-D KOHAKU-VXLAN")
+                                                for l in filler) + "\nCOMMIT\n")
+
+        ips = sorted(set(a["physical_ip"] for a in c.status()["allocations"]))
+        have_ipset = subprocess.run(["which", "ipset"], stdout=subprocess.DEVNULL).returncode == 0
+        setrule = ["INPUT", "1", "-p", "udp", "--dport", "4789", "-m", "set", "--match-set",
+                   "kb-runners", "src", "-m", "comment", "--comment", "kohaku-bench", "-j", "ACCEPT"]
+
+        def with_set():
+            fill()
+            c.sh(c.host, "ipset", "restore", input="create kb-runners hash:ip\n" + "".join(
+                "add kb-runners %s\n" % ip for ip in ips))
+            c.sh(c.host, "iptables", "-I", *setrule)
+
+        def without_set():
+            c.sh(c.host, "iptables", "-D", *[a for i, a in enumerate(setrule) if i != 1])
+            c.sh(c.host, "ipset", "destroy", "kb-runners")
+            unfill()
+
+        states = [("", None, None), ("end of chain", fill, unfill)]
+        if have_ipset:
+            states.append(("ipset", with_set, without_set))
+        got = self.measure(["underlay", "cross"], args.reps, args.seconds, rtt=False,
+                           states=states)
+        cross = got[("", "cross")]["bps"]
+        under = got[("", "underlay")]["bps"]
+        ratio255 = median([ratio(x, y) for x, y in zip(cross, under)])
+        r.add("data plane", "TCP cross-runner / underlay, %d tunnels" % total, fmt_r(ratio255),
+              "%s / %s; the runners are rules %s of the %d-rule source filter" % (
+                  fmt_gbps(median(cross)), fmt_gbps(median(under)),
+                  "/".join(str(p) for p in pos), len(chain) - 1), ">= 0.50",
+              ratio255 is not None and ratio255 >= 0.5)
+        endc = got[("end of chain", "cross")]["bps"]
+        endratio = median([ratio(x, y) for x, y in zip(endc, got[("end of chain", "underlay")]["bps"])])
+        r.add("data plane", "  same, runners behind 250 more filter rules", fmt_r(endratio),
+              "%s (what-if: the last runners of a full /24)" % fmt_gbps(median(endc)), ">= 0.50",
+              endratio is not None and endratio >= 0.5)
+        if have_ipset:
+            sc = got[("ipset", "cross")]["bps"]
+            sratio = median([ratio(x, y) for x, y in zip(sc, got[("ipset", "underlay")]["bps"])])
+            r.add("data plane", "  same, 250 more rules but an ipset match first", fmt_r(sratio),
+                  "%s (what-if: -m set --match-set hash:ip of %d runners ahead of the chain)"
+                  % (fmt_gbps(median(sc)), len(ips)))
 
     # -- phase: 253 registrations at once ----------------------------------------------------
     def make_fakes(self):
@@ -591,6 +723,7 @@ class Bench(object):
         rel = c.script(c.host, "host", "release", victim[0], "--yes")
         if rel.returncode != 0:
             raise lab.LabError("release failed: %s" % (rel.stderr or rel.stdout)[-300:])
+        settle(shims, popen.pid)
         one([["newcomer", victim[1]]], "new runner into a cluster of %d" % (total - 1), "<= 3")
         one([["newcomer", victim[1]]], "same name again (%d tunnels)" % total, "<= 3")
         # heartbeats spawn nothing
@@ -608,6 +741,7 @@ class Bench(object):
             c.wait_for(lambda: c.status()["active"] == 0, timeout=30, interval=0.5,
                        what="every runner inactive")
             c.script(c.host, "host", "cleanup", "--yes")
+            settle(shims, popen.pid)
             one([list(p) for p in self.fake_plan], "%d at once into an empty host" % BURST, "<= 3")
         # runner and check, one run each through the shims
         m = shims.mark()
@@ -647,6 +781,48 @@ class Bench(object):
         for p in self.iperf_servers:
             if p.poll() is None:
                 p.kill()
+                p.wait()
+        for ref in (self.hub, self.plain, self.plain1450):
+            if ref is not None:
+                ref.remove()
+
+
+def settle(shims, pid, quiet=0.5, timeout=15):
+    """Wait until the host has spawned nothing for `quiet` seconds: a release is answered
+    before its tunnel is removed, and that work must not be counted as the next step's."""
+    deadline = mono() + timeout
+    mark, last_change = shims.mark(), mono()
+    while mono() < deadline:
+        time.sleep(0.05)
+        now = shims.mark()
+        if now != mark:
+            mark, last_change = now, mono()
+        elif mono() - last_change >= quiet:
+            return
+
+
+def firewalld_elsewhere():
+    """Pids of firewalld processes on this machine (other labs' included: one pid namespace)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as fh:
+                argv = fh.read().split(b"\0")[:2]
+        except OSError:
+            continue
+        if any(os.path.basename(a) == b"firewalld" for a in argv):
+            pids.append(int(pid))
+    return pids
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 HEARTBEAT_SNIPPET = r"""
@@ -671,7 +847,8 @@ def summarize(spawned):
     return ", ".join("%s x%d" % (k, v) for k, v in sorted(counts.items())) or "none"
 
 
-PHASES = ("up", "data", "burst", "check", "restart", "cost")
+PHASES = ("up", "data", "why", "burst", "data255", "check", "restart", "cost")
+QUICK_SKIPS = ("why", "data255")
 
 
 def machine_line():
@@ -702,6 +879,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if args.quick and args.phases == ",".join(PHASES):
+        phases = [p for p in phases if p not in QUICK_SKIPS]
     bad = [p for p in phases if p not in PHASES]
     if bad:
         print("error: unknown phase %s: choose from %s" % (", ".join(bad), ", ".join(PHASES)),
@@ -723,9 +902,9 @@ def main(argv=None):
         return 2
     results = Results()
     started = time.time()
-    header = "kohaku-overlay benchmark, %s UTC, %s%s" % (
+    header = "kohaku-overlay benchmark, %s UTC, %s%s\nload average at start: %s" % (
         time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)), machine_line(),
-        ", --quick" if args.quick else "")
+        ", --quick" if args.quick else "", loadavg())
     print(header, file=sys.stderr)
     interrupted = False
     c = lab.Lab(runners=2, docker=True, verbose=args.verbose)
@@ -738,8 +917,8 @@ def main(argv=None):
         for phase in PHASES:
             if phase not in phases:
                 continue
-            if phase == "data" and "up" not in phases:
-                results.error("data", "the data phase needs the up phase (its containers)")
+            if phase in ("data", "why", "data255") and "up" not in phases:
+                results.error(phase, "the %s phase needs the up phase (its containers)" % phase)
                 continue
             print("bench: %s ..." % phase, file=sys.stderr, flush=True)
             t = mono()
@@ -758,7 +937,14 @@ def main(argv=None):
         if bench is not None:
             bench.cleanup()
         c.teardown()
-    results.note("whole run %.0f s, lab built and removed by tests/lab.py" % (time.time() - started))
+    results.note("whole run %.0f s, lab built and removed by tests/lab.py; load average at the "
+                 "end %s (2 cores: other work on the machine moves the data-plane figures)"
+                 % (time.time() - started, loadavg()))
+    fw = firewalld_elsewhere()
+    if fw:
+        results.note("%d firewalld process(es) run elsewhere on this machine (other labs): the "
+                     "host's firewalld probe sees them and spawns firewall-cmd --state "
+                     "(see /work/host-bugs.md)" % len(fw))
     print(results.render(header))
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": results.rows,

@@ -1176,7 +1176,7 @@ def test_settings_mismatch_found_before_registration(fake):
     assert results["runner.allocation"]["status"] == "FAIL"
     assert results["runner.settings"]["status"] == "FAIL"
     assert results["runner.settings"]["detail"] == "OVERLAY_MTU = 1400 here but 1450 on the " \
-        "host; the host refuses to register this runner (409)"
+        "host; the host refuses registrations with these settings (409)"
     assert results["runner.settings"]["fix"] == "OVERLAY_MTU = 1450   # in %s\nthen " \
         "systemctl restart kohakuriver-runner" % RUNNER_CFG
     assert results["runner.ping"]["detail"] == "needs runner.allocation"
