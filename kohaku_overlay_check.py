@@ -1100,6 +1100,7 @@ def check_config_file(snap):
 
 @check("config.enabled", "OVERLAY_ENABLED is True")
 def check_enabled(snap):
+    """PASS: OVERLAY_ENABLED = True. FAIL: False (the default): the daemon builds nothing."""
     if snap.cfg["OVERLAY_ENABLED"] is True:
         return ok("OVERLAY_ENABLED = True")
     return fail("OVERLAY_ENABLED is False: the daemon does not build the overlay",
@@ -1109,6 +1110,8 @@ def check_enabled(snap):
 @check("reachable_address", "HOST_REACHABLE_ADDRESS is a local, non-loopback address",
        roles=("host",))
 def check_reachable_address(snap):
+    """PASS: 192.168.88.53 on eth0. FAIL: 127.0.0.1 (the guide's warning), unset, or an
+    address no interface holds; the fix names a local address."""
     addr = snap.cfg["HOST_REACHABLE_ADDRESS"]
     local = snap.local_ips()
     candidates = [ip for ip, dev in local.items() if dev != HOST_DEVICE and not loopback(ip)
@@ -1131,6 +1134,7 @@ def check_reachable_address(snap):
 
 @check("host_address", "HOST_ADDRESS is set and not loopback", roles=("runner",))
 def check_host_address(snap):
+    """PASS: HOST_ADDRESS 192.168.88.53. FAIL: unset or loopback."""
     addr = snap.cfg["HOST_ADDRESS"]
     fix = config_line(snap, "HOST_ADDRESS", "<the Host's IP>")
     if not addr:
@@ -1142,6 +1146,7 @@ def check_host_address(snap):
 
 @check("ip_forward", "net.ipv4.ip_forward is 1")
 def check_ip_forward(snap):
+    """PASS: /proc/sys/net/ipv4/ip_forward is 1. FAIL: 0 (fix: sysctl -w ...=1)."""
     val = snap.sysctl.get("net.ipv4.ip_forward")
     if val is None:
         return skip("/proc/sys/net/ipv4/ip_forward is not readable")
@@ -1155,6 +1160,7 @@ def check_ip_forward(snap):
 
 @check("kohaku_host.present", "kohaku-host exists and is up", roles=("host",))
 def check_kohaku_host(snap):
+    """PASS: kohaku-host exists (dummy, or a bridge without dummy support), admin up."""
     link = snap.links.get(HOST_DEVICE)
     if link is None:
         return fail("%s does not exist" % HOST_DEVICE, restart(snap))
@@ -1166,6 +1172,7 @@ def check_kohaku_host(snap):
 @check("kohaku_host.address", "kohaku-host holds the host overlay IP", roles=("host",),
        needs=("kohaku_host.present",))
 def check_kohaku_host_address(snap):
+    """PASS: OVERLAY_HOST_IP/OVERLAY_HOST_PREFIX (10.0.0.1/8) on kohaku-host. FAIL: removed."""
     want = "%s/%d" % (snap.layout.host_ip, snap.layout.host_prefix)
     have = ipv4_addrs(snap.links[HOST_DEVICE])
     if want in have:
@@ -1176,6 +1183,8 @@ def check_kohaku_host_address(snap):
 
 @check("state_file", "state file parses and is mode 0600", roles=("host",))
 def check_state_file(snap):
+    """PASS: parses, has an allocations list, mode 0600 (or not written yet and no tunnel).
+    FAIL: corrupt, or readable by others. SKIP: not readable without root."""
     path = snap.cfg["OVERLAY_STATE_FILE"]
     state = snap.need("state")
     if state is None:
@@ -1208,6 +1217,7 @@ def host_allocations(snap):
 @check("tunnels", "every allocation has its vxkr device", roles=("host",),
        needs=("state_file",))
 def check_tunnels(snap):
+    """FAIL: an allocation without its vxkr device. WARN: a vxkr device without an allocation."""
     allocs = host_allocations(snap)
     devices = set(snap.vxlan_devices())
     missing = [vxkr_name(n) for n in sorted(allocs) if vxkr_name(n) not in devices]
@@ -1318,6 +1328,19 @@ def vxlan_field(snap, field, tunnels, master=None):
     return fail(detail, "\n".join(fixes[:MAX_LISTED + 1]))
 
 
+def field_check(field, role):
+    """One registered check per VXLAN field: host checks every vxkr*, a runner its vxlan0."""
+    def run_field_check(snap):
+        if role == "host":
+            return vxlan_field(snap, field, host_tunnel_expectations(snap))
+        return vxlan_field(snap, field, runner_tunnel(snap), snap.cfg["OVERLAY_BRIDGE_NAME"])
+    run_field_check.__doc__ = (
+        "PASS: the %s of every device is what the daemon builds. FAIL: names each wrong device "
+        "and the commands that set it (or re-create the device); a loopback local/remote is the "
+        "guide's HOST_REACHABLE_ADDRESS mistake." % field)
+    return run_field_check
+
+
 def register_vxlan_field_checks():
     titles = {"vni": "VNI is OVERLAY_VXLAN_ID + runner id", "local": "local is this node's "
               "underlay address", "remote": "remote is the peer's underlay address",
@@ -1325,18 +1348,17 @@ def register_vxlan_field_checks():
               "up": "device is up", "address": "holds the host's address on the runner subnet"}
     for field in ("vni", "local", "remote", "port", "mtu", "up", "address"):
         check("vxkr." + field, "vxkr*: " + titles[field], roles=("host",))(
-            (lambda f: lambda snap: vxlan_field(snap, f, host_tunnel_expectations(snap)))(field))
+            field_check(field, "host"))
     for field in ("vni", "local", "remote", "port", "mtu", "up"):
         check("vxlan0." + field, "vxlan0: " + titles[field], roles=("runner",),
-              needs=("vxlan0.present", "allocation"))(
-            (lambda f: lambda snap: vxlan_field(snap, f, runner_tunnel(snap),
-                                                snap.cfg["OVERLAY_BRIDGE_NAME"]))(field))
+              needs=("vxlan0.present", "allocation"))(field_check(field, "runner"))
 
 
 # -- runner devices -----------------------------------------------------------------------------
 
 @check("allocation", "this runner holds an allocation", roles=("runner",))
 def check_allocation(snap):
+    """PASS: the runner's state file (or the host's status) gives its id and subnet."""
     alloc = snap.alloc
     path = snap.cfg["OVERLAY_STATE_FILE"]
     if alloc is None:
@@ -1362,6 +1384,7 @@ def runner_tunnel(snap):
 
 @check("vxlan0.present", "vxlan0 exists", roles=("runner",))
 def check_vxlan0_present(snap):
+    """PASS: vxlan0 is a vxlan device with learning off. WARN: learning on."""
     link = snap.links.get(RUNNER_VXLAN)
     if link is None:
         return fail("%s does not exist" % RUNNER_VXLAN, restart(snap))
@@ -1379,6 +1402,7 @@ register_vxlan_field_checks()
 
 @check("bridge.present", "the overlay bridge exists and is up", roles=("runner",))
 def check_bridge(snap):
+    """PASS: OVERLAY_BRIDGE_NAME is a bridge and up."""
     name = snap.cfg["OVERLAY_BRIDGE_NAME"]
     link = snap.links.get(name)
     if link is None:
@@ -1394,6 +1418,7 @@ def check_bridge(snap):
 @check("bridge.gateway", "the bridge holds the runner subnet's gateway", roles=("runner",),
        needs=("bridge.present", "allocation"))
 def check_bridge_gateway(snap):
+    """PASS: the subnet's gateway (10.N.0.1/16) is on the bridge."""
     name = snap.cfg["OVERLAY_BRIDGE_NAME"]
     subnet = snap.alloc.get("subnet")
     want = "%s/%s" % (snap.alloc.get("gateway"), subnet.split("/")[1] if subnet else "16")
@@ -1407,6 +1432,7 @@ def check_bridge_gateway(snap):
 @check("bridge.vxlan0", "vxlan0 is enslaved to the bridge", roles=("runner",),
        needs=("bridge.present", "vxlan0.present"))
 def check_bridge_vxlan0(snap):
+    """PASS: vxlan0's master is the bridge. FAIL: detached (nomaster) or elsewhere."""
     name = snap.cfg["OVERLAY_BRIDGE_NAME"]
     master = snap.links[RUNNER_VXLAN].get("master")
     if master == name:
@@ -1419,6 +1445,7 @@ def check_bridge_vxlan0(snap):
 @check("route", "the overlay CIDR routes via the host's address on the bridge",
        roles=("runner",), needs=("bridge.present", "allocation"))
 def check_route(snap):
+    """PASS: `10.0.0.0/8 via 10.N.0.254 dev kohaku-overlay`. FAIL: missing or elsewhere."""
     routes = snap.need("routes")
     cidr, via = snap.overlay_cidr(), snap.alloc.get("host_vxlan_ip")
     bridge = snap.cfg["OVERLAY_BRIDGE_NAME"]
@@ -1456,6 +1483,9 @@ def forward_reinsert(rules, cidr, idx=None):
 
 @check("forward_rules", "FORWARD accepts the overlay CIDR ahead of any DROP/REJECT")
 def check_forward_rules(snap):
+    """PASS: `-s CIDR -j ACCEPT` and `-d CIDR -j ACCEPT` ahead of every DROP/REJECT and
+    every jump to a chain that can drop. FAIL: missing under policy DROP or a dropping
+    rule; "at bottom" below one. WARN: missing with policy ACCEPT."""
     ipt = snap.need("ipt")[snap.ipt_active]
     cidr = snap.overlay_cidr()
     if cidr is None:
@@ -1489,6 +1519,7 @@ def check_forward_rules(snap):
 @check("nat", "POSTROUTING masquerades overlay traffic leaving the overlay", roles=("runner",),
        needs=("allocation",))
 def check_nat(snap):
+    """PASS: nat POSTROUTING `-s CIDR ! -d CIDR -j MASQUERADE`. FAIL: missing."""
     ipt = snap.need("ipt")[snap.ipt_active]
     cidr = snap.overlay_cidr()
     rules = (ipt.get("nat") or Table()).rules("POSTROUTING")
@@ -1511,6 +1542,9 @@ def underlay_packet(snap, src, dst, port):
 
 @check("vxlan_port", "UDP to the VXLAN port is accepted from the peers")
 def check_vxlan_port(snap):
+    """Walks INPUT (jumps, RETURN, policy) for a UDP packet to the VXLAN port from each peer.
+    Host: the KOHAKU-VXLAN source filter exists, is jumped to, accepts every registered
+    runner (FAIL otherwise) and drops an unregistered sender (WARN otherwise)."""
     ipt = snap.need("ipt")[snap.ipt_active]
     table = ipt.get("filter") or Table()
     port = snap.cfg["OVERLAY_VXLAN_PORT"]
@@ -1571,6 +1605,8 @@ def host_vxlan_port(snap, table, port):
 
 @check("iptables.backends", "overlay rules live in one iptables backend only")
 def check_backends(snap):
+    """PASS: only one of iptables-nft / iptables-legacy holds rules. WARN: both do.
+    FAIL: the other backend drops (its rules apply too and do not order against ours)."""
     snap.need("ipt")
     active = snap.ipt_active
     others = [b for b in snap.ipt if b != active and holds_rules(snap.ipt[b])]
@@ -1598,6 +1634,8 @@ def check_backends(snap):
 
 @check("firewalld.trusted", "overlay interfaces are in firewalld's trusted zone")
 def check_firewalld_trusted(snap):
+    """PASS: every overlay interface in the trusted zone. FAIL: in another zone, the
+    guide's "admin prohibited filter" case. SKIP: firewalld not installed or not running."""
     zones = snap.need("zones")
     bad = []
     for iface in snap.overlay_ifaces():
@@ -1616,6 +1654,8 @@ def check_firewalld_trusted(snap):
 
 @check("firewalld.vxlan_port", "firewalld lets UDP to the VXLAN port in from the peers")
 def check_firewalld_port(snap):
+    """PASS: the zone that receives the peers' VXLAN packets (by source, interface or
+    default) is trusted, lists PORT/udp or has an accepting rich rule."""
     zones = snap.need("zones")
     port = snap.cfg["OVERLAY_VXLAN_PORT"]
     if snap.role == "host":
@@ -1663,6 +1703,8 @@ def docker_create_cmd(snap):
 @check("docker.network", "the Docker network matches the allocation", roles=("runner",),
        needs=("allocation",))
 def check_docker_network(snap):
+    """PASS: OVERLAY_NETWORK_NAME is a bridge network on the overlay bridge with the
+    allocation's subnet, gateway, MTU and an aux-address reserving the host's 10.N.0.254."""
     net = snap.need("docker_net")
     name, alloc, cfg = snap.cfg["OVERLAY_NETWORK_NAME"], snap.alloc, snap.cfg
     create = docker_create_cmd(snap)
@@ -1708,6 +1750,8 @@ def check_docker_network(snap):
 @check("fdb", "container MACs are learned on their veths, not vxlan0", roles=("runner",),
        needs=("bridge.present",))
 def check_fdb(snap):
+    """FAIL: a container's MAC learned on vxlan0 (frames of this node coming back through
+    the host); it should sit on the container's veth."""
     fdb = snap.need("fdb")
     net = snap.need("docker_net")
     if net is None:
@@ -1729,6 +1773,7 @@ def check_fdb(snap):
 
 @check("api.health", "the host API answers /healthz")
 def check_api_health(snap):
+    """PASS: GET /healthz answers {"ok": true}. FAIL: refused, timed out, other answer."""
     res = snap.api.get("health")
     url = snap.api_url("/healthz")
     fix = restart(snap) if snap.role == "host" else \
@@ -1763,6 +1808,7 @@ SETTINGS = (("vxlan_id", "OVERLAY_VXLAN_ID"), ("vxlan_port", "OVERLAY_VXLAN_PORT
 @check("api.status", "the running host daemon uses this config", roles=("host",),
        needs=("api.health",))
 def check_host_status(snap):
+    """FAIL: the running daemon's status differs from this config (edited, not restarted)."""
     bad, body = status_body(snap)
     if bad:
         return bad
@@ -1784,6 +1830,7 @@ def check_host_status(snap):
 @check("api.status", "the host lists this runner, active", roles=("runner",),
        needs=("api.health",))
 def check_runner_status(snap):
+    """PASS: the host's status lists RUNNER_NAME as active. FAIL: 401, absent, inactive."""
     bad, body = status_body(snap)
     if bad:
         return bad
@@ -1799,8 +1846,8 @@ def check_runner_status(snap):
 
 @check("settings", "VNI base, port and MTU match the host's", roles=("runner",))
 def check_settings(snap):
-    """Compares with the host's status (vxlan_id/vxlan_port/mtu), else with the host's last
-    answer kept in the state file. Works before registration too: a mismatch is exactly what
+    """FAIL: OVERLAY_VXLAN_ID/PORT/MTU differ from the host's status (else from the host's last
+    answer kept in the state file). Works before registration too: a mismatch is exactly what
     makes the host refuse to register this runner (409)."""
     cfg, alloc = snap.cfg, snap.alloc or {"source": "none"}
     res = snap.api.get("status")
@@ -1838,6 +1885,7 @@ def check_settings(snap):
 @check("ping", "the host overlay IP answers a ping", roles=("runner",),
        needs=("allocation", "vxlan0.present"))
 def check_ping(snap):
+    """PASS: `ping -c 1 -W 1 <host overlay IP>` answers through the tunnel."""
     pings = snap.need("pings")
     good, argv, detail = pings["ping"]
     if good:
@@ -1851,6 +1899,7 @@ def check_ping(snap):
 @check("ping_df", "a don't-fragment ping at the MTU gets through", roles=("runner",),
        needs=("ping",))
 def check_ping_df(snap):
+    """PASS: `ping -M do -s MTU-28` answers: the underlay carries a full overlay frame."""
     pings = snap.need("pings")
     good, argv, detail = pings["df"]
     mtu = (snap.alloc or {}).get("mtu") or snap.cfg["OVERLAY_MTU"]
@@ -1864,6 +1913,8 @@ def check_ping_df(snap):
 
 @check("underlay_mtu", "OVERLAY_MTU fits the underlay route's MTU minus 50")
 def check_underlay_mtu(snap):
+    """FAIL: OVERLAY_MTU > the MTU of the route to a tunnel peer - 50 (e.g. 1450 over a
+    1450 underlay): large packets vanish while pings work."""
     routes = snap.need("routes")
     mtu = snap.cfg["OVERLAY_MTU"]
     remotes = set()
@@ -1894,6 +1945,7 @@ def check_underlay_mtu(snap):
 
 @check("rp_filter", "no strict rp_filter on overlay interfaces")
 def check_rp_filter(snap):
+    """WARN: rp_filter = 1 (strict, max of all and the interface) on an overlay interface."""
     all_val = snap.sysctl.get("net.ipv4.conf.all.rp_filter") or 0
     strict = [i for i in snap.overlay_ifaces()
               if max(all_val, snap.sysctl.get("net.ipv4.conf.%s.rp_filter" % i) or 0) == 1]
@@ -1953,6 +2005,7 @@ def check_vxlan_traffic(snap):
 
 @check("udp_csum", "no UDP checksum errors")
 def check_udp_csum(snap):
+    """WARN: Udp InCsumErrors > 0. FAIL: rising during the run. Names the pre-5.7 bug."""
     before = (snap.snmp1.get("Udp") or {}).get("InCsumErrors")
     after = (snap.snmp2.get("Udp") or {}).get("InCsumErrors")
     if after is None:

@@ -1206,6 +1206,11 @@ def test_registry_ids_are_unique_and_prerequisites_come_first():
                 assert "%s.%s" % (role, need) in ids[:i]
 
 
+def test_every_check_documents_what_passes_and_fails():
+    for c in chk.REGISTRY:
+        assert "PASS" in (c.func.__doc__ or "") or "FAIL" in (c.func.__doc__ or ""), c.name
+
+
 def test_role_specific_names_follow_the_brief():
     host = [c.id("host") for c in chk.checks_for("host")]
     runner = [c.id("runner") for c in chk.checks_for("runner")]
