@@ -449,6 +449,16 @@ class Bench(object):
                "bridged frame (net.bridge.bridge-nf-call-iptables=1, set by Docker) passes "
                "conntrack and the FORWARD chain; the hand-built hub has neither" % (conntrack or "?"))
 
+    def input_counters(self):
+        """(packets, bytes) of the host's INPUT jump to the VXLAN source filter, or None."""
+        out = self.c.sh(self.c.host, "iptables", "-L", "INPUT", "-v", "-x", "-n",
+                        check=False).stdout
+        for line in out.splitlines():
+            if "KOHAKU-VXLAN" in line:
+                f = line.split()
+                return int(f[0]), int(f[1])
+        return None
+
     # -- phase: data plane again with 255 tunnels ---------------------------------------------
     def phase_data255(self):
         c, r, args = self.c, self.r, self.args
@@ -489,8 +499,15 @@ class Bench(object):
         states = [("", None, None), ("end of chain", fill, unfill)]
         if have_ipset:
             states.append(("ipset", with_set, without_set))
+        before = self.input_counters()
         got = self.measure(["underlay", "cross"], args.reps, args.seconds, rtt=False,
                            states=states)
+        after = self.input_counters()
+        if before and after and after[0] > before[0]:
+            pk, by = after[0] - before[0], after[1] - before[1]
+            r.add("data plane", "  VXLAN packets through the host's INPUT filter", "%d" % pk,
+                  "%.0f bytes per packet: GSO/GRO super-packets, so the filter's per-packet "
+                  "cost is paid once per ~%d frames" % (by / float(pk), max(1, by // pk // 1500)))
         cross = got[("", "cross")]["bps"]
         under = got[("", "underlay")]["bps"]
         ratio255 = median([ratio(x, y) for x, y in zip(cross, under)])
