@@ -8,6 +8,7 @@
   rules and ip_forward must be what they were before. A difference is reported as an error.
 """
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def _root_snapshot():
 
     snap = {
         "links": "\n".join(line.split(" link/")[0] for line in out(["ip", "-o", "link"]).splitlines()),
-        "addresses": out(["ip", "-o", "addr"]),
-        "routes": out(["ip", "route", "show", "table", "all"]),
+        # lifetimes and expiry count down on their own (SLAAC, DHCP): not a change
+        "addresses": re.sub(r"(valid|preferred)_lft \S+", "", out(["ip", "-o", "addr"])),
+        "routes": re.sub(r"expires \S+", "", out(["ip", "route", "show", "table", "all"])),
         "iptables": iptables(["iptables-save"]),
         "ip6tables": iptables(["ip6tables-save"]),
         "nftables": out(["nft", "list", "ruleset"]),
