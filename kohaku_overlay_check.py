@@ -1945,7 +1945,8 @@ def check_underlay_mtu(snap):
 
 @check("rp_filter", "no strict rp_filter on overlay interfaces")
 def check_rp_filter(snap):
-    """WARN: rp_filter = 1 (strict, max of all and the interface) on an overlay interface."""
+    """PASS: rp_filter 0 or 2 on every overlay interface. WARN: 1 (strict; the kernel uses the
+    max of conf.all and the interface), which drops packets whose reply route differs."""
     all_val = snap.sysctl.get("net.ipv4.conf.all.rp_filter") or 0
     strict = [i for i in snap.overlay_ifaces()
               if max(all_val, snap.sysctl.get("net.ipv4.conf.%s.rp_filter" % i) or 0) == 1]
