@@ -481,6 +481,50 @@ def test_forged_vxlan_frames_from_an_unregistered_address_do_not_reach_vxkr1(c):
     assert "10.1.0.254" in replies
 
 
+# ---- the documented limit: a forged source address gets through --------------------------------
+
+SPOOF_SENDER = r'''
+import socket, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for h in sys.argv[3:]:
+    payload = bytes.fromhex(h)
+    udp = struct.pack("!HHHH", 40000, 4789, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0x4b4f, 0, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    s.sendto(ip + udp, (dst, 0))
+'''
+
+
+def test_a_forged_runner_source_address_is_not_stopped(c):
+    """The limit docs/faults-and-attacks.md states: plain VXLAN has no authentication, so the
+    source filter cannot tell a forged runner address from the runner. If this test starts to
+    fail, the filter learned something new and the security note must be revisited."""
+    _, _, mac = vxkr_stats(c)
+    frames = [vxlan_frame(101, "ff:ff:ff:ff:ff:ff", arp_request("10.1.0.6", "10.1.0.254")),
+              vxlan_frame(101, mac, icmp_echo("10.1.0.6", "10.1.0.254", seq=7))]
+    rx0, _, _ = vxkr_stats(c)
+    listener = subprocess.Popen(["ip", "netns", "exec", c.legit.ns, sys.executable, "-c",
+                                 LISTENER, "2.5"], stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert listener.stdout.readline().strip() == "listening"
+        py(c, c.attacker, SPOOF_SENDER, LEGIT_IP, HOST, *[f.hex() for f in frames])
+        out, _ = listener.communicate(timeout=20)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    rx1, _, _ = vxkr_stats(c)
+    assert rx1 - rx0 >= 2                                   # injected into runner 1's segment
+    assert "10.1.0.254" in echo_replies(json.loads(out), 101)  # the reply goes to the real runner
+
+
 # ---- last: a request that has killed the API thread before (see /work/host-bugs.md) -------------
 
 
