@@ -424,10 +424,8 @@ def test_300_slow_clients_do_not_starve_a_registration(c):
         assert trickle.stdout.readline().strip() == "connected"
         time.sleep(1.0)
         samples = [host_threads(pid)]
-        t0 = time.monotonic()
         res = send(c, c.legit, [http_request("POST", "/api/overlay/register",
                                              json.dumps(registration()).encode(), auth())])[0]
-        registration_time = time.monotonic() - t0
         for _ in range(10):
             samples.append(host_threads(pid))
             time.sleep(0.3)
@@ -438,7 +436,6 @@ def test_300_slow_clients_do_not_starve_a_registration(c):
             trickle.wait()
     assert (res["status"], json.loads(res["body"])["runner_id"]) == (200, 1)
     assert res["elapsed"] < 1.0
-    assert registration_time < 2.0  # includes the client's process start in the namespace
     assert max(samples) <= threads_before + 40  # the handler pool is bounded (32 workers)
     conns = json.loads(out)
     cut = [x for x in conns if x["closed"] is not None and 4.0 <= x["closed"] <= 7.0
