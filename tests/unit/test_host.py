@@ -2787,3 +2787,61 @@ def test_notify_systemd_to_a_missing_socket_only_warns(monkeypatch, tmp_path, ca
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
     host.notify_systemd("READY=1")
     assert "cannot notify systemd:" in caplog.text
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_reconciles_at_start_and_stops_on_sigterm_without_touching_tunnels(tmp_path, fake):
+    port = free_port()
+    path = host_config(tmp_path, HOST_REACHABLE_ADDRESS=HOST_IP, OVERLAY_ENABLED=True,
+                       HOST_BIND_IP="127.0.0.1", HOST_PORT=port, OVERLAY_TOKEN=TOKEN)
+    store = host.StateStore(str(tmp_path / "state" / "overlay-state.json"))
+    store.update(lambda a: a.update({1: alloc(1, "runner1", "198.51.100.11")}))
+    fake.answer(["ip", "-j", "addr", "show"], (0, LOCAL_ADDRS, ""))
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))        # vxkr2 and vxkra have no allocation
+    fake.answer(IPT_S, (0, CAPTURED_RULES_OK, ""))       # the filter still lists .12
+    seen = {}
+
+    finished = threading.Event()
+
+    def client():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not finished.is_set():
+            try:
+                status, st, _ = http_call(port, "GET", "/api/overlay/status",
+                                          {"Authorization": "Bearer " + TOKEN})
+                if status == 200 and len(fake.calls) >= 5:
+                    seen["status"], seen["calls"] = st, len(fake.calls)
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        if not finished.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)   # a net should serve fail early
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        code = host.main(["serve", "--config", path])
+    finally:
+        finished.set()
+        thread.join(30)
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+    assert code == 0
+    assert (seen["status"]["total"], seen["status"]["active"]) == (1, 0)   # inactive until a beat
+    assert fake.calls == [["ip", "-j", "addr", "show"], IP_SHOW, BATCH, IPT_S, RESTORE]
+    assert fake.batches() == [["link del vxkr2", "link del vxkra"]]
+    assert fake.inputs[-1] == "*filter\n" + "\n".join([
+        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
+        "-A KOHAKU-VXLAN -j DROP", "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D,
+        "-D INPUT " + INPUT_JUMP, "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
+        "-I INPUT 1 " + INPUT_JUMP]) + "\nCOMMIT\n"             # one atomic restore
+    assert seen["calls"] == len(fake.calls)              # stopping ran nothing: tunnels stay
+    assert store.read()[0] == {1: alloc(1, "runner1", "198.51.100.11")}
