@@ -48,6 +48,7 @@ SCRIPT = ROOT / "kohaku_overlay_host.py"
 _spec = importlib.util.spec_from_file_location("kohaku_overlay_host", str(SCRIPT))
 host = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(host)
+REAL_FIREWALLD_PROCESS = host._firewalld_process
 
 HOST_IP = "198.51.100.1"      # HOST_REACHABLE_ADDRESS in every test
 TOKEN = "s3cret"
@@ -1289,7 +1290,7 @@ def test_missing_file_reads_as_none(tmp_path):
     b'"physical_ip": "198.51.100.12"}]}',
     b'{"version": 1, "allocations": [{"runner_id": 1, "runner_name": "a", '
     b'"physical_ip": "198.51.100.11", "last_seen": "yesterday"}]}',
-    b"\xff\xfe",
+    b"\xff\xfe", b'{"version": 1, "allocations": [1]}',
 ])
 def test_corrupt_file_is_moved_aside(tmp_path, content, caplog):
     store = new_store(tmp_path)
@@ -2845,3 +2846,212 @@ def test_serve_reconciles_at_start_and_stops_on_sigterm_without_touching_tunnels
         "-I INPUT 1 " + INPUT_JUMP]) + "\nCOMMIT\n"             # one atomic restore
     assert seen["calls"] == len(fake.calls)              # stopping ran nothing: tunnels stay
     assert store.read()[0] == {1: alloc(1, "runner1", "198.51.100.11")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure paths: every one ends in one sentence, never a traceback
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_of_a_file_that_cannot_execute(tmp_path):
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    with pytest.raises(host.OverlayError) as exc:
+        host.run([str(script)])
+    assert str(exc.value) == "cannot run {}: Permission denied".format(script)
+
+
+def test_failpoint_kills_the_process_only_when_named(tmp_path):
+    code = ("import importlib.util, sys\n"
+            "s = importlib.util.spec_from_file_location('h', sys.argv[1])\n"
+            "h = importlib.util.module_from_spec(s); s.loader.exec_module(h)\n"
+            "h.failpoint('commit:other'); print('alive'); sys.stdout.flush()\n"
+            "h.failpoint('commit:after-save'); print('survived')\n")
+    env = dict(os.environ, KOHAKU_OVERLAY_FAILPOINT="commit:after-save")
+    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPT)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert proc.stdout == b"alive\n"
+
+
+def test_short_bounds_what_messages_repeat():
+    assert host._short(8000) == "8000"
+    assert host._short("x" * 100) == "'" + "x" * 56 + "..."
+    assert host._short(10 ** 5000) == "a number too long to print"
+
+
+def test_firewalld_process_scan(isolated, mocker):
+    cmdlines = {"1": b"/sbin/init\0splash\0", "42": b"/usr/bin/python3\0/usr/sbin/firewalld\0"
+                b"--nofork\0", "43": b"/usr/bin/python3\0/tmp/firewalld-notes.txt\0"}
+    real_listdir = os.listdir
+
+    def listdir(path):
+        return ["1", "self", "43", "77", "42"] if path == "/proc" else real_listdir(path)
+
+    real_open = host.open
+
+    def fake_open(path, *args, **kwargs):
+        pid = path.split("/")[2] if path.startswith("/proc/") else None
+        if pid in cmdlines:
+            return io.BytesIO(cmdlines[pid])
+        if pid == "77":
+            raise IOError(2, "No such file or directory")          # the process just ended
+        return real_open(path, *args, **kwargs)
+
+    mocker.patch.object(host.os, "listdir", side_effect=listdir)
+    mocker.patch.object(host, "open", side_effect=fake_open)
+    assert REAL_FIREWALLD_PROCESS() is True
+    del cmdlines["42"]
+    assert REAL_FIREWALLD_PROCESS() is False
+
+
+def test_state_folder_that_cannot_be_created_is_one_sentence(tmp_path, fake, capsys):
+    (tmp_path / "file").write_text("")
+    store = host.StateStore(str(tmp_path / "file" / "sub" / "overlay-state.json"))
+    with pytest.raises(host.OverlayError) as exc:
+        store.update(lambda a: None)
+    assert str(exc.value) == "cannot create the state folder {}: Not a directory".format(
+        store.folder)
+
+
+def test_lock_file_that_cannot_be_opened_is_one_sentence(tmp_path):
+    store = new_store(tmp_path)
+    os.makedirs(store.lock_path)                  # a folder where the lock file should be
+    with pytest.raises(host.OverlayError) as exc:
+        store.update(lambda a: None)
+    assert str(exc.value) == ("cannot open the lock file {}: Is a directory; run as "
+                              "root".format(store.lock_path))
+
+
+def test_unreadable_state_file_is_one_sentence(tmp_path):
+    store = new_store(tmp_path)
+    os.makedirs(store.path)
+    with pytest.raises(host.OverlayError) as exc:
+        store.read()
+    assert str(exc.value) == "cannot read the state file {}: Is a directory".format(store.path)
+
+
+def test_submit_without_an_answer_is_503(tmp_path):
+    hub = make_hub(tmp_path)
+    with pytest.raises(host.ApiError) as exc:
+        hub.submit("cleanup", timeout=0.05)
+    assert (exc.value.status, exc.value.message) == (503, "the host is busy: try again")
+
+
+def test_reconcile_logs_a_tunnel_it_cannot_build(tmp_path, fake, caplog):
+    hub = make_hub(tmp_path, allocs={1: alloc(1, "r1", "198.51.100.11")})
+    fake.answer(IP_SHOW, (0, json.dumps([link_json("kohaku-host", "bridge",
+                                                    addrs=["10.0.0.1/8"], mtu=1500)]), ""))
+    fake.answer(BATCH, (2, "", "Error: Unknown device type.\n"))
+    fake.answer(IPT_S, (0, iptables_s(["198.51.100.11"]), ""))
+    assert hub.reconcile() == ["vxkr1"]
+    assert "cannot build vxkr1 for r1: Error: Unknown device type." in caplog.text
+
+
+def test_reconcile_puts_missing_interfaces_back_in_the_trusted_zone(tmp_path, fake, mocker,
+                                                                   caplog):
+    hub = make_hub(tmp_path)
+    links, rules = healthy(hub, 2)
+    fake.answer(IP_SHOW, (0, links, ""))
+    fake.answer(IPT_S, (0, rules, ""))
+    firewalld_on(mocker, fake, listed="vxkr1")               # a firewall-cmd --reload lost two
+    assert hub.reconcile() == ["firewalld zone trusted for kohaku-host vxkr2"]
+    assert fake.calls[-1] == ["firewall-cmd", "--zone=trusted", "--change-interface=kohaku-host",
+                              "--change-interface=vxkr2"]
+    assert "repaired drift: firewalld zone trusted for kohaku-host vxkr2" in caplog.text
+
+
+def test_commit_answers_the_registration_even_when_the_filter_update_fails(tmp_path, fake,
+                                                                          mocker, caplog):
+    hub = make_hub(tmp_path)
+    hub.kernel.firewalld = True
+    fake.answer(RESTORE, (1, "", "iptables-restore: line 3 failed\n"))
+    fake.answer(["firewall-cmd"], (1, "", "Error: INVALID_ZONE\n"))
+    job = host.Job("register", runner_name="r1", physical_ip="198.51.100.11",
+                   previous_runner_id=None)
+    hub.commit([job])
+    assert (job.status, job.answer["runner_id"]) == (200, 1)
+    assert "cannot update the VXLAN source filter: `iptables-restore --noflush` failed with " \
+           "exit code 1: iptables-restore: line 3 failed" in caplog.text
+    assert "cannot add vxkr1 to the firewalld zone trusted:" in caplog.text
+
+
+def test_writer_runs_the_repair_pass_periodically(tmp_path, fake, caplog):
+    hub = make_hub(tmp_path, OVERLAY_REPAIR_INTERVAL=1)
+    links, rules = healthy(hub, 1)
+    fake.answer(IP_SHOW, (0, links, ""))
+    fake.answer(IPT_S, (1, "", "iptables: Permission denied (you must be root).\n"))
+    with writer_running(hub):
+        assert wait_for(lambda: fake.calls.count(IPT_S) >= 2, timeout=5)
+    assert "repair pass failed: `iptables -S` failed with exit code 1: iptables: Permission " \
+           "denied (you must be root)." in caplog.text
+
+
+def test_writer_turns_an_internal_error_into_500(tmp_path, fake, mocker, caplog):
+    hub = make_hub(tmp_path)
+    mocker.patch.object(hub, "commit", side_effect=RuntimeError("boom"))
+    with writer_running(hub):
+        assert hub.submit("cleanup", timeout=5) == (500, {"error": "internal error: boom"})
+    assert "internal error while applying changes" in caplog.text
+
+
+def test_server_answers_400_when_the_parser_itself_fails(server, mocker):
+    srv, hub = server
+    mocker.patch.object(host, "parse_request", side_effect=RuntimeError("parser bug"))
+    answer = raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.endswith(b'{"error": "malformed request"}\n')
+    mocker.stopall()
+    assert http_call(srv.port, "GET", "/healthz")[0] == 200
+
+
+def test_cli_api_answer_that_is_not_json(tmp_path, capsys):
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Html(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(502)
+            self.send_header("Content-Length", "6")
+            self.end_headers()
+            self.wfile.write(b"<html>")
+
+        def log_message(self, *args):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Html)
+    thread = threading.Thread(target=srv.serve_forever)
+    thread.daemon = True
+    thread.start()
+    try:
+        path = host_config(tmp_path, HOST_PORT=srv.server_address[1])
+        assert host.main(["status", "--config", path]) == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert capsys.readouterr().err == (
+        "error: the host API at http://127.0.0.1:{} answered 502 with something that is not "
+        "JSON\n".format(srv.server_address[1]))
+
+
+def test_cli_cleanup_asks_and_eof_means_no(cli, capsys, monkeypatch):
+    path, hub, port = cli
+    monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+
+    def eof(question):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", eof)
+    assert host.main(["cleanup", "--config", path]) == 1
+    assert capsys.readouterr().out == "nothing released\n"
+    assert host.main(["release", "runner1", "--config", path]) == 1
+    assert sorted(hub.allocs) == [1, 2]
+
+
+@pytest.mark.parametrize("exc, message", [
+    (KeyboardInterrupt(), "interrupted\n"),
+    (RuntimeError("x"), "error: internal error: RuntimeError('x'); please report it\n")])
+def test_main_last_line_of_defence(tmp_path, mocker, capsys, exc, message):
+    mocker.patch.object(host, "cmd_status", side_effect=exc)
+    assert host.main(["status", "--config", host_config(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == message and "Traceback" not in captured.err
