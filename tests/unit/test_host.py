@@ -3055,3 +3055,20 @@ def test_main_last_line_of_defence(tmp_path, mocker, capsys, exc, message):
     assert host.main(["status", "--config", host_config(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert captured.err == message and "Traceback" not in captured.err
+
+
+def test_parse_request_accepts_exactly_64_kib():
+    body = b"x" * 65536
+    raw = b"POST /x HTTP/1.1\r\nContent-Length: 65536\r\n\r\n" + body
+    assert host.parse_request(raw)[3] == body
+
+
+def test_tokens_are_never_logged(server, caplog):
+    srv, hub = server
+    caplog.set_level(logging.DEBUG)
+    for token in ("hunter2-wrong", TOKEN):
+        http_call(srv.port, "GET", "/api/overlay/status", {"Authorization": "Bearer " + token})
+        http_call(srv.port, "POST", "/api/overlay/register", {"Authorization": "Bearer " + token},
+                  reg_body("r1", "198.51.100.11"))
+    assert "GET /api/overlay/status from 127.0.0.1: 401" in caplog.text
+    assert "hunter2" not in caplog.text and TOKEN not in caplog.text
