@@ -2796,27 +2796,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_serve_reconciles_at_start_and_stops_on_sigterm_without_touching_tunnels(tmp_path, fake):
-    port = free_port()
-    path = host_config(tmp_path, HOST_REACHABLE_ADDRESS=HOST_IP, OVERLAY_ENABLED=True,
-                       HOST_BIND_IP="127.0.0.1", HOST_PORT=port, OVERLAY_TOKEN=TOKEN)
-    store = host.StateStore(str(tmp_path / "state" / "overlay-state.json"))
-    store.update(lambda a: a.update({1: alloc(1, "runner1", "198.51.100.11")}))
-    fake.answer(["ip", "-j", "addr", "show"], (0, LOCAL_ADDRS, ""))
-    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))        # vxkr2 and vxkra have no allocation
-    fake.answer(IPT_S, (0, CAPTURED_RULES_OK, ""))       # the filter still lists .12
+def serve_until(path, ready):
+    """main(["serve"]) in this process; a client thread polls ready() (returning a value or None)
+    and then sends SIGTERM, which serve's own handler turns into a clean stop."""
     seen = {}
-
     finished = threading.Event()
 
     def client():
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not finished.is_set():
             try:
-                status, st, _ = http_call(port, "GET", "/api/overlay/status",
-                                          {"Authorization": "Bearer " + TOKEN})
-                if status == 200 and len(fake.calls) >= 5:
-                    seen["status"], seen["calls"] = st, len(fake.calls)
+                value = ready()
+                if value is not None:
+                    seen["value"] = value
                     break
             except OSError:
                 pass
@@ -2835,8 +2827,27 @@ def test_serve_reconciles_at_start_and_stops_on_sigterm_without_touching_tunnels
         thread.join(30)
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
+    return code, seen.get("value")
+
+
+def test_serve_reconciles_at_start_and_stops_on_sigterm_without_touching_tunnels(tmp_path, fake):
+    port = free_port()
+    path = host_config(tmp_path, HOST_REACHABLE_ADDRESS=HOST_IP, OVERLAY_ENABLED=True,
+                       HOST_BIND_IP="127.0.0.1", HOST_PORT=port, OVERLAY_TOKEN=TOKEN)
+    store = host.StateStore(str(tmp_path / "state" / "overlay-state.json"))
+    store.update(lambda a: a.update({1: alloc(1, "runner1", "198.51.100.11")}))
+    fake.answer(["ip", "-j", "addr", "show"], (0, LOCAL_ADDRS, ""))
+    fake.answer(IP_SHOW, (0, CAPTURED_LINKS, ""))        # vxkr2 and vxkra have no allocation
+    fake.answer(IPT_S, (0, CAPTURED_RULES_OK, ""))       # the filter still lists .12
+
+    def ready():
+        status, st, _ = http_call(port, "GET", "/api/overlay/status",
+                                  {"Authorization": "Bearer " + TOKEN})
+        return (st, len(fake.calls)) if status == 200 and len(fake.calls) >= 5 else None
+
+    code, (st, calls) = serve_until(path, ready)
     assert code == 0
-    assert (seen["status"]["total"], seen["status"]["active"]) == (1, 0)   # inactive until a beat
+    assert (st["total"], st["active"]) == (1, 0)           # inactive until its next heartbeat
     assert fake.calls == [["ip", "-j", "addr", "show"], IP_SHOW, BATCH, IPT_S, RESTORE]
     assert fake.batches() == [["link del vxkr2", "link del vxkra"]]
     assert fake.inputs[-1] == "*filter\n" + "\n".join([
@@ -2844,8 +2855,29 @@ def test_serve_reconciles_at_start_and_stops_on_sigterm_without_touching_tunnels
         "-A KOHAKU-VXLAN -j DROP", "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D,
         "-D INPUT " + INPUT_JUMP, "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
         "-I INPUT 1 " + INPUT_JUMP]) + "\nCOMMIT\n"             # one atomic restore
-    assert seen["calls"] == len(fake.calls)              # stopping ran nothing: tunnels stay
+    assert calls == len(fake.calls)                       # stopping ran nothing: tunnels stay
     assert store.read()[0] == {1: alloc(1, "runner1", "198.51.100.11")}
+
+
+def test_serve_disabled_without_a_token_warns_loudly_and_serves_status(tmp_path, fake, caplog):
+    port = free_port()
+    path = host_config(tmp_path, HOST_BIND_IP="127.0.0.1", HOST_PORT=port)
+    store = host.StateStore(str(tmp_path / "state" / "overlay-state.json"))
+    store.update(lambda a: a.update({4: alloc(4, "runner4", "198.51.100.14")}))
+
+    def ready():
+        status, st, _ = http_call(port, "GET", "/api/overlay/status")
+        return st if status == 200 else None
+
+    code, st = serve_until(path, ready)
+    assert code == 0
+    assert (st["enabled"], st["total"], st["allocations"][0]["vxlan_device"]) == (False, 1, "vxkr4")
+    assert fake.calls == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "OVERLAY_TOKEN is empty: anyone who reaches port {} can register runners and release "
+        "allocations; set OVERLAY_TOKEN on the host and every runner".format(port),
+        "OVERLAY_ENABLED is False: serving status only, registrations are refused"]
 
 
 # ---------------------------------------------------------------------------------------------
