@@ -715,6 +715,10 @@ def test_missing_explicit_config_is_an_error(tmp_path):
     ("OVERLAY_VXLAN_ID = 16777000",
      "OVERLAY_VXLAN_ID = 16777000 leaves no room for 255 VNIs below 16777216"),
     ("HOST_BIND_IP = 'localhost'", "HOST_BIND_IP 'localhost' is not an IPv4 address"),
+    ("OVERLAY_TOKEN = 'two words'", "OVERLAY_TOKEN must be printable ASCII without spaces (it "
+                                    "travels in an HTTP header)"),
+    ("OVERLAY_TOKEN = 't\u00f6k\u00e9n'", "OVERLAY_TOKEN must be printable ASCII without spaces"),
+    ("OVERLAY_TOKEN = 'tab\there'", "OVERLAY_TOKEN must be printable ASCII without spaces"),
     ("OVERLAY_SUBNET = '10.0.0.0/8'", "OVERLAY_SUBNET '10.0.0.0/8' must look like"),
     ("OVERLAY_HOST_IP = '10.3.0.1'", "OVERLAY_HOST_IP 10.3.0.1 lies inside runner 3's subnet"),
     ("OVERLAY_SUBNET = '172.16.0.0/12/6/14'",
