@@ -340,7 +340,7 @@ class Layout(object):
         self.host_prefix = prefix if host_prefix is None else host_prefix
         if not prefix <= self.host_prefix <= 32:
             raise ConfigError("OVERLAY_HOST_PREFIX {} must be between {} and 32".format(
-                self.host_prefix, prefix))
+                _short(self.host_prefix), prefix))
         if self.host_ip not in self.network:
             raise ConfigError("OVERLAY_HOST_IP {} is outside the overlay network {}; pick an "
                               "address inside it".format(host_ip, self.network))
@@ -413,7 +413,10 @@ def load_settings(path, explicit):
                 key, _short(cfg[key]), low, high))
     if not 1 <= cfg["OVERLAY_VXLAN_ID"] or cfg["OVERLAY_VXLAN_ID"] + layout.max_id > 0xFFFFFF:
         raise ConfigError("OVERLAY_VXLAN_ID = {} leaves no room for {} VNIs below 16777216".format(
-            cfg["OVERLAY_VXLAN_ID"], layout.max_id))
+            _short(cfg["OVERLAY_VXLAN_ID"]), layout.max_id))
+    if not re.match(r"\A[\x21-\x7e]*\Z", cfg["OVERLAY_TOKEN"]):
+        raise ConfigError("OVERLAY_TOKEN must be printable ASCII without spaces (it travels in an "
+                          "HTTP header): generate one with `openssl rand -hex 32`")
     try:
         ipaddress.IPv4Address(cfg["HOST_BIND_IP"])
     except ValueError:
