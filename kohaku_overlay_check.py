@@ -64,6 +64,7 @@ HTTP_TIMEOUT = 1.5
 CMD_TIMEOUT = 10
 UNREGISTERED_PROBE = "192.0.2.1"    # TEST-NET-1: a sender no runner can be
 MAX_LISTED = 5                      # devices named in one line of detail
+MAX_CONFIG = 1024 * 1024            # bytes: a config file is a few dozen lines
 
 STR, INT, BOOL, NUM = (str,), (int,), (bool,), (int, float)
 
@@ -105,6 +106,11 @@ RUNNER_KEYS = {
     "DOCKER_NETWORK_GATEWAY": (STR, "172.30.0.1", False),
 }
 ROLE_KEYS = {"host": HOST_KEYS, "runner": RUNNER_KEYS}
+# numeric keys -> (lowest, highest) accepted, as the daemons bound them
+RANGES = {"HOST_PORT": (1, 65535), "OVERLAY_VXLAN_PORT": (1, 65535), "OVERLAY_MTU": (68, 65535),
+          "OVERLAY_VXLAN_ID": (0, 2 ** 24 - 256), "OVERLAY_HOST_PREFIX": (1, 31),
+          "OVERLAY_INACTIVE_AFTER": (1, 10 ** 6), "OVERLAY_REPAIR_INTERVAL": (1, 3600),
+          "HEARTBEAT_INTERVAL": (0.001, 3600)}
 
 PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "firewall-cmd": "firewalld",
             "docker": "docker.io (or docker-ce)", "ping": "iputils-ping",
@@ -176,8 +182,11 @@ def is_root():
 
 
 def read_text(path):
-    with open(path) as f:
-        return f.read()
+    """A text file as UTF-8 (a leading byte-order mark dropped); UnicodeDecodeError otherwise."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG + 1) if not path.startswith("/proc/") else f.read()
+    text = data.decode("utf-8")
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def file_mode(path):
@@ -294,14 +303,29 @@ def literal_kind(node):
     return names.get(name, "a " + name.lower())
 
 
+def short_repr(value, limit=60):
+    """repr() bounded in length (and safe for ints too long to print)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an int of %d bits" % value.bit_length()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_config(text, path, role):
     """Read NAME = literal lines with ast; return (values, warnings, ignored_names)."""
     keys = ROLE_KEYS[role]
     fname = os.path.basename(path)
+    if len(text) > MAX_CONFIG:
+        raise ConfigError("%s is larger than %d bytes: it is not a config file; pass the right "
+                          "--config" % (fname, MAX_CONFIG))
     try:
         tree = ast.parse(text, filename=path)
     except SyntaxError as e:
         raise ConfigError("%s line %s: syntax error (%s); fix the line" % (fname, e.lineno, e.msg))
+    except (ValueError, RecursionError, MemoryError) as e:
+        raise ConfigError("%s cannot be read as NAME = literal lines (%s); fix the file" % (
+            fname, short_repr(str(e))[1:-1] if str(e) else type(e).__name__))
     values, warnings, ignored = {}, [], []
     for node in tree.body:
         target = value = None
@@ -309,7 +333,7 @@ def parse_config(text, path, role):
             try:
                 if isinstance(ast.literal_eval(node.value), str):
                     continue
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
                 pass
             raise ConfigError("%s line %d: only NAME = literal lines are allowed (found %s); "
                               "remove it" % (fname, node.lineno, literal_kind(node.value)))
@@ -322,7 +346,7 @@ def parse_config(text, path, role):
                               "remove it" % (fname, node.lineno, literal_kind(node)))
         try:
             val = ast.literal_eval(value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             raise ConfigError("%s line %d: %s must be a literal (found %s); write a plain value"
                               % (fname, node.lineno, target.id, literal_kind(value)))
         name = target.id
@@ -338,8 +362,12 @@ def parse_config(text, path, role):
         ok = (val is None and nullable) or (isinstance(val, types) and not (
             isinstance(val, bool) and bool not in types))
         if not ok:
-            raise ConfigError("%s: %s must be %s, got %r; fix that line" % (
-                fname, name, "/".join(t.__name__ for t in types), val))
+            raise ConfigError("%s: %s must be %s, got %s; fix that line" % (
+                fname, name, "/".join(t.__name__ for t in types), short_repr(val)))
+        low, high = RANGES.get(name, (None, None))
+        if low is not None and val is not None and not low <= val <= high:
+            raise ConfigError("%s: %s must be %s..%s, got %s; fix that line" % (
+                fname, name, low, high, short_repr(val)))
         values[name] = val
     return values, warnings, ignored
 
@@ -761,6 +789,8 @@ def read_state_file(snap, path):
     except PermissionError:
         snap.lost("state", "%s is not readable: run as root" % path)
         return None
+    except ValueError:
+        return {"error": "is not UTF-8 text"}
     snap.raw["state.json"] = text
     try:
         data = json.loads(text)
@@ -2208,7 +2238,7 @@ def guess_role(text, path):
                  for n in ast.parse(text).body if isinstance(n, (ast.Assign, ast.AnnAssign))
                  and isinstance(n.targets[0] if isinstance(n, ast.Assign) else n.target,
                                 ast.Name)]
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         names = []
     if set(names) & {"HOST_REACHABLE_ADDRESS", "OVERLAY_HOST_IP", "OVERLAY_SUBNET",
                      "HOST_BIND_IP", "OVERLAY_VXLAN_SOURCE_FILTER"}:
@@ -2229,6 +2259,9 @@ def load_config(role, path, explicit):
     except OSError as e:
         raise ConfigError("cannot read %s (%s); run as root or pass --config" % (
             path, e.strerror or e))
+    except UnicodeDecodeError as e:
+        raise ConfigError("%s is not UTF-8 text (byte 0x%02x at offset %d); save it as UTF-8" % (
+            path, bytearray(e.object[e.start:e.start + 1] or b"\0")[0], e.start))
     values, warnings, ignored = parse_config(text, path, role)
     return config_with_defaults(values, role), True, warnings, ignored
 
@@ -2240,7 +2273,7 @@ def resolve_role(args, links):
     if args.config:
         try:
             text = read_text(args.config)
-        except OSError:
+        except (OSError, ValueError):
             text = ""
         role = guess_role(text, args.config) or role_from_devices(links)
         if role is None:

@@ -15,6 +15,8 @@ import pytest
 
 import kohaku_overlay_check as chk
 
+REAL_READ_TEXT = chk.read_text
+
 TOKEN = "s3cret-token"
 HOST_CFG = "/cfg/host_config.py"
 RUNNER_CFG = "/cfg/runner_config.py"
@@ -1331,6 +1333,40 @@ def test_unreadable_config_is_exit_2_with_one_line(fake, capsys, text, message):
     captured = capsys.readouterr()
     assert captured.err == message
     assert captured.out == ""
+
+
+HOSTILE = [
+    (b"OVERLAY_ENABLED = True\n#\xff\n",
+     "error: /cfg/host_config.py is not UTF-8 text (byte 0xff at offset 24); save it as UTF-8\n"),
+    (b"OVERLAY_MTU = 0x" + b"f" * 5000 + b"\n",
+     "error: host_config.py: OVERLAY_MTU must be 68..65535, got an int of 20000 bits; fix that "
+     "line\n"),
+    (b"OVERLAY_VXLAN_PORT = 0\n",
+     "error: host_config.py: OVERLAY_VXLAN_PORT must be 1..65535, got 0; fix that line\n"),
+    (b"OVERLAY_MTU = {[1]}\n",
+     "error: host_config.py line 1: OVERLAY_MTU must be a literal (found a set); write a plain "
+     "value\n"),
+    (b"OVERLAY_TOKEN = '" + b"x" * 100 + b"'\nOVERLAY_MTU = '" + b"y" * 100 + b"'\n",
+     "error: host_config.py: OVERLAY_MTU must be int, got '" + "y" * 59 + "...; fix that line\n"),
+    (b"X = " + b"[" * 100000 + b"]" * 100000 + b"\n", None),
+    (b"X = 1\0\n", None),
+]
+
+
+@pytest.mark.parametrize("data,message", HOSTILE, ids=["not-utf8", "huge-int", "port-0",
+                                                       "unhashable", "long-value", "deep",
+                                                       "nul"])
+def test_hostile_config_files_are_one_line_errors(fake, capsys, tmp_path, data, message):
+    """Real file reads (not the fake): bytes that are not UTF-8, huge ints, deep nesting."""
+    path = tmp_path / "host_config.py"
+    path.write_bytes(data)
+    fake.node = healthy_host()
+    chk.read_text.side_effect = REAL_READ_TEXT
+    rc = chk.main(["--role", "host", "--config", str(path), "--only", "host.ip_forward"])
+    err = capsys.readouterr().err
+    assert (rc, err.count("\n"), err[:7]) == (2, 1, "error: ")
+    if message:
+        assert err == message.replace("/cfg/host_config.py", str(path))
 
 
 def test_role_from_config_file_keys_and_devices(fake, capsys):
