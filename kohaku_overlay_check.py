@@ -1144,9 +1144,13 @@ def check_reachable_address(snap):
     address no interface holds; the fix names a local address."""
     addr = snap.cfg["HOST_REACHABLE_ADDRESS"]
     local = snap.local_ips()
-    candidates = [ip for ip, dev in local.items() if dev != HOST_DEVICE and not loopback(ip)
-                  and not vxkr_id(dev) and not snap.layout.network.overlaps(
-                      ipaddress.IPv4Network(ip + "/32"))]
+    # suggest an address of the interface the default route leaves by, else any non-overlay one
+    default_dev = [r.get("dev") for r in snap.routes if r.get("dst") == "default"]
+    candidates = sorted((ip for ip, dev in local.items() if dev != HOST_DEVICE and
+                         not loopback(ip) and not vxkr_id(dev) and
+                         ip_int(ip) & int(snap.layout.network.netmask) !=
+                         int(snap.layout.network.network_address)),
+                        key=lambda ip: local[ip] not in default_dev)
     fix = config_line(snap, "HOST_REACHABLE_ADDRESS",
                       candidates[0] if candidates else "<this host's IP>")
     if not addr:

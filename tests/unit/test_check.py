@@ -1106,6 +1106,19 @@ def test_a_crashing_check_is_a_fail_and_the_others_still_run(fake, monkeypatch):
     assert rc == 1
 
 
+def test_reachable_address_fix_suggests_the_default_route_interface(fake):
+    node = healthy_host()
+    node.links.insert(2, link("docker0", "bridge", addrs=["172.17.0.1/16"]))
+    f_host_reachable_loopback(node)
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.reachable_address"]["fix"] == \
+        'HOST_REACHABLE_ADDRESS = "198.51.100.1"   # in %s' % HOST_CFG
+    node.routes[-1]["dev"] = "docker0"
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.reachable_address"]["fix"] == \
+        'HOST_REACHABLE_ADDRESS = "172.17.0.1"   # in %s' % HOST_CFG
+
+
 def test_host_with_no_runner_yet(fake):
     node = healthy_host(0)
     del node.files[HOST_STATE]
