@@ -20,7 +20,9 @@ network namespace, after applying the host's own commands there:
         iptables -S'                                 # -> CAPTURED_RULES_NOFILTER
     ip netns del kohut-$$
 
-The HTTP API is tested through Api.dispatch() and once through a real ApiServer on 127.0.0.1.
+The HTTP API is tested through Api.dispatch() and through real ApiServers on 127.0.0.1 port 0;
+`serve` runs in-process (run() faked, stopped by its own SIGTERM handler) and once as a real
+process with the overlay disabled and an empty PATH, so it cannot reach any network tool.
 """
 
 import contextlib
