@@ -90,7 +90,7 @@ class Results(object):
     def render(self, header):
         cols = ("section", "figure", "value", "raw", "target", "verdict")
         widths = dict((c, max([len(c)] + [len(str(r[c])) for r in self.rows])) for c in cols)
-        widths["raw"] = min(widths["raw"], 70)
+        widths["raw"] = min(widths["raw"], 100)
         lines = [header, ""]
         fmt = "  ".join("%%-%ds" % widths[c] for c in cols)
         lines.append(fmt % cols)
@@ -99,7 +99,7 @@ class Results(object):
         for r in self.rows:
             sec = r["section"] if r["section"] != last else ""
             last = r["section"]
-            lines.append((fmt % (sec, r["figure"], r["value"], str(r["raw"])[:70], r["target"],
+            lines.append((fmt % (sec, r["figure"], r["value"], str(r["raw"])[:100], r["target"],
                                  r["verdict"])).rstrip())
         verdicts = [r["verdict"] for r in self.rows if r["verdict"]]
         lines.append("")
@@ -235,11 +235,13 @@ class Bench(object):
         self.servers = {}
         self.paths = {}
         self.hub = self.plain = self.plain1450 = None
+        self.burst_done = False
 
     # -- setup -------------------------------------------------------------------------------
     def host_config(self, **extra):
         # a long repair interval: the timed phases should not race the periodic pass
-        values = {"OVERLAY_REPAIR_INTERVAL": 3600}
+        values = {"OVERLAY_REPAIR_INTERVAL": 3600,
+                  "OVERLAY_STATE_FILE": str(self.c.host.workdir / "state.json")}
         values.update(extra)
         return self.c.host_config(**values)
 
@@ -433,7 +435,8 @@ class Bench(object):
                   ("NOTRACK udp/4789", rules("-A"), rules("-D")),
                   ("bridge-nf-call-iptables=0", brnf(0), brnf(1)),
                   ("both", both_on, both_off)]
-        got = self.measure(["cross", "same"], args.reps, args.seconds, rtt=False, states=states)
+        got = self.measure(["cross", "same"], args.reps, args.whatif_seconds, rtt=False,
+                           states=states)
         base = dict((k, got[("as built", k)]["bps"]) for k in ("cross", "same"))
         for label, _, _ in states[1:]:
             for k in ("cross", "same"):
@@ -500,7 +503,7 @@ class Bench(object):
         if have_ipset:
             states.append(("ipset", with_set, without_set))
         before = self.input_counters()
-        got = self.measure(["underlay", "cross"], args.reps, args.seconds, rtt=False,
+        got = self.measure(["underlay", "cross"], args.reps, args.whatif_seconds, rtt=False,
                            states=states)
         after = self.input_counters()
         if before and after and after[0] > before[0]:
@@ -545,12 +548,20 @@ class Bench(object):
         self.fake_plan = [[n, free[i % len(free)]] for i, n in enumerate(names)]
 
     def burst(self, plan_name="plan.json", plan=None):
-        plan = plan if plan is not None else self.fake_plan
+        plan = self.fake_plan if plan is None else plan
         path = self.c.workdir / plan_name
         path.write_text(json.dumps(plan))
         out = agent(self.c, self.fakes, "register", "--url", HOST_URL, "--token", lab.TOKEN,
                     "--plan", str(path), timeout=180)
+        if plan is self.fake_plan:
+            self.burst_done = True
         return out
+
+    def ensure_tunnels(self):
+        """Phases run alone (--phases) still get the full cluster: a silent burst first."""
+        self.make_fakes()
+        if not self.burst_done:
+            self.burst()
 
     def phase_burst(self):
         c, r = self.c, self.r
@@ -585,6 +596,7 @@ class Bench(object):
     # -- phase: check with 255 tunnels --------------------------------------------------------
     def phase_check(self):
         c, r = self.c, self.r
+        self.ensure_tunnels()
         if not (REPO / lab.SCRIPTS["check"]).exists():
             r.add("control plane", "check --role host", "SKIP", "kohaku_overlay_check.py is not "
                   "in the repository yet", "< 2 s")
@@ -645,12 +657,13 @@ class Bench(object):
             raise lab.LabError("status never showed %d allocations (last %s)" % (
                 total, got.get("last_total")))
         t_dev = None if got["t_devices"] is None else max(0.0, got["t_devices"] - t0)
-        c.wait_for(c._host_healthy, timeout=30, interval=0.1, what="host healthy after restart",
-                   log=["host"])
+        c.wait_for(lambda: c.status()["total"] == total, timeout=30, interval=0.1,
+                   what="host status after the restart", log=["host"])
         return got["t_status"] - t0, t_dev, t_stop
 
     def phase_restart(self):
         c, r = self.c, self.r
+        self.ensure_tunnels()
         total = c.status()["total"]
         n = 1 if self.args.quick else 3
         for cold in (False, True):
@@ -691,9 +704,9 @@ class Bench(object):
 
     def phase_cost(self):
         c, r = self.c, self.r
-        self.make_fakes()
+        self.ensure_tunnels()
         shims = procs.Shims(c.workdir / "shims")
-        state_path = c._config_of(c.host)[1]["OVERLAY_STATE_FILE"]
+        state_path = str(c.host.workdir / "state.json")     # set by host_config() above
         have_strace = subprocess.run(["which", "strace"], stdout=subprocess.DEVNULL).returncode == 0
         # restart the host through the shims (the timed phases ran without them)
         c.stop_host()
@@ -750,16 +763,6 @@ class Bench(object):
         hb = shims.since(m, "host", ppid=popen.pid)
         r.add("cost", "processes per heartbeat", "%d" % len(hb),
               "answered %s" % res.stdout.strip()[:40], "0", len(hb) == 0)
-        # the whole burst again, through the shims: the group commit amortizes
-        if not self.args.quick:
-            rel = c.script(c.host, "host", "release", "newcomer", "--yes")
-            # release the fakes in one go: cleanup releases the inactive ones, which after
-            # OVERLAY_INACTIVE_AFTER are all of them (the lab's runners ran `up`, not `serve`)
-            c.wait_for(lambda: c.status()["active"] == 0, timeout=30, interval=0.5,
-                       what="every runner inactive")
-            c.script(c.host, "host", "cleanup", "--yes")
-            settle(shims, popen.pid)
-            one([list(p) for p in self.fake_plan], "%d at once into an empty host" % BURST, "<= 3")
         # runner and check, one run each through the shims
         m = shims.mark()
         with procs.Env(shims, "runner"):
@@ -773,6 +776,28 @@ class Bench(object):
             ck = shims.since(m, "check", not_ppid=os.getpid())
             r.add("cost", "processes: check --role host, %d tunnels" % c.status()["total"],
                   "%d" % len(ck), summarize(ck))
+        # a runner built from nothing (after `down --force`), through the shims
+        down = c.script(2, "runner", "down", "--force")
+        if down.returncode == 0:
+            m = shims.mark()
+            with procs.Env(shims, "runner"):
+                res, t = script_timed(c, 2, "runner", "up")
+            ru = shims.since(m, "runner", not_ppid=os.getpid())
+            r.add("cost", "processes: runner up from nothing", "%d" % len(ru),
+                  "%s; %.3f s with the shims" % (summarize(ru), t))
+        else:
+            r.note("runner2 down --force failed, no cold-up count: %s"
+                   % (down.stderr or down.stdout).strip()[-200:])
+        # the whole burst again, through the shims: the group commit amortizes
+        if not self.args.quick:
+            c.script(c.host, "host", "release", "newcomer", "--yes")
+            # release the fakes in one go: cleanup releases the inactive ones, which after
+            # OVERLAY_INACTIVE_AFTER are all of them (the lab's runners ran `up`, not `serve`)
+            c.wait_for(lambda: c.status()["active"] == 0, timeout=30, interval=0.5,
+                       what="every runner inactive")
+            c.script(c.host, "host", "cleanup", "--yes")
+            settle(shims, popen.pid)
+            one([list(p) for p in self.fake_plan], "%d at once into an empty host" % BURST, "<= 3")
         # reconcile passes: restart with a 1 s repair interval and count what 3 passes spawn
         c.stop_host()
         self.host_config(OVERLAY_REPAIR_INTERVAL=1)
@@ -905,6 +930,7 @@ def main(argv=None):
         return 2
     args.reps = args.reps or (1 if args.quick else 3)
     args.seconds = args.seconds or (2 if args.quick else 3)
+    args.whatif_seconds = min(args.seconds, 2)      # the what-ifs: more states, shorter runs
     if args.reps < 1 or args.seconds < 1:
         print("error: --reps and --seconds must be at least 1", file=sys.stderr)
         return 2
