@@ -21,10 +21,14 @@ Usage:
 Exit codes: 0 nothing failed, 1 at least one check failed, 2 bad usage or unreadable config.
 
 Reads the kernel with a constant number of commands whatever the cluster size: one
-`ip -j -d -s addr show`, one `ip -j route`, one `iptables-save` per backend, one
-`firewall-cmd --list-all-zones` (when installed), one `docker network inspect` and one
-`bridge -j fdb show` (runner), two pings (runner), one `ip -j -s link show` (counters, ~0.3 s after
-the first sample), two HTTP requests to the host API, and files under /proc.
+`ip -j -d -s addr show`, one `ip -j route`, one `iptables-save` per backend (root only),
+`firewall-cmd --list-all-zones` and `--get-default-zone` (only when a firewalld process exists),
+one `docker network inspect` and one `bridge -j fdb show` (runner), two pings (runner), one
+`ip -j -s link show` (counters, >= 0.3 s after the first sample), two HTTP requests to the host
+API, and files under /proc. 255 tunnels take about half a second.
+
+Files read: the config (~/.kohakuriver/host_config.py or runner_config.py, or --config), the
+state file named by OVERLAY_STATE_FILE. Written: only the --bundle archive (mode 0600).
 """
 
 __version__ = "0.1.0"
