@@ -59,7 +59,7 @@ HOST_DEVICE = "kohaku-host"
 HOST_VXLAN_PREFIX = "vxkr"
 RUNNER_VXLAN = "vxlan0"
 SOURCE_FILTER_CHAIN = "KOHAKU-VXLAN"
-SERVICES = {"host": "kohakuriver-host", "runner": "kohakuriver-runner"}
+SERVICES = {"host": "kohakuriver-overlay-host", "runner": "kohakuriver-overlay-runner"}
 CONFIG_DIR = os.path.join("~", ".kohakuriver")
 CONFIG_FILES = {"host": "host_config.py", "runner": "runner_config.py"}
 VXLAN_OVERHEAD = 50                 # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -1362,7 +1362,7 @@ def vxlan_field(snap, field, tunnels, master=None):
         if snap.role == "runner" or field == "local":
             fixes.insert(0, "on the Host: HOST_REACHABLE_ADDRESS = \"<the Host's IP>\" in "
                             "~/.kohakuriver/host_config.py, then systemctl restart "
-                            "kohakuriver-host; then on this node:")
+                            + SERVICES["host"] + "; then on this node:")
     return fail(detail, "\n".join(fixes[:MAX_LISTED + 1]))
 
 
@@ -1815,8 +1815,8 @@ def check_api_health(snap):
     res = snap.api.get("health")
     url = snap.api_url("/healthz")
     fix = restart(snap) if snap.role == "host" else \
-        "on the Host: systemctl status kohakuriver-host; check HOST_ADDRESS and HOST_PORT in %s" \
-        % snap.cfg_path
+        "on the Host: systemctl status %s; check HOST_ADDRESS and HOST_PORT in %s" \
+        % (SERVICES["host"], snap.cfg_path)
     if isinstance(res, str):
         return fail("host API not reachable: %s" % res, fix)
     status, body = res

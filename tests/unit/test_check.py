@@ -799,14 +799,14 @@ FAULTS = [
     (f_host_disabled, "host.config.enabled", "FAIL", "OVERLAY_ENABLED is False",
      "OVERLAY_ENABLED = True"),
     (f_host_device_missing, "host.kohaku_host.present", "FAIL", "does not exist",
-     "systemctl restart kohakuriver-host"),
+     "systemctl restart kohakuriver-overlay-host"),
     (f_host_device_down, "host.kohaku_host.present", "FAIL", "down",
      "ip link set kohaku-host up"),
     (f_host_state_mode, "host.state_file", "FAIL", "mode 0644", "chmod 600 " + HOST_STATE),
     (f_host_state_corrupt, "host.state_file", "FAIL", "does not parse",
-     "systemctl restart kohakuriver-host"),
+     "systemctl restart kohakuriver-overlay-host"),
     (f_host_tunnel_missing, "host.tunnels", "FAIL", "allocations without a device: vxkr2",
-     "systemctl restart kohakuriver-host"),
+     "systemctl restart kohakuriver-overlay-host"),
     (f_host_vni, "host.vxkr.vni", "FAIL", "vxkr2 vni is 999, not 102", "id 102"),
     (f_host_local, "host.vxkr.local", "FAIL", "vxkr1 local is 198.51.100.7, not 198.51.100.1",
      "local 198.51.100.1"),
@@ -817,12 +817,12 @@ FAULTS = [
     (f_host_vxkr_address, "host.vxkr.address", "FAIL", "not 10.1.0.254/16",
      "ip addr add 10.1.0.254/16 dev vxkr1"),
     (f_host_filter_chain_missing, "host.vxlan_port", "FAIL", "KOHAKU-VXLAN is missing",
-     "systemctl restart kohakuriver-host"),
+     "systemctl restart kohakuriver-overlay-host"),
     (f_host_filter_runner_missing, "host.vxlan_port", "FAIL",
      "registered runners 198.51.100.12 is dropped by `-A KOHAKU-VXLAN -j DROP`",
      "iptables -I KOHAKU-VXLAN 1 -s 198.51.100.12 -p udp --dport 4789"),
     (f_host_filter_open, "host.vxlan_port", "WARN", "unregistered senders",
-     "systemctl restart kohakuriver-host"),
+     "systemctl restart kohakuriver-overlay-host"),
     (f_host_legacy_drop, "host.iptables.backends", "FAIL", "iptables-legacy also holds rules "
      "that drop (FORWARD)", "iptables-legacy -F"),
     (f_host_legacy_rules, "host.iptables.backends", "WARN", "do not order against the other",
@@ -831,9 +831,9 @@ FAULTS = [
      "vxkr1 in zone public, not trusted: forwarded packets are rejected with 'admin prohibited "
      "filter'", "firewall-cmd --zone=trusted --add-interface=vxkr1"),
     (f_host_api_down, "host.api.health", "FAIL", "Connection refused",
-     "systemctl restart kohakuriver-host"),
+     "systemctl restart kohakuriver-overlay-host"),
     (f_host_api_stale_mtu, "host.api.status", "FAIL", "mtu 1400 (config OVERLAY_MTU = 1450)",
-     "systemctl restart kohakuriver-host"),
+     "systemctl restart kohakuriver-overlay-host"),
     (f_host_api_token, "host.api.status", "FAIL", "401", "OVERLAY_TOKEN"),
     (f_host_underlay_mtu, "host.underlay_mtu", "FAIL", "OVERLAY_MTU 1480 > 1500 - 50",
      "OVERLAY_MTU = 1450"),
@@ -884,14 +884,14 @@ FAULTS = [
     (f_runner_mtu_mismatch, "runner.settings", "FAIL",
      "OVERLAY_MTU = 1400 here but 1450 on the host", "OVERLAY_MTU = 1450   # in " + RUNNER_CFG),
     (f_runner_vxlan0_missing, "runner.vxlan0.present", "FAIL", "vxlan0 does not exist",
-     "systemctl restart kohakuriver-runner"),
+     "systemctl restart kohakuriver-overlay-runner"),
     (f_runner_vxlan0_learning, "runner.vxlan0.present", "WARN", "learns remote MACs",
      "nolearning"),
     (f_runner_vxlan0_mtu, "runner.vxlan0.mtu", "FAIL", "vxlan0 mtu is 1500, not 1450",
      "ip link set vxlan0 mtu 1450"),
     (f_runner_vxlan0_down, "runner.vxlan0.up", "FAIL", "vxlan0 is down", "ip link set vxlan0 up"),
     (f_runner_bridge_missing, "runner.bridge.present", "FAIL", "does not exist",
-     "systemctl restart kohakuriver-runner"),
+     "systemctl restart kohakuriver-overlay-runner"),
     (f_runner_gateway, "runner.bridge.gateway", "FAIL", "not the gateway 10.1.0.1/16",
      "ip addr add 10.1.0.1/16 dev kohaku-overlay"),
     (f_runner_route, "runner.route", "FAIL", "no route for 10.0.0.0/8",
@@ -916,14 +916,14 @@ FAULTS = [
     (f_runner_fdb_loop, "runner.fdb", "FAIL", "02:42:0a:01:00:02 (a1)",
      "bridge fdb del 02:42:0a:01:00:02 dev vxlan0 master"),
     (f_runner_api_down, "runner.api.health", "FAIL", "not reachable",
-     "systemctl status kohakuriver-host"),
+     "systemctl status kohakuriver-overlay-host"),
     (f_runner_not_listed, "runner.api.status", "FAIL", "no allocation for runner runner1",
-     "systemctl restart kohakuriver-runner"),
+     "systemctl restart kohakuriver-overlay-runner"),
     (f_runner_inactive, "runner.api.status", "FAIL", "inactive",
-     "systemctl restart kohakuriver-runner"),
+     "systemctl restart kohakuriver-overlay-runner"),
     (f_runner_token, "runner.api.status", "FAIL", "refuses OVERLAY_TOKEN", "OVERLAY_TOKEN"),
     (f_runner_no_allocation, "runner.allocation", "FAIL", "no allocation",
-     "systemctl restart kohakuriver-runner"),
+     "systemctl restart kohakuriver-overlay-runner"),
     (f_runner_ping, "runner.ping", "FAIL", "10.0.0.1 does not answer", "tcpdump"),
     (f_runner_ping_df, "runner.ping_df", "FAIL", "message too long", "OVERLAY_MTU = <underlay"),
     (f_runner_underlay_route_mtu, "runner.underlay_mtu", "FAIL", "OVERLAY_MTU 1450 > 1450 - 50",
@@ -1193,7 +1193,7 @@ def test_settings_mismatch_found_before_registration(fake):
     assert results["runner.settings"]["detail"] == "OVERLAY_MTU = 1400 here but 1450 on the " \
         "host; the host refuses registrations with these settings (409)"
     assert results["runner.settings"]["fix"] == "OVERLAY_MTU = 1450   # in %s\nthen " \
-        "systemctl restart kohakuriver-runner" % RUNNER_CFG
+        "systemctl restart kohakuriver-overlay-runner" % RUNNER_CFG
     assert results["runner.ping"]["detail"] == "needs runner.allocation"
     assert not any(c[0] == "ping" for c in node.calls)
     assert rc == 1
@@ -1483,7 +1483,7 @@ def test_bundle_holds_the_diagnostics_and_never_the_token(fake, tmp_path):
         assert TOKEN not in text, name
     assert 'OVERLAY_TOKEN = "<redacted>"' in members["runner_config.py"]
     assert members["report.txt"].splitlines()[-1] == "31 passed, 0 warnings, 0 failed, 2 skipped"
-    assert ["journalctl", "-u", "kohakuriver-runner", "-n", "300", "--no-pager"] in node.calls
+    assert ["journalctl", "-u", "kohakuriver-overlay-runner", "-n", "300", "--no-pager"] in node.calls
 
 
 def test_bundle_to_unwritable_path_is_one_line_error(fake, capsys):
