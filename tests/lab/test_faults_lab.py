@@ -22,7 +22,7 @@ Pass criteria, one per test:
   resumed: Active with the same id.
 - drift (rules deleted under a DROP policy, iptables flushed, route deleted, vxlan0 down, vxlan0
   detached from the bridge, a vxkr device deleted) is repaired by `serve` on the side it hit
-  within a few intervals, and traffic flows again.
+  within a few intervals, and traffic flows again (the host within seconds after firewall-cmd --reload too).
 - iptables-legacy rules beside the nft ones: `kohaku_overlay_check.py` reports it.
 """
 
@@ -435,3 +435,31 @@ def test_check_reports_iptables_legacy_rules_beside_nft(c):
         c.sh(c.host, "iptables-legacy", "-F", "FORWARD", check=False)
     rc, after = backends()
     assert after["status"] == "PASS"
+
+
+# ---- firewalld reload on the host -----------------------------------------------------------------
+
+
+def test_firewalld_reload_is_repaired_by_the_host_within_a_few_intervals():
+    lab.require(docker=False, firewalld=True)
+    with lab.Lab(runners=0, docker=False, firewalld=True) as fc:
+        fc.host_config(OVERLAY_REPAIR_INTERVAL=1)
+        fc.start_host()
+        node = fc.add_bare_node("fw1", "198.51.100.31")
+        assert register(fc, node, "fw1")[1]["runner_id"] == 1
+        ifaces = ("kohaku-host", "vxkr1")
+
+        def zones():
+            return [fc.firewall_cmd("--get-zone-of-interface=" + i).stdout.strip() for i in ifaces]
+
+        fc.wait_for(lambda: zones() == ["trusted", "trusted"], timeout=15, interval=0.5,
+                    what="the host's interfaces in the trusted zone", log=["host"])
+        assert fc.firewall_cmd("--reload").returncode == 0
+        assert zones() != ["trusted", "trusted"]       # the reload dropped the runtime bindings
+        t0 = time.monotonic()
+        fc.wait_for(lambda: zones() == ["trusted", "trusted"], timeout=15, interval=0.5,
+                    what="the host to put its interfaces back after firewall-cmd --reload",
+                    log=["host"])
+        assert time.monotonic() - t0 < 10              # a few 1 s repair passes, not a restart
+        log = (fc.host.workdir / "host.log").read_text()
+        assert "repaired drift" in log and "firewalld zone trusted" in log
