@@ -85,7 +85,8 @@ json.dump(out, sys.stdout)
 # Slow clients: N connections, each sending one byte of a request every `interval` seconds.
 TRICKLE_CLIENT = r'''
 import json, selectors, socket, sys, time
-host, port, n, interval, duration = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+interval, duration = float(sys.argv[4]), float(sys.argv[5])
 req = b"POST /api/overlay/register HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"{" * 90
 sel = selectors.DefaultSelector()
 conns = []
@@ -193,9 +194,9 @@ def snapshot(c):
     """State file bytes, the vxkr* devices and the iptables rules of the host."""
     state = (c.host.workdir / "state.json").read_bytes()
     links = json.loads(c.sh(c.host, "ip", "-j", "-d", "link", "show").stdout)
-    devices = sorted((l["ifname"], l["linkinfo"]["info_data"].get("id"),
-                      l["linkinfo"]["info_data"].get("remote"))
-                     for l in links if l["ifname"].startswith("vxkr"))
+    devices = sorted((link["ifname"], link["linkinfo"]["info_data"].get("id"),
+                      link["linkinfo"]["info_data"].get("remote"))
+                     for link in links if link["ifname"].startswith("vxkr"))
     rules = c.sh(c.host, "iptables", "-S").stdout
     return {"state": state, "devices": devices, "rules": rules}
 
@@ -307,7 +308,7 @@ def _assert_refused(results, labels, want):
         ok_error = isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"]
         got[label] = (res["status"], bool(ok_error), res["elapsed"] < 1.0)
     assert got == dict((label, (want[label], True, True)) for label in labels), \
-        "\n".join("%s: %s" % (l, r["raw"][:200]) for l, r in zip(labels, results))
+        "\n".join("%s: %s" % (lb, r["raw"][:200]) for lb, r in zip(labels, results))
 
 
 def test_bad_tokens_get_401_and_never_reach_the_log(c, untouched):
@@ -323,7 +324,7 @@ def test_bad_tokens_get_401_and_never_reach_the_log(c, untouched):
         reqs.append(http_request(method, "/api/overlay/" + verb, b"",
                                  [("Authorization", WRONG_TOKENS["wrong"])]))
     results = send(c, c.attacker, reqs)
-    _assert_refused(results, labels, dict((l, 401) for l in labels))
+    _assert_refused(results, labels, dict((label, 401) for label in labels))
     log = (c.host.workdir / "host.log").read_text(errors="replace")
     leaked = [t for t in [lab.TOKEN] + [v.split(" ", 1)[1] for v in WRONG_TOKENS.values()
                                         if len(v.split(" ", 1)[1]) >= 6] if t in log]
@@ -383,7 +384,8 @@ def test_bad_registrations_get_4xx(c, untouched):
 
 def test_broken_http_gets_4xx(c, untouched):
     good = json.dumps(registration(name="atk", ip=ATTACKER_IP)).encode()
-    head = "POST /api/overlay/register HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n" % lab.TOKEN
+    head = ("POST /api/overlay/register HTTP/1.1\r\nHost: x\r\n"
+            "Authorization: Bearer %s\r\n" % lab.TOKEN)
     cases = [
         ("10 MB body", http_request("POST", "/api/overlay/register", b"x" * (10 << 20), auth()),
          413),
@@ -395,7 +397,8 @@ def test_broken_http_gets_4xx(c, untouched):
         ("garbage request line", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
     ]
     results = send(c, c.attacker, [r for _, r, _ in cases])
-    _assert_refused(results, [l for l, _, _ in cases], dict((l, s) for l, _, s in cases))
+    _assert_refused(results, [label for label, _, _ in cases],
+                    dict((label, status) for label, _, status in cases))
 
 
 def test_lying_content_length_is_cut_at_the_deadline(c, untouched):
@@ -526,7 +529,8 @@ def test_a_forged_runner_source_address_is_not_stopped(c):
 
 
 def test_a_non_ascii_digit_content_length_is_a_400_and_the_host_keeps_serving(c):
-    head = "POST /api/overlay/register HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n" % lab.TOKEN
+    head = ("POST /api/overlay/register HTTP/1.1\r\nHost: x\r\n"
+            "Authorization: Bearer %s\r\n" % lab.TOKEN)
     res = send(c, c.attacker, [(head + "Content-Length: \u00b2\r\n\r\nab").encode("latin-1")])[0]
     after = send(c, c.legit, [http_request("GET", "/api/overlay/status", b"", auth())])[0]
     assert (res["status"], after["status"]) == (400, 200)

@@ -22,7 +22,7 @@ Pass criteria, one per test:
   resumed: Active with the same id.
 - drift (rules deleted under a DROP policy, iptables flushed, route deleted, vxlan0 down, vxlan0
   detached from the bridge, a vxkr device deleted) is repaired by `serve` on the side it hit
-  within a few intervals, and traffic flows again (the host within seconds after firewall-cmd --reload too).
+  within a few intervals, and traffic flows again; so is `firewall-cmd --reload` on the host.
 - iptables-legacy rules beside the nft ones: `kohaku_overlay_check.py` reports it.
 """
 
@@ -113,8 +113,8 @@ def state(c):
 def devices(c):
     """{vxkrN: remote} of the host's vxlan devices."""
     out = json.loads(c.sh(c.host, "ip", "-j", "-d", "link", "show").stdout)
-    return dict((l["ifname"], l["linkinfo"]["info_data"].get("remote")) for l in out
-                if (l.get("linkinfo") or {}).get("info_kind") == "vxlan")
+    return dict((link["ifname"], link["linkinfo"]["info_data"].get("remote")) for link in out
+                if (link.get("linkinfo") or {}).get("info_kind") == "vxlan")
 
 
 def allocations(c):
@@ -343,9 +343,9 @@ def test_a_frozen_runner_turns_inactive_and_comes_back_with_its_id(c):
 
 def _ours(c, node):
     """Our rules on node, in iptables-save order (filter and nat)."""
-    return [l for table in ("filter", "nat") for l in
+    return [line for table in ("filter", "nat") for line in
             c.sh(node, "iptables", "-t", table, "-S").stdout.splitlines()
-            if "kohaku-overlay" in l or "KOHAKU-VXLAN" in l]
+            if "kohaku-overlay" in line or "KOHAKU-VXLAN" in line]
 
 
 def test_drift_is_repaired_by_serve_on_both_sides(c):
@@ -383,7 +383,8 @@ def test_drift_is_repaired_by_serve_on_both_sides(c):
                   [["iptables", "-P", "FORWARD", "DROP"]] +
                   [["iptables", "-D"] + rule.split()[1:] for rule in MARKED])
             c.sh(node, "iptables", "-P", "FORWARD", "ACCEPT")
-            drift(node, key, "iptables flushed", [["iptables", "-F"], ["iptables", "-t", "nat", "-F"]])
+            drift(node, key, "iptables flushed",
+                  [["iptables", "-F"], ["iptables", "-t", "nat", "-F"]])
 
         def link(node, name):
             return json.loads(c.sh(node, "ip", "-j", "-d", "link", "show", "dev", name).stdout)[0]
@@ -437,7 +438,7 @@ def test_check_reports_iptables_legacy_rules_beside_nft(c):
     assert after["status"] == "PASS"
 
 
-# ---- firewalld reload on the host -----------------------------------------------------------------
+# ---- firewalld reload on the host --------------------------------------------------------------
 
 
 def test_firewalld_reload_is_repaired_by_the_host_within_a_few_intervals():

@@ -85,7 +85,8 @@ VALUE_POOL = [
     "True", "False", "None", "0", "1", "-1", "1450", "9000", "65536", "4789", "100", "16777215",
     "2**40", "1e400", "1.5", "-0.0", "float('nan')", "1+2j", "'x'", "''", "'10.0.0.1'",
     "'198.51.100.1'", "'127.0.0.1'", "'0.0.0.0'", "'10.0.0.0/8/8/16'", "'10.0.0.0/16/8/8'",
-    "'10.0.0.0/8/8/16/1'", "'10.0.0.0/\u00b2/8/16'", "'10.0.0.0/\uff18/8/16'", "'10.0.0.0/-8/24/16'",
+    "'10.0.0.0/8/8/16/1'", "'10.0.0.0/\u00b2/8/16'", "'10.0.0.0/\uff18/8/16'",
+    "'10.0.0.0/-8/24/16'",
     "'10.0.0.0/8/24/0'", "'a/b/c/d'", "'172.30.0.0/16'", "'172.30.0.1'", "'10.0.0.0/33'",
     "'runner1'", "'r\u00e9'", "'bad name'", "'x' * 3", "b'bytes'", "[1, 2]", "(1,)", "{1: 2}",
     "{'a': [1]}", "{1, 2}", "set()", "{[1]: 2}", "{[1]}", "-'a'", "not 1", "1 if 1 else 2",
@@ -318,7 +319,8 @@ def test_parse_request_raises_only_4xx_api_errors():
 
 def test_parse_request_refuses_non_ascii_digit_content_length():
     """latin-1 '\u00b2' is a digit to str.isdigit() but not to int(): must be a 400."""
-    buf = "POST /api/overlay/register HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\nab".encode("latin-1")
+    buf = ("POST /api/overlay/register HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\nab"
+           .encode("latin-1"))
     with pytest.raises(host.ApiError) as info:
         host.parse_request(buf)
     assert info.value.status == 400
