@@ -65,7 +65,7 @@ Behaviour worth knowing:
 
 CLI::
 
-    python3 tests/lab.py demo [--runners N] [--keep] [--firewalld]
+    python3 tests/lab.py demo [--runners N] [--keep] [--firewalld] [--no-docker]
     python3 tests/lab.py down [--force]
 """
 
@@ -1140,14 +1140,15 @@ def _matrix(c, containers):
 
 
 def demo(args):
-    c = Lab(runners=args.runners, docker="auto", firewalld=args.firewalld, keep=args.keep,
-            verbose=True)
+    c = Lab(runners=args.runners, docker=False if args.no_docker else "auto",
+            firewalld=args.firewalld, keep=args.keep, verbose=True)
     failed = True
     try:
         c.up()
         if not c.has_docker:
-            print("Docker cannot run on this machine (%s); containers are plain namespaces "
-                  "instead." % c.docker_error)
+            print("%s; containers are plain namespaces instead." % (
+                "Docker cannot run on this machine (%s)" % c.docker_error if c.docker_error
+                else "--no-docker"))
         c.host_config()
         c.start_host()
         for i in range(1, args.runners + 1):
@@ -1201,6 +1202,8 @@ def main(argv=None):
     d.add_argument("--runners", type=int, default=2)
     d.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     d.add_argument("--firewalld", action="store_true", help="run firewalld in the Host namespace")
+    d.add_argument("--no-docker", action="store_true",
+                   help="plain namespaces as containers (what happens where dockerd cannot run)")
     dn = sub.add_parser("down", help="remove labs left on this machine")
     dn.add_argument("--force", action="store_true", help="also labs whose owner still runs")
     args = ap.parse_args(argv)

@@ -366,3 +366,14 @@ def test_demo_command_shows_both_runners_active_and_every_ping_passing():
     assert results == ["PASS"] * 6
     prefix = re.search(r"namespaces (ko\w+-)\*", res.stderr).group(1)
     assert [n for n in lab.list_netns() if n.startswith(prefix)] == []
+
+
+def test_demo_without_docker_uses_namespaces_as_containers_and_still_connects():
+    res = subprocess.run([sys.executable, str(lab.REPO / "tests" / "lab.py"), "demo", "--no-docker"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "--no-docker; containers are plain namespaces instead." in res.stdout
+    assert "dockerd" not in res.stderr
+    results = re.findall(r"^  runner\d/c\d .*  (PASS|FAIL)$", res.stdout, re.M)
+    assert results == ["PASS"] * 6
