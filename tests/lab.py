@@ -1182,7 +1182,8 @@ def demo(args):
         print("connectivity: %s" % ("all PASS" if not failed else "some pings FAILED"))
         if args.keep:
             print("the lab stays up (namespaces %s*, workdir %s); remove it with: "
-                  "python3 tests/lab.py down" % (c.prefix, c.workdir))
+                  "python3 tests/lab.py down (the next lab built here removes it too)"
+                  % (c.prefix, c.workdir))
             for node in c.runners:
                 print("  %s: DOCKER_HOST=%s docker ps; ip netns exec %s ip -br addr"
                       % (node.name, node.docker_host, node.ns))
