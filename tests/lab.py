@@ -5,7 +5,7 @@ What it builds (and always removes again)::
 
     ns <prefix>sw    bridge <prefix>sw: the underlay "switch", one veth per node
     ns <prefix>host  eth0 198.51.100.1/24     the Host (runs kohaku_overlay_host.py)
-    ns <prefix>r1    eth0 198.51.100.11/24    Runner 1 + its own dockerd (started with nsenter --net)
+    ns <prefix>r1    eth0 198.51.100.11/24    Runner 1 + its own dockerd (nsenter --net)
     ns <prefix>r2    eth0 198.51.100.12/24    Runner 2 + its own dockerd
     ...              (add_bare_node: more namespaces with an underlay address, no docker)
 
@@ -16,17 +16,18 @@ Importable API (tests/ is on sys.path through tests/conftest.py)::
 
     import lab
     with lab.Lab(runners=2, docker=True, firewalld=False, prefix=None) as c:
-        c.host, c.runners[0]           # Node(name, ns, ip, workdir, docker_host); runner i is c.runners[i-1]
+        c.host, c.runners[0]           # Node(name, ns, ip, workdir, docker_host)
+                                       #   (runner i is c.runners[i-1])
         c.host_config(**overrides)     # -> Path of host_config.py (value None drops a key)
         c.runner_config(i, **over)     # -> Path of runner_config.py (i: 1-based index or a Node)
         c.start_host(args=())          # -> Popen; waits for GET /healthz from inside the host ns
         c.stop_host(sig=SIGTERM)       # sends sig, waits (SIGKILL after 15 s)
-        c.start_runner(i, args=(), wait=None)  # -> Popen; wait=None: when the host runs, wait for the
-                                       #    docker network (docker=False: the bridge address)
+        c.start_runner(i, args=(), wait=None)  # -> Popen; wait=None: when the host runs, wait
+                                       #    for the docker network (docker=False: bridge address)
         c.stop_runner(i, sig=SIGTERM)
         c.script(node, "host"|"runner"|"check", *args, check=False, timeout=60) -> CompletedProcess
                                        # one-shot; adds --config (and --role for check) unless given
-        c.sh(node, *argv, check=True, timeout=30) -> CompletedProcess   # inside the node's namespace
+        c.sh(node, *argv, check=True, timeout=30) -> CompletedProcess   # in the node's namespace
         c.docker(node, *args, check=True) -> CompletedProcess           # that runner's dockerd
         c.container(node, name, network="kohakuriver-overlay", args=()) -> name   # busybox sleep 1d
         c.container_ip(node, name, network="kohakuriver-overlay") -> "10.1.0.2"
@@ -36,7 +37,7 @@ Importable API (tests/ is on sys.path through tests/conftest.py)::
         c.status() -> dict             # `host status --json`, parsed
         c.wait_active(["runner1", ...], timeout=20)   # until status shows exactly those Active
         c.firewall_cmd(*args) -> CompletedProcess     # firewalld=True: the lab's firewalld
-        c.wait_for(pred, timeout=10, interval=0.1, what="...", log=None)  # AssertionError + log tails
+        c.wait_for(pred, timeout=10, interval=0.1, what="...", log=None)  # AssertionError + logs
         c.log_tail("host"|"runner1"|"dockerd-r1"|..., lines=40) -> str
         lab.require(docker=True, firewalld=False)    # in a test: skip here / fail under CI=true
         c.add_bare_node(name, ip) -> Node  # a namespace on the underlay, nothing else
@@ -128,7 +129,7 @@ def _tail(text, lines=30):
 def _fmt_fail(argv, res):
     out = "\n".join(x for x in (_tail(res.stdout or "", 20), _tail(res.stderr or "", 20)) if x)
     return "%s exited %d%s" % (" ".join(map(str, argv)), res.returncode,
-                                (":\n" + out) if out else "")
+                               (":\n" + out) if out else "")
 
 
 def missing_tools(docker=True, firewalld=False):
@@ -180,8 +181,8 @@ def _run(argv, check=True, timeout=30, env=None, input=None):
         res = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              universal_newlines=True, timeout=timeout, env=env, input=input)
     except subprocess.TimeoutExpired as exc:
-        raise LabError("%s timed out after %ss:\n%s" % (" ".join(argv), timeout,
-                                                         _tail(_text(exc.stdout) + _text(exc.stderr))))
+        output = _tail(_text(exc.stdout) + _text(exc.stderr))
+        raise LabError("%s timed out after %ss:\n%s" % (" ".join(argv), timeout, output))
     except FileNotFoundError:
         raise LabError("%s is not installed" % argv[0])
     if check and res.returncode != 0:
@@ -337,7 +338,7 @@ def known_labs():
 
 
 def remove_stale(force=False, say=None):
-    """Remove labs whose owner process is gone (all labs with force). Returns the prefixes removed."""
+    """Remove labs whose owner process is gone (all with force); returns the prefixes removed."""
     removed = []
     for prefix, info in sorted(known_labs().items()):
         if info["alive"] and not force:
@@ -519,7 +520,8 @@ class Lab(object):
         self._add_ns(ns)
         _run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
               "netns", self.switch_ns])
-        _run(["ip", "-n", self.switch_ns, "link", "set", "dev", port, "master", self.prefix + "sw", "up"])
+        _run(["ip", "-n", self.switch_ns, "link", "set", "dev", port, "master", self.prefix + "sw",
+              "up"])
         _run(["ip", "-n", ns, "addr", "add", "%s/%d" % (ip, UNDERLAY.prefixlen), "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "dev", "eth0", "up"])
         return Node(name, ns, ip, workdir, index=index, role=role)
@@ -562,7 +564,7 @@ class Lab(object):
         popen = self._procs[key][0]
         if popen.poll() is not None:
             raise LabDied("dockerd of %s exited with %s:\n%s"
-                           % (node.name, popen.returncode, self.log_tail(key)))
+                          % (node.name, popen.returncode, self.log_tail(key)))
         return _run(["docker", "version"], check=False, timeout=10,
                     env=self._docker_env(node)).returncode == 0
 
@@ -614,7 +616,8 @@ class Lab(object):
         """The docker CLI against `node`'s own dockerd."""
         node = self._node(node)
         if not self.has_docker:
-            raise LabError("this lab runs without Docker (%s)" % (self.docker_error or "docker=False"))
+            raise LabError("this lab runs without Docker (%s)"
+                           % (self.docker_error or "docker=False"))
         return _run(["docker"] + list(args), check=check, timeout=timeout,
                     env=self._docker_env(node), input=input)
 
@@ -790,7 +793,8 @@ class Lab(object):
         """`kohaku_overlay_host.py serve` in the host namespace; waits for /healthz."""
         argv = self._script_argv(self.host, "host", ["serve"] + list(args))
         popen = self._spawn("host", self.host.workdir / "host.log", argv, self._env(self.host))
-        self.say("host serve started (pid %d, log %s)" % (popen.pid, self.host.workdir / "host.log"))
+        self.say("host serve started (pid %d, log %s)"
+                 % (popen.pid, self.host.workdir / "host.log"))
         if wait:
             self.wait_for(self._host_healthy, timeout=timeout, interval=0.2,
                           what="host API /healthz", log=["host"])
@@ -834,8 +838,8 @@ class Lab(object):
     def _runner_ready(self, node):
         popen = self._procs[node.name][0]
         if popen.poll() is not None:
-            raise LabDied("%s serve exited with %s:\n%s" % (node.name, popen.returncode,
-                                                             self.log_tail(node.name)))
+            raise LabDied("%s serve exited with %s:\n%s"
+                          % (node.name, popen.returncode, self.log_tail(node.name)))
         if self.has_docker:
             return self.docker(node, "network", "inspect", OVERLAY_NETWORK,
                                check=False).returncode == 0
@@ -908,10 +912,10 @@ class Lab(object):
             idx = len(self._containers) + 1
             cns, port = "%sc%d" % (self.prefix, idx), "lc%d" % idx
             self._add_ns(cns)
-            _run(["ip", "-n", cns, "link", "add", "eth0", "mtu", mtu, "type", "veth", "peer", "name",
-                  port, "netns", node.ns])
-            _run(["ip", "-n", node.ns, "link", "set", "dev", port, "master", OVERLAY_BRIDGE, "mtu", mtu,
-                  "up"])
+            _run(["ip", "-n", cns, "link", "add", "eth0", "mtu", mtu, "type", "veth", "peer",
+                  "name", port, "netns", node.ns])
+            _run(["ip", "-n", node.ns, "link", "set", "dev", port, "master", OVERLAY_BRIDGE,
+                  "mtu", mtu, "up"])
             _run(["ip", "-n", cns, "addr", "add", "%s/%d" % (ip, gw.network.prefixlen), "dev",
                   "eth0"])
             _run(["ip", "-n", cns, "link", "set", "dev", "eth0", "up"])
@@ -1172,7 +1176,7 @@ def demo(args):
         for node in [c.host] + c.runners:
             try:
                 res = c.script(node, "check")
-                lines = [l for l in res.stdout.splitlines() if l.strip()]
+                lines = [line for line in res.stdout.splitlines() if line.strip()]
                 summary = lines[-1] if lines else (res.stderr.strip().splitlines() or ["?"])[-1]
                 print("  %-8s exit %d  %s" % (node.name, res.returncode, summary))
             except LabError as exc:

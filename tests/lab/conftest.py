@@ -40,7 +40,8 @@ def _root_snapshot():
                          for line in out(argv).splitlines() if not line.startswith("#"))
 
     snap = {
-        "links": "\n".join(line.split(" link/")[0] for line in out(["ip", "-o", "link"]).splitlines()),
+        "links": "\n".join(line.split(" link/")[0]
+                           for line in out(["ip", "-o", "link"]).splitlines()),
         # lifetimes and expiry count down on their own (SLAAC, DHCP): not a change
         "addresses": re.sub(r"(valid|preferred)_lft \S+", "", out(["ip", "-o", "addr"])),
         "routes": re.sub(r"expires \S+", "", out(["ip", "route", "show", "table", "all"])),

@@ -81,7 +81,7 @@ def healthy(cluster):
 
 
 def link_names(c, node):
-    return [l["ifname"] for l in json.loads(c.sh(node, "ip", "-j", "link", "show").stdout)]
+    return [link["ifname"] for link in json.loads(c.sh(node, "ip", "-j", "link", "show").stdout)]
 
 
 def allocation(status, name):
@@ -113,8 +113,8 @@ def test_same_node_container_to_container_stays_on_the_bridge(healthy):
     assert c.ping(1, "c1b", c.container_ip(1, "c1"), count=2) is True
     # the guide's check: container MACs are learned on their veths, never on vxlan0
     mac = c.cexec(1, "c1", "cat", "/sys/class/net/eth0/address", check=True).stdout.strip()
-    fdb = [e for e in json.loads(c.sh(1, "bridge", "-j", "fdb", "show", "br", "kohaku-overlay").stdout)
-           if e.get("mac") == mac]
+    entries = json.loads(c.sh(1, "bridge", "-j", "fdb", "show", "br", "kohaku-overlay").stdout)
+    fdb = [e for e in entries if e.get("mac") == mac]
     assert len(fdb) >= 1
     assert [e["ifname"] for e in fdb if e["ifname"] == "vxlan0"] == []
 
@@ -148,7 +148,7 @@ def test_status_ascii_has_the_same_rows_in_plain_ascii(healthy):
     res = healthy.script(healthy.host, "host", "status", "--ascii")
     assert res.returncode == 0, res.stderr
     assert all(ord(ch) < 128 for ch in res.stdout)
-    rows = [re.sub(r"[|+ ]+", " ", l).strip() for l in lines(res.stdout)]
+    rows = [re.sub(r"[|+ ]+", " ", line).strip() for line in lines(res.stdout)]
     assert "runner1 1 10.1.0.0/16 198.51.100.11 Active" in rows
     assert "runner2 2 10.2.0.0/16 198.51.100.12 Active" in rows
 
@@ -213,8 +213,8 @@ def test_host_kill_9_during_a_continuous_ping_loses_at_most_one_packet(healthy):
         sent, received = stream.stop()
     assert sent >= 25, stream.output
     assert sent - received <= 1, stream.output
-    assert [(a["runner_name"], a["runner_id"]) for a in
-            sorted(st["allocations"], key=lambda a: a["runner_id"])] == [("runner1", 1), ("runner2", 2)]
+    assert sorted((a["runner_id"], a["runner_name"]) for a in st["allocations"]) == \
+        [(1, "runner1"), (2, "runner2")]
 
 
 def test_runner_restart_keeps_its_subnet_and_containers_keep_talking(healthy):
@@ -335,8 +335,8 @@ def test_firewalld_trusted_zone_and_reload_repair():
         def zones():
             return [c.firewall_cmd("--get-zone-of-interface=%s" % i).stdout.strip() for i in ifaces]
 
-        c.wait_for(lambda: zones() == ["trusted"] * 3, timeout=15, what="overlay interfaces trusted",
-                   log=["host"])
+        c.wait_for(lambda: zones() == ["trusted"] * 3, timeout=15,
+                   what="overlay interfaces trusted", log=["host"])
         assert c.ping(1, "c1", c.container_ip(2, "c2"), count=2) is True
 
         res = c.firewall_cmd("--reload")
@@ -355,10 +355,15 @@ def test_firewalld_trusted_zone_and_reload_repair():
 
 # ---- the newcomer's command ----
 
+def run_demo(*args):
+    """`python3 tests/lab.py demo ARGS`, as the README has a newcomer run it."""
+    return subprocess.run([sys.executable, str(lab.REPO / "tests" / "lab.py"), "demo"] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=240)
+
+
 def test_demo_command_shows_both_runners_active_and_every_ping_passing():
-    res = subprocess.run([sys.executable, str(lab.REPO / "tests" / "lab.py"), "demo"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                         timeout=240)
+    res = run_demo()
     assert res.returncode == 0, res.stdout + res.stderr
     assert "198.51.100.11 │ Active" in res.stdout
     assert "198.51.100.12 │ Active" in res.stdout
@@ -369,9 +374,7 @@ def test_demo_command_shows_both_runners_active_and_every_ping_passing():
 
 
 def test_demo_without_docker_uses_namespaces_as_containers_and_still_connects():
-    res = subprocess.run([sys.executable, str(lab.REPO / "tests" / "lab.py"), "demo", "--no-docker"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                         timeout=240)
+    res = run_demo("--no-docker")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "--no-docker; containers are plain namespaces instead." in res.stdout
     assert "dockerd" not in res.stderr

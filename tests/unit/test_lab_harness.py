@@ -35,15 +35,16 @@ def ci_run():
 
 def test_ci_runs_exactly_the_readmes_test_command():
     blocks = re.findall(r"```bash\n(.*?)```", readme(), re.S)
-    commands = [l.strip() for b in blocks for l in b.splitlines() if "-m pytest" in l]
+    commands = [line.strip() for b in blocks for line in b.splitlines() if "-m pytest" in line]
     assert commands == ["sudo python3 -m pytest -ra"]
-    last = [l for l in ci_run().splitlines() if l.strip() and not l.startswith("#")][-1]
+    last = [line for line in ci_run().splitlines()
+            if line.strip() and not line.startswith("#")][-1]
     assert last == "python3 -m pytest -ra"
 
 
 def test_readme_two_commands_name_files_that_exist():
     first = re.search(r"```bash\n(.*?)```", readme(), re.S).group(1)
-    cmds = [l.split("#")[0].strip() for l in first.splitlines() if l.strip()]
+    cmds = [line.split("#")[0].strip() for line in first.splitlines() if line.strip()]
     assert cmds == ["sudo bash .ci/run", "sudo python3 tests/lab.py demo"]
     assert (ROOT / ".ci" / "run").is_file()
     assert (ROOT / "tests" / "lab.py").is_file()
@@ -63,7 +64,7 @@ def test_ci_script_is_strict_bash_with_the_static_checks():
 
 def test_ci_apt_line_installs_every_tool_the_lab_needs():
     text = ci_run().replace("\\\n", " ")
-    line = [l for l in text.splitlines() if "apt-get install -y iproute2" in l][0]
+    line = [x for x in text.splitlines() if "apt-get install -y iproute2" in x][0]
     packages = set(line.split("install -y", 1)[1].split())
     assert {"iproute2", "iptables", "iputils-ping", "docker.io", "busybox-static", "iperf3",
             "firewalld", "dbus", "tcpdump", "nftables"} <= packages
@@ -111,8 +112,8 @@ def test_pytest_config_has_the_lab_marker_strict_markers_and_a_timeout():
 
 
 def test_test_requirements_are_pinned():
-    lines = [l for l in (ROOT / "requirements-test.txt").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
+    lines = [line for line in (ROOT / "requirements-test.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     assert lines == ["pytest==9.0.3", "pytest-mock==3.17.0", "pytest-timeout==2.4.0",
                      "vermin==1.6.0"]
 
@@ -184,8 +185,8 @@ def test_units_pass_systemd_analyze_verify(role):
     res = subprocess.run(["systemd-analyze", "verify", str(path)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, universal_newlines=True)
     # verify names missing executables (the scripts are not installed here); nothing else
-    problems = [l for l in (res.stdout + res.stderr).splitlines()
-                if l.strip() and "/usr/local/lib/kohaku-overlay/" not in l]
+    problems = [line for line in (res.stdout + res.stderr).splitlines()
+                if line.strip() and "/usr/local/lib/kohaku-overlay/" not in line]
     assert problems == []
 
 
