@@ -890,16 +890,22 @@ def read_sysctls(snap):
 
 
 def firewalld_process():
-    """Is a firewalld process running? (/proc: no firewall-cmd, a python program, spawned)"""
+    """Does a firewalld run in this network namespace? (/proc: no firewall-cmd, a python
+    program, spawned; one in another namespace manages other interfaces)"""
+    try:
+        mine = os.readlink("/proc/self/ns/net")
+    except OSError:
+        mine = None
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             argv = read_bytes("/proc/%s/cmdline" % pid).split(b"\0")[:2]
+            if any(os.path.basename(a) == b"firewalld" for a in argv) and (
+                    mine is None or os.readlink("/proc/%s/ns/net" % pid) == mine):
+                return True
         except OSError:
             continue
-        if any(os.path.basename(a) == b"firewalld" for a in argv):
-            return True
     return False
 
 

@@ -721,17 +721,25 @@ def tunnel_mac(vni):
 
 
 def _firewalld_process():
-    """Is a firewalld process running on this machine? (/proc, no process spawned)"""
+    """Does a firewalld run in this network namespace? (/proc, no process spawned)
+
+    One in another namespace (a container's, a lab's) manages other interfaces: not ours.
+    """
+    try:
+        mine = os.readlink("/proc/self/ns/net")
+    except OSError:
+        mine = None
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open("/proc/{}/cmdline".format(pid), "rb") as fh:
                 argv = fh.read().split(b"\0")[:2]
+            if any(os.path.basename(a) == b"firewalld" for a in argv) and (
+                    mine is None or os.readlink("/proc/{}/ns/net".format(pid)) == mine):
+                return True
         except (IOError, OSError):
             continue
-        if any(os.path.basename(a) == b"firewalld" for a in argv):
-            return True
     return False
 
 
