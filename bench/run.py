@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """kohaku-overlay benchmark: control plane, data plane and cost, side by side in one run.
 
-    sudo python3 bench/run.py            # the whole bench, about 3-4 minutes
-    sudo python3 bench/run.py --quick    # a subset in about a minute (1 repetition, 2 s runs)
+    python3 bench/run.py            # as root: the whole bench, about 4 minutes
+    python3 bench/run.py --quick    # a subset in about 40 s (1 repetition, 2 s runs)
 
 It builds its own lab with tests/lab.py (a switch, the Host, two Runners with their own dockerd,
 all in network namespaces with a unique prefix) plus two hand-built reference networks in more
