@@ -103,6 +103,8 @@ SCRIPTS = {
     "check": "kohaku_overlay_check.py",
 }
 PREFIX_RE = re.compile(r"^(ko\d+x[0-9a-f]{2}-)")
+# the summary line of iputils ping ("3 received") and busybox ping ("3 packets received")
+PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 REQUIRED_TOOLS = ("ip", "nsenter", "iptables", "ping", "busybox")
 DOCKER_TOOLS = ("dockerd", "docker")
 FIREWALLD_TOOLS = ("firewalld", "firewall-cmd", "dbus-daemon")
@@ -388,7 +390,7 @@ class PingStream(object):
             self.popen.kill()
             self.popen.wait()
         out = Path(self.logfile).read_text()
-        m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", out)
+        m = PING_SUMMARY.search(out)
         if not m:
             raise LabError("ping printed no summary:\n" + _tail(out))
         return int(m.group(1)), int(m.group(2))
@@ -546,19 +548,23 @@ class Lab(object):
         for node in self.runners:
             w = node.workdir
             (w / "daemon.json").write_text("{}\n")
-            self._spawn("dockerd-" + node.ns[len(self.prefix):], w / "dockerd.log",
+            self._spawn(self._dockerd_key(node), w / "dockerd.log",
                         ["nsenter", "--net=" + node.netns_path, "dockerd",
                          "--config-file", w / "daemon.json",
                          "--data-root", w / "docker", "--exec-root", w / "exec",
                          "-H", node.docker_host, "--pidfile", w / "docker.pid"],
                         env=self._base_env())
         for node in self.runners:
-            key = "dockerd-" + node.ns[len(self.prefix):]
+            key = self._dockerd_key(node)
             self.wait_for(lambda: self._docker_ready(node, key), timeout=60, interval=0.2,
                           what="dockerd of %s to answer" % node.name, log=[key])
             self.docker(node, "import", "-c", 'CMD ["/bin/sh"]', "-c", "ENV PATH=/bin",
                         tarball, IMAGE)
             self.say("dockerd of %s is up (%s), %s imported" % (node.name, node.docker_host, IMAGE))
+
+    def _dockerd_key(self, node):
+        """The process key (and log name) of runner `node`'s dockerd: dockerd-r1, ..."""
+        return "dockerd-" + node.ns[len(self.prefix):]
 
     def _docker_ready(self, node, key):
         popen = self._procs[key][0]
@@ -598,7 +604,7 @@ class Lab(object):
 
     def _stop_dockerds(self):
         for node in self.runners:
-            key = "dockerd-" + node.ns[len(self.prefix):]
+            key = self._dockerd_key(node)
             if key not in self._procs or self._procs[key][0].poll() is not None:
                 continue
             res = _run(["docker", "ps", "-aq"], check=False, timeout=20,
@@ -608,7 +614,7 @@ class Lab(object):
                 _run(["docker", "rm", "-f"] + ids, check=False, timeout=60,
                      env=self._docker_env(node))
         for node in self.runners:
-            key = "dockerd-" + node.ns[len(self.prefix):]
+            key = self._dockerd_key(node)
             if key in self._procs:
                 self._stop(key, signal.SIGTERM, grace=20)
 
@@ -906,7 +912,7 @@ class Lab(object):
                                      OVERLAY_BRIDGE).stdout)[0]["mtu"]
             k = self._next_cip.get(node.name, 1) + 1
             ip = gw.ip + (k - 1)
-            if int(ip) & 0xff == 254:
+            if ip == gw.network.network_address + 254:      # the Host's address on the segment
                 k, ip = k + 1, ip + 1
             self._next_cip[node.name] = k
             idx = len(self._containers) + 1
@@ -970,7 +976,7 @@ class Lab(object):
             else:
                 res = _run(["nsenter", self._container_netns(node, name)] + argv, check=False,
                            timeout=timeout * count + 15, env=self._base_env())
-        m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", res.stdout)
+        m = PING_SUMMARY.search(res.stdout)
         return res.returncode == 0 and m is not None and int(m.group(2)) == count
 
     def ping_stream(self, node, name, dst, interval=0.2):
