@@ -204,7 +204,7 @@ def make_hub(tmp_path, allocs=None, links=None, chain=True, **over):
     store = host.StateStore(cfg["OVERLAY_STATE_FILE"])
     kernel = host.Kernel(cfg, layout)
     kernel.links = dict(links or {})
-    kernel.chain_exists = chain
+    kernel.filter_chains = {host.FILTER_CHAIN} if chain else set()
     hub = host.Hub(cfg, layout, store, kernel)
     if allocs:
         hub.allocs = store.update(lambda a: a.update(allocs))
@@ -280,14 +280,13 @@ def link_json(name, kind=None, vni=None, remote=None, addrs=(), up=True, mtu=145
 def iptables_s(ips, source_filter=True, port=4789):
     """`iptables -S` of a table where the host's rules are exactly right (CAPTURED_RULES_OK's form)."""
     lines = CLEAN_RULES.splitlines()
+    tree = host.Kernel.filter_tree(ips) if source_filter else {}
     if source_filter:
-        lines.append("-N KOHAKU-VXLAN")
+        lines += ["-N " + c for c in tree]
         lines.append("-A INPUT -p udp -m udp --dport {} -m comment --comment kohaku-overlay "
                      "-j KOHAKU-VXLAN".format(port))
     lines += ["-A FORWARD " + FWD_S, "-A FORWARD " + FWD_D]
-    if source_filter:
-        lines += ["-A KOHAKU-VXLAN -s {}/32 -j ACCEPT".format(ip) for ip in ips]
-        lines.append("-A KOHAKU-VXLAN -j DROP")
+    lines += ["-A {} {}".format(c, r) for c, rules in tree.items() for r in rules]
     return "\n".join(lines) + "\n"
 
 
@@ -1113,13 +1112,13 @@ def test_rules_plan_clean_table(tmp_path):
     k = kernel(tmp_path)
     assert k.rules_plan(CLEAN_RULES, IPS_2) == CHAIN_2 + [
         "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D, "-I INPUT 1 " + INPUT_JUMP]
-    assert k.chain_exists is False
+    assert k.filter_chains == set()
 
 
 def test_rules_plan_already_correct_is_empty(tmp_path):
     k = kernel(tmp_path)
     assert k.rules_plan(CAPTURED_RULES_OK, IPS_2) == []
-    assert k.chain_exists is True
+    assert k.filter_chains == {"KOHAKU-VXLAN"}
 
 
 def test_rules_plan_rules_present_but_not_first(tmp_path):
@@ -1158,7 +1157,7 @@ def test_ensure_rules_probes_once_and_restores_once(tmp_path, fake):
     lines = k.ensure_rules(IPS_2)
     assert fake.calls == [IPT_S, RESTORE]
     assert fake.inputs[1] == "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
-    assert lines[0] == ":KOHAKU-VXLAN - [0:0]" and k.chain_exists is True
+    assert lines[0] == ":KOHAKU-VXLAN - [0:0]" and k.filter_chains == {"KOHAKU-VXLAN"}
     fake.answer(IPT_S, (0, CAPTURED_RULES_OK, ""))
     assert k.ensure_rules(IPS_2) == []
     assert fake.calls == [IPT_S, RESTORE, IPT_S]
@@ -1166,7 +1165,7 @@ def test_ensure_rules_probes_once_and_restores_once(tmp_path, fake):
 
 def test_set_source_filter_rewrites_only_the_chain(tmp_path, fake):
     k = kernel(tmp_path)
-    k.chain_exists = True
+    k.filter_chains = {"KOHAKU-VXLAN"}
     k.set_source_filter(IPS_2)
     assert fake.calls == [RESTORE]
     assert fake.inputs == ["*filter\n" + "\n".join(CHAIN_2) + "\nCOMMIT\n"]
@@ -1174,10 +1173,80 @@ def test_set_source_filter_rewrites_only_the_chain(tmp_path, fake):
 
 def test_set_source_filter_without_chain_does_the_full_repair(tmp_path, fake):
     k = kernel(tmp_path)
-    k.chain_exists = False
+    k.filter_chains = set()
     k.set_source_filter(IPS_2)
     assert fake.calls == [IPT_S, RESTORE]
-    assert k.chain_exists is True
+    assert k.filter_chains == {"KOHAKU-VXLAN"}
+
+
+def walk(tree, ip, chain="KOHAKU-VXLAN"):
+    """(verdict or None for a return to the caller, rules looked at) of a VXLAN packet from ip
+    through the filter tree, as netfilter walks it."""
+    import ipaddress
+    seen = 0
+    for rule in tree[chain]:
+        seen += 1
+        parts = rule.split()
+        if parts[0] == "-j":
+            return parts[1], seen
+        if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(parts[1]):
+            if parts[3] == "ACCEPT":
+                return "ACCEPT", seen
+            verdict, more = walk(tree, ip, parts[3])
+            seen += more
+            if verdict is not None:
+                return verdict, seen
+    return None, seen
+
+
+def test_filter_tree_accepts_exactly_the_runners_in_few_rules():
+    ips = ["198.51.100.%d" % i for i in range(2, 255)] + ["203.0.113.7", "10.200.0.9"]
+    tree = host.Kernel.filter_tree(ips)
+    assert list(tree)[0] == "KOHAKU-VXLAN" and tree["KOHAKU-VXLAN"][-1] == "-j DROP"
+    assert max(len(c) for c in tree) <= 28      # iptables' limit on chain names
+    verdicts = [walk(tree, ip) for ip in ips]
+    assert set(v for v, _ in verdicts) == {"ACCEPT"}
+    assert max(n for _, n in verdicts) <= 2 * 8 + 2 * host.FILTER_LEAF  # not one per runner
+    for stranger in ("198.51.100.1", "198.51.100.255", "203.0.113.8", "192.0.2.1"):
+        assert walk(tree, stranger)[0] == "DROP"
+    assert sum(len(r) for r in tree.values()) < 2 * len(ips)
+
+
+def test_filter_tree_of_a_few_runners_is_one_flat_chain():
+    assert host.Kernel.filter_tree(IPS_2) == {"KOHAKU-VXLAN": [
+        "-s 198.51.100.11/32 -j ACCEPT", "-s 198.51.100.12/32 -j ACCEPT", "-j DROP"]}
+    assert host.Kernel.filter_tree([]) == {"KOHAKU-VXLAN": ["-j DROP"]}
+
+
+def test_set_source_filter_deletes_the_sub_chains_a_shrunk_cluster_no_longer_needs(tmp_path, fake):
+    k = kernel(tmp_path)
+    many = ["198.51.100.%d" % i for i in range(2, 40)]
+    k.filter_chains = {"KOHAKU-VXLAN"}
+    k.set_source_filter(many)
+    grown = set(host.Kernel.filter_tree(many))
+    assert len(grown) > 1 and k.filter_chains == grown
+    fake.inputs[:] = []
+    k.set_source_filter(IPS_2)
+    stale = sorted(grown - {"KOHAKU-VXLAN"})
+    assert fake.inputs[-1] == "*filter\n" + "\n".join(
+        CHAIN_2 + ["-F " + c for c in stale] + ["-X " + c for c in stale]) + "\nCOMMIT\n"
+    assert k.filter_chains == {"KOHAKU-VXLAN"}
+
+
+def test_rules_plan_and_down_see_the_sub_chains(tmp_path):
+    k = kernel(tmp_path)
+    many = ["198.51.100.%d" % i for i in range(2, 40)]
+    tree = host.Kernel.filter_tree(many)
+    text = CAPTURED_RULES_OK.replace("-N KOHAKU-VXLAN\n", "".join(
+        "-N %s\n" % c for c in tree)).replace(
+        "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT\n-A KOHAKU-VXLAN -s 198.51.100.12/32 "
+        "-j ACCEPT\n-A KOHAKU-VXLAN -j DROP\n",
+        "".join("-A %s %s\n" % (c, r) for c, rules in tree.items() for r in rules))
+    assert k.rules_plan(text, many) == []
+    assert k.filter_chains == set(tree)
+    down = k.removal_plan(text)
+    assert down[-2 * len(tree):] == ["-F " + c for c in sorted(tree)] + [
+        "-X " + c for c in sorted(tree)]
 
 
 def test_set_source_filter_disabled_runs_nothing(tmp_path, fake):
@@ -1524,7 +1593,7 @@ def test_registration_cost_does_not_grow_with_the_cluster(tmp_path, fake, mocker
         hub = make_hub(tmp_path / str(n_existing))
         healthy(hub, n_existing)
         hub.kernel.links = tunnels(hub, hub.allocs)
-        hub.kernel.chain_exists = True
+        hub.kernel.filter_chains = {"KOHAKU-VXLAN"}
         hub.kernel.firewalld = firewalld
         job = host.Job("register", runner_name="newcomer", physical_ip="198.51.101.50",
                        previous_runner_id=None)
