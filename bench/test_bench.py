@@ -108,3 +108,28 @@ def test_bad_usage_exits_2_before_anything_is_built(capsys):
     assert run.main(["--phases", "up,nope"]) == 2
     assert "unknown phase nope" in capsys.readouterr().err
     assert run.main(["--reps", "-1"]) == 2
+
+
+IPTABLES_S = """-P INPUT ACCEPT
+-N KOHAKU-VXLAN
+-N KOHAKU-VXLAN-c6336400-25
+-A INPUT -p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN
+-A KOHAKU-VXLAN -s 198.51.100.1/32 -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.0/25 -j KOHAKU-VXLAN-c6336400-25
+-A KOHAKU-VXLAN -s 198.51.100.200/32 -j ACCEPT
+-A KOHAKU-VXLAN -j DROP
+-A KOHAKU-VXLAN-c6336400-25 -s 198.51.100.11/32 -j ACCEPT
+-A KOHAKU-VXLAN-c6336400-25 -s 198.51.100.12/32 -j ACCEPT
+"""
+
+
+def test_rules_walked_follows_the_tree_of_filter_chains():
+    chains = run.filter_chains(IPTABLES_S)
+    assert sorted(chains) == ["KOHAKU-VXLAN", "KOHAKU-VXLAN-c6336400-25"]
+    assert len(chains["KOHAKU-VXLAN"]) == 4
+    assert run.rules_walked(chains, "198.51.100.1") == 1
+    assert run.rules_walked(chains, "198.51.100.12") == 2 + 2
+    assert run.rules_walked(chains, "198.51.100.200") == 3
+    # an address of the /25 that has no rule: back from the sub-chain, on to the DROP
+    assert run.rules_walked(chains, "198.51.100.50") == 2 + 2 + 2
+    assert run.rules_walked({}, "198.51.100.1") is None
