@@ -984,7 +984,7 @@ def machine_line():
 def build_parser():
     ap = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="a subset in about a minute: 1 repetition, 2 s iperf3 runs")
+                    help="a subset in about 40 s: 1 repetition, 2 s iperf3 runs, no what-ifs")
     ap.add_argument("--reps", type=int, default=None, help="data-plane repetitions (default 3)")
     ap.add_argument("--seconds", type=int, default=None, help="seconds per iperf3 run (default 3)")
     ap.add_argument("--phases", default=",".join(PHASES),
