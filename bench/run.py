@@ -388,8 +388,8 @@ class Bench(object):
         r.add("data plane", "TCP same-runner / plain bridge", fmt_r(same),
               "%s / %s" % (fmt_gbps(m["same"]), fmt_gbps(m["plain"])), ">= 0.90",
               same is not None and same >= 0.9)
-        r.add("data plane", "  plain bridge at MTU 1450 / at 1500", fmt_r(per_rep("plain1450",
-                                                                               "plain", bps)),
+        r.add("data plane", "  plain bridge at MTU 1450 / at 1500",
+              fmt_r(per_rep("plain1450", "plain", bps)),
               "%s / %s" % (fmt_gbps(m["plain1450"]), fmt_gbps(m["plain"])))
         r.add("data plane", "RTT cross-runner / underlay", fmt_r(per_rep("cross", "underlay", rtt)),
               "%s / %s (avg of 20 pings)" % (fmt_ms(mr["cross"]), fmt_ms(mr["underlay"])))
@@ -501,6 +501,7 @@ class Bench(object):
         c, r, args = self.c, self.r, self.args
         if "cross" not in self.paths:
             raise lab.LabError("the data255 phase needs the data phase's paths")
+        self.ensure_tunnels()
         total = c.status()["total"]
         chains = filter_chains(c.sh(c.host, "iptables", "-S", check=False).stdout)
         walks = [rules_walked(chains, n.ip) for n in c.runners]
@@ -513,14 +514,16 @@ class Bench(object):
 
         def unfill():
             c.sh(c.host, "iptables-restore", "--noflush",
-                 input="*filter\n" + "\n".join(l.replace("-I KOHAKU-VXLAN 1", "-D KOHAKU-VXLAN")
-                                                for l in filler) + "\nCOMMIT\n")
+                 input="*filter\n" + "\n".join(
+                     rule.replace("-I KOHAKU-VXLAN 1", "-D KOHAKU-VXLAN") for rule in filler)
+                 + "\nCOMMIT\n")
 
         ips = sorted(set(a["physical_ip"] for a in c.status()["allocations"]))
         worst = max([rules_walked(chains, ip) or 0 for ip in ips] or [0])
         have_ipset = subprocess.run(["which", "ipset"], stdout=subprocess.DEVNULL).returncode == 0
         setrule = ["INPUT", "1", "-p", "udp", "--dport", "4789", "-m", "set", "--match-set",
-                   "kb-runners", "src", "-m", "comment", "--comment", "kohaku-bench", "-j", "ACCEPT"]
+                   "kb-runners", "src", "-m", "comment", "--comment", "kohaku-bench",
+                   "-j", "ACCEPT"]
 
         def with_set():
             fill()
@@ -554,7 +557,8 @@ class Bench(object):
                   "/".join(str(w) for w in walks), worst, len(chains)), ">= 0.50",
               ratio255 is not None and ratio255 >= 0.5)
         endc = got[("end of chain", "cross")]["bps"]
-        endratio = median([ratio(x, y) for x, y in zip(endc, got[("end of chain", "underlay")]["bps"])])
+        endunder = got[("end of chain", "underlay")]["bps"]
+        endratio = median([ratio(x, y) for x, y in zip(endc, endunder)])
         r.add("data plane", "  same, runners behind 250 more filter rules", fmt_r(endratio),
               "%s (what-if: a runner at the end of a one-rule-per-runner chain)"
               % fmt_gbps(median(endc)))
@@ -613,7 +617,8 @@ class Bench(object):
         ok = [x for x in res if x["status"] == 200]
         lat = [x["end"] - x["start"] for x in res]
         total = out["t1"] - out["t0"]
-        bad = sorted(set("%s %s" % (x["status"], x.get("error")) for x in res if x["status"] != 200))
+        bad = sorted(set("%s %s" % (x["status"], x.get("error"))
+                         for x in res if x["status"] != 200))
         st = c.status()
         devs = json.loads(c.sh(c.host, "ip", "-j", "link", "show", "type", "vxlan").stdout)
         ids = set(x["runner_id"] for x in ok)
@@ -658,10 +663,10 @@ class Bench(object):
                 notpass = ["%s %s" % (i.get("status"), i.get("id")) for i in items
                            if i.get("status") not in ("PASS", "SKIP")]
                 if notpass and len(times) == (1 if self.args.quick else 3):
-                    r.note("check on the host with %d tunnels: %s" % (
-                        total, "; ".join("%s %s: %s" % (i.get("status"), i.get("id"),
-                                                       (i.get("detail") or "")[:120])
-                                         for i in items if i.get("status") not in ("PASS", "SKIP"))))
+                    found = ["%s %s: %s" % (i.get("status"), i.get("id"),
+                                            (i.get("detail") or "")[:120])
+                             for i in items if i.get("status") not in ("PASS", "SKIP")]
+                    r.note("check on the host with %d tunnels: %s" % (total, "; ".join(found)))
             except (ValueError, AttributeError, TypeError):
                 summary = (res.stdout or res.stderr).strip().splitlines()[-1:] or ["?"]
                 summary = summary[0][:60]
@@ -782,7 +787,8 @@ class Bench(object):
                   raw, target or "", None if target is None else per <= 3)
             if writes is not None:
                 r.add("cost", "state-file writes per registration, %s" % label,
-                      ("%d" % writes) if n == 1 else "%.3f (%d/%d)" % (writes / float(n), writes, n),
+                      ("%d" % writes) if n == 1 else "%.3f (%d/%d)" % (writes / float(n), writes,
+                                                                       n),
                       "renames onto %s (strace)" % os.path.basename(state_path),
                       "1 (atomic write before the answer)" if n == 1 else "")
 
@@ -972,8 +978,8 @@ QUICK_SKIPS = ("why", "data255")
 def machine_line():
     try:
         with open("/proc/cpuinfo") as fh:
-            model = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")),
-                         "?")
+            model = next((line.split(":", 1)[1].strip() for line in fh
+                          if line.startswith("model name")), "?")
     except OSError:
         model = "?"
     return "%s, kernel %s, %d cores (%s), Python %s" % (
