@@ -37,6 +37,7 @@ import time
 import pytest
 
 import lab
+from kohaku_overlay_host import base36  # pinned by tests/unit/test_host.py
 
 HOST = lab.HOST_IP
 PORT = 8000
@@ -120,17 +121,6 @@ def devices(c):
 def allocations(c):
     return sorted((a["runner_id"], a["runner_name"], a["physical_ip"], a["active"])
                   for a in c.status()["allocations"])
-
-
-def base36(n):
-    """vxkr device suffix of id n (the SPEC: 1 -> 1, 10 -> a, 36 -> 10)."""
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if not n:
-            return out
 
 
 def runner_pid(c, i):
