@@ -133,7 +133,7 @@ def ratio(a, b):
 
 
 def fmt_r(x):
-    return "n/a" if x is None else "%.2f" % x
+    return "n/a" if x is None else "%.3f" % x
 
 
 # ---- small helpers that run inside the lab's namespaces ---------------------------------------

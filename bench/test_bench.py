@@ -95,6 +95,7 @@ def test_number_formats():
     assert run.fmt_ms(0.2901) == "290.1 ms"
     assert run.fmt_gbps(8.32e9) == "8.32 Gbit/s"
     assert run.fmt_r(None) == "n/a"
+    assert run.fmt_r(0.8974) == "0.897"
     assert run.ratio(1.0, 0) is None
     assert run.median([3, None, 1, 2]) == 2
 
