@@ -86,6 +86,7 @@ FILTER_CHAIN = "KOHAKU-VXLAN"
 FILTER_LEAF = 8                 # addresses a filter chain lists before it splits in two
 TRUSTED_ZONE = "trusted"
 
+ADDRESS_WAIT = 30               # seconds serve waits at boot for HOST_REACHABLE_ADDRESS to appear
 MAX_BODY = 64 * 1024            # a registration is a few hundred bytes
 MAX_HEADER = 16 * 1024
 REQUEST_DEADLINE = 5.0          # seconds a client gets to send its whole request
@@ -1750,7 +1751,7 @@ def api_call(cfg, method, path):
     return answer
 
 
-def check_reachable_address(cfg):
+def check_reachable_address(cfg, wait=0):
     value = cfg["HOST_REACHABLE_ADDRESS"]
     if not value:
         raise ConfigError("HOST_REACHABLE_ADDRESS is not set: set it in host_config.py to this "
@@ -1763,9 +1764,16 @@ def check_reachable_address(cfg):
     if ip.is_loopback or ip.is_unspecified:
         raise ConfigError("HOST_REACHABLE_ADDRESS is {}, which runners cannot reach (VXLAN "
                           "tunnels would fail): set it to the Host's actual IP".format(value))
-    if value not in local_addresses():
-        raise ConfigError("HOST_REACHABLE_ADDRESS {} is not an address of this machine: set it "
-                          "to one of this host's own IPs (see `ip -br addr`)".format(value))
+    deadline = time.monotonic() + wait
+    while value not in local_addresses():
+        if time.monotonic() >= deadline:
+            raise ConfigError("HOST_REACHABLE_ADDRESS {} is not an address of this machine: set "
+                              "it to one of this host's own IPs (see `ip -br addr`)".format(value))
+        if wait:  # at boot the address may come a little after us (DHCP, slow links)
+            log.warning("HOST_REACHABLE_ADDRESS %s is not on any interface yet; waiting up to "
+                        "%d s", value, wait)
+            wait = 0
+        time.sleep(1)
 
 
 def confirm(question, yes):
@@ -1786,7 +1794,7 @@ def cmd_serve(args, cfg, layout):
     hub = Hub(cfg, layout, store, kernel)
     enabled = cfg["OVERLAY_ENABLED"]
     if enabled:
-        check_reachable_address(cfg)
+        check_reachable_address(cfg, wait=0 if DRY_RUN else ADDRESS_WAIT)
     if DRY_RUN:
         if enabled:
             hub.load()

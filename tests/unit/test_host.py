@@ -3179,3 +3179,42 @@ def test_tokens_are_never_logged(server, caplog):
                   reg_body("r1", "198.51.100.11"))
     assert "GET /api/overlay/status from 127.0.0.1: 401" in caplog.text
     assert "hunter2" not in caplog.text and TOKEN not in caplog.text
+
+
+# -- serve waits a little for its address at boot ---------------------------------------------
+
+
+class FakeClock(object):
+    def __init__(self):
+        self.now = 1000.0
+        self.slept = []
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_serve_waits_for_its_address_to_appear_at_boot(mocker, caplog):
+    clock = FakeClock()
+    mocker.patch.object(host.time, "monotonic", clock.monotonic)
+    mocker.patch.object(host.time, "sleep", clock.sleep)
+    seen = iter([set(), set(), {HOST_IP}])
+    mocker.patch.object(host, "local_addresses", lambda: next(seen))
+    host.check_reachable_address({"HOST_REACHABLE_ADDRESS": HOST_IP}, wait=30)
+    assert clock.slept == [1, 1]
+    assert caplog.text.count("is not on any interface yet; waiting up to 30 s") == 1
+
+
+def test_serve_gives_up_on_an_address_that_never_appears(mocker):
+    clock = FakeClock()
+    mocker.patch.object(host.time, "monotonic", clock.monotonic)
+    mocker.patch.object(host.time, "sleep", clock.sleep)
+    mocker.patch.object(host, "local_addresses", lambda: {"198.51.100.7"})
+    with pytest.raises(host.ConfigError) as exc:
+        host.check_reachable_address({"HOST_REACHABLE_ADDRESS": HOST_IP}, wait=5)
+    assert str(exc.value).startswith("HOST_REACHABLE_ADDRESS {} is not an address of this "
+                                     "machine".format(HOST_IP))
+    assert len(clock.slept) == 5
