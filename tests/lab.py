@@ -428,7 +428,8 @@ class Lab(object):
         self.keep = keep
         self.verbose = verbose
         self.workdir = BASE_DIR / prefix.rstrip("-")
-        self.python = sys.executable
+        # the interpreter the scripts run under: KOHAKU_LAB_PYTHON=python3.6 holds them to the floor
+        self.python = shutil.which(os.environ.get("KOHAKU_LAB_PYTHON", "")) or sys.executable
         self.host = None
         self.runners = []
         self.bare = []
