@@ -31,6 +31,10 @@ def ci_run():
     return (ROOT / ".ci" / "run").read_text()
 
 
+def ci_install():
+    return (ROOT / ".ci" / "install").read_text()
+
+
 # ---- README and .ci/run ----
 
 def test_ci_runs_exactly_the_readmes_test_command():
@@ -45,7 +49,8 @@ def test_ci_runs_exactly_the_readmes_test_command():
 def test_readme_two_commands_name_files_that_exist():
     first = re.search(r"```bash\n(.*?)```", readme(), re.S).group(1)
     cmds = [line.split("#")[0].strip() for line in first.splitlines() if line.strip()]
-    assert cmds == ["bash .ci/run", "python3 tests/lab.py demo"]
+    assert cmds == ["bash .ci/install && python3 tests/lab.py demo", "bash .ci/run"]
+    assert (ROOT / ".ci" / "install").is_file()
     assert (ROOT / ".ci" / "run").is_file()
     assert (ROOT / "tests" / "lab.py").is_file()
 
@@ -56,14 +61,16 @@ def test_ci_script_is_strict_bash_with_the_static_checks():
     assert "set -euo pipefail" in text
     assert 'vermin --target=3.6- --no-tips --violations "${scripts[@]}"' in text
     assert "sys.stdlib_module_names" in text
-    assert "policy-rc.d" in text
-    res = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], stderr=subprocess.PIPE,
-                         universal_newlines=True)
-    assert (res.returncode, res.stderr) == (0, "")
+    assert "\nbash .ci/install\n" in text
+    assert "policy-rc.d" in ci_install()
+    for name in ("run", "install"):
+        res = subprocess.run(["bash", "-n", str(ROOT / ".ci" / name)], stderr=subprocess.PIPE,
+                             universal_newlines=True)
+        assert (res.returncode, res.stderr) == (0, "")
 
 
 def test_ci_apt_line_installs_every_tool_the_lab_needs():
-    text = ci_run().replace("\\\n", " ")
+    text = ci_install().replace("\\\n", " ")
     line = [x for x in text.splitlines() if "apt-get install -y iproute2" in x][0]
     packages = set(line.split("install -y", 1)[1].split())
     assert {"iproute2", "iptables", "iputils-ping", "docker.io", "busybox-static", "iperf3",
@@ -104,7 +111,7 @@ def test_every_script_carries_the_package_version():
 
 def test_pytest_config_has_the_lab_marker_strict_markers_and_a_timeout():
     cfg = setup_cfg()["tool:pytest"]
-    assert cfg["testpaths"].split() == ["tests"]
+    assert cfg["testpaths"].split() == ["tests", "bench"]
     assert "--strict-markers" in cfg["addopts"].split()
     assert cfg["markers"].strip().startswith("lab:")
     assert cfg["timeout"] == "300"
