@@ -162,8 +162,8 @@ def run(argv, check=True, mutates=True, input=None, timeout=60, echo=True):
         return Result(0, "", "")
     SPAWNED[0] += 1
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
                                 universal_newlines=True)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
@@ -512,8 +512,8 @@ class Kernel(object):
                     rules += ["-s {}/32 -j ACCEPT".format(ip) for ip in group]
                 else:
                     net = _common_prefix(group)
-                    child = "{}-{:08x}-{}".format(FILTER_CHAIN, int(net.network_address),
-                                                   net.prefixlen)
+                    child = "{}-{:08x}-{}".format(
+                        FILTER_CHAIN, int(net.network_address), net.prefixlen)
                     rules.append("-s {} -j {}".format(net, child))
                     fill(child, group)
 
@@ -553,7 +553,8 @@ class Kernel(object):
                  for spec in rules[chain] if RULE_COMMENT in spec]
         lines += ["-I FORWARD {} {}".format(i + 1, r) for i, r in enumerate(want_forward)]
         if use_filter:
-            return self.chain_lines(tree, ours - set(tree)) + lines + ["-I INPUT 1 " + want_input[0]]
+            return (self.chain_lines(tree, ours - set(tree)) + lines +
+                    ["-I INPUT 1 " + want_input[0]])
         return lines + self.chain_lines({}, ours)
 
     def removal_plan(self, rules_text):
@@ -1020,7 +1021,6 @@ class Hub(object):
         self.lock = threading.Lock()
         self.jobs = queue.Queue()
         self.stop = threading.Event()
-        self.ready = False
 
     # -- reading ------------------------------------------------------------------------------
     def is_active(self, alloc):
@@ -1028,7 +1028,8 @@ class Hub(object):
         return t is not None and time.monotonic() - t <= self.cfg["OVERLAY_INACTIVE_AFTER"]
 
     def runner_ips(self, allocs=None):
-        return sorted(set(a["physical_ip"] for a in (allocs or self.allocs).values()),
+        allocs = self.allocs if allocs is None else allocs
+        return sorted(set(a["physical_ip"] for a in allocs.values()),
                       key=lambda ip: ipaddress.IPv4Address(ip))
 
     def status(self):
@@ -1051,8 +1052,9 @@ class Hub(object):
                 "bridge": self.cfg["OVERLAY_BRIDGE_NAME"], "overlay_cidr": self.layout.cidr,
                 "total": len(rows), "active": active, "inactive": len(rows) - active,
                 "available_ids": self.layout.max_id - len(rows), "max_ids": self.layout.max_id,
-                "vxlan_id": self.cfg["OVERLAY_VXLAN_ID"], "vxlan_port": self.cfg["OVERLAY_VXLAN_PORT"],
-                "mtu": self.cfg["OVERLAY_MTU"], "allocations": rows}
+                "vxlan_id": self.cfg["OVERLAY_VXLAN_ID"],
+                "vxlan_port": self.cfg["OVERLAY_VXLAN_PORT"], "mtu": self.cfg["OVERLAY_MTU"],
+                "allocations": rows}
 
     def heartbeat(self, name, peer):
         with self.lock:
@@ -1060,8 +1062,8 @@ class Hub(object):
             if alloc is None:
                 raise ApiError(404, "runner {} is not registered here: register again".format(name))
             if alloc["physical_ip"] != peer:
-                raise ApiError(404, "runner {} is registered from {}, not {}: register again".format(
-                    name, alloc["physical_ip"], peer))
+                raise ApiError(404, "runner {} is registered from {}, not {}: register "
+                                    "again".format(name, alloc["physical_ip"], peer))
             self.beats[name] = time.monotonic()
             self.seen[name] = time.time()
 
@@ -1128,8 +1130,8 @@ class Hub(object):
                           allocs[n]["runner_name"] or "(recovered)", err)
         if self.kernel.ensure_rules(self.runner_ips(allocs)):
             repairs.append("iptables rules")
-        trusted = self.kernel.ensure_trusted([HOST_DEVICE] + [self.layout.device(n)
-                                                             for n in allocs])
+        trusted = self.kernel.ensure_trusted(
+            [HOST_DEVICE] + [self.layout.device(n) for n in allocs])
         if trusted:
             repairs.append("firewalld zone {} for {}".format(TRUSTED_ZONE, " ".join(trusted)))
         if repairs and not startup:
@@ -1317,7 +1319,8 @@ class Api(object):
         self.token = hub.cfg["OVERLAY_TOKEN"].encode("utf-8")
 
     def dispatch(self, method, path, headers, body, peer):
-        """(method, path, {lowercase header: value}, body bytes or None, peer ip) -> (status, obj)."""
+        """(method, path, {lowercase header: value}, body bytes or None, peer ip)
+        -> (status, obj)."""
         try:
             return self._route(method, path.split("?", 1)[0], headers, body, peer)
         except ApiError as exc:
@@ -1406,7 +1409,8 @@ class Api(object):
                 ip, problem))
         if ip != peer:
             raise ApiError(400, "physical_ip {} is not the address this request came from ({}): "
-                                "set RUNNER_ADDRESS to the runner's underlay address".format(ip, peer))
+                                "set RUNNER_ADDRESS to the runner's underlay address".format(
+                                    ip, peer))
         for field, key in SETTINGS:
             mine = self.hub.cfg[key]
             if req[field] != mine:
@@ -1681,11 +1685,11 @@ def render_status(st, ascii_only=False):
              "Available IDs: {}/{}".format(st["available_ids"], st["max_ids"])]
     if not st["enabled"]:
         lines.insert(0, "Overlay: disabled (OVERLAY_ENABLED = False)")
-    inner = max([PANEL_WIDTH] + [len(l) + 2 for l in lines])
+    inner = max([PANEL_WIDTH] + [len(line) + 2 for line in lines])
     dashes = inner - len(PANEL_TITLE) - 2
     out = [b["tl"] + b["h"] * (dashes // 2) + " " + PANEL_TITLE + " " +
            b["h"] * (dashes - dashes // 2) + b["tr"]]
-    out += [b["v"] + " " + l.ljust(inner - 2) + " " + b["v"] for l in lines]
+    out += [b["v"] + " " + line.ljust(inner - 2) + " " + b["v"] for line in lines]
     out += [b["bl"] + b["h"] * inner + b["br"], ""]
     rows = [[a["runner_name"] or "(recovered)", str(a["runner_id"]), a["subnet"],
              a["physical_ip"], "Active" if a["active"] else "Inactive"]

@@ -322,7 +322,8 @@ def validate_config(cfg):
         bad("OVERLAY_MTU", "is %s, out of range" % shown(cfg["OVERLAY_MTU"]),
             "use the host's value (1450 for a 1500-byte underlay)")
     if not 0 < cfg["HEARTBEAT_INTERVAL"] <= 3600:
-        bad("HEARTBEAT_INTERVAL", "is %s" % shown(cfg["HEARTBEAT_INTERVAL"]), "use 1 to 3600 seconds")
+        bad("HEARTBEAT_INTERVAL", "is %s" % shown(cfg["HEARTBEAT_INTERVAL"]),
+            "use 1 to 3600 seconds")
     for key in ("OVERLAY_BRIDGE_NAME",):
         if not IFNAME_RE.match(cfg[key]) or cfg[key] == VXLAN_DEV:
             bad(key, "is %s, not a valid interface name" % shown(cfg[key]),
@@ -338,7 +339,8 @@ def validate_config(cfg):
     try:
         net = ipaddress.IPv4Network(cfg["DOCKER_NETWORK_SUBNET"])
     except ValueError:
-        bad("DOCKER_NETWORK_SUBNET", "is %s, not an IPv4 network" % shown(cfg["DOCKER_NETWORK_SUBNET"]),
+        bad("DOCKER_NETWORK_SUBNET",
+            "is %s, not an IPv4 network" % shown(cfg["DOCKER_NETWORK_SUBNET"]),
             "use a form like 172.30.0.0/16")
     gw = parse_ipv4(cfg["DOCKER_NETWORK_GATEWAY"])
     if gw is None or gw not in net:
@@ -605,8 +607,8 @@ def probe_route(cidr):
 
 
 def probe_rules(table, chain):
-    argv = ["iptables", "-S", chain] if table == "filter" else ["iptables", "-t", table, "-S",
-                                                                  chain]
+    argv = ["iptables", "-S", chain] if table == "filter" else \
+        ["iptables", "-t", table, "-S", chain]
     return parse_rules(run(argv, mutates=False).out)
 
 
@@ -805,7 +807,7 @@ def ip_batch(lines):
     """All ip work of a pass in one process; a failure names the line that failed."""
     try:
         run(["ip", "-batch", "-"], input="\n".join(lines) + "\n",
-            echo=["ip " + l for l in lines])
+            echo=["ip " + line for line in lines])
     except CommandError as e:
         m = re.search(r"Command failed -:(\d+)", e.stderr or "")
         if not m or not 0 < int(m.group(1)) <= len(lines):
@@ -821,7 +823,7 @@ def plan_rules(cidr, forward, nat):
     are deleted in the same transaction (no window without them).
     """
     want_fwd, want_nat = forward_rules(cidr), nat_rule(cidr)
-    filt, natl, changes, echo = [], [], [], []
+    filt, natl, changes = [], [], []
     undo_filt, undo_nat = [], []
     if forward[:2] != want_fwd:
         marked = [r for r in forward if is_marked(r)]
@@ -842,16 +844,16 @@ def plan_rules(cidr, forward, nat):
             natl.append(want_nat)
             undo_nat = ["-D" + want_nat[2:]]
         changes.append("NAT masquerade for %s %s" % (cidr, "fixed" if marked_nat else "added"))
-    return (restore_text(filt, natl), ["iptables -t filter " + l for l in filt] +
-            ["iptables -t nat " + l for l in natl], changes, restore_text(undo_filt, undo_nat))
+    return (restore_text(filt, natl), ["iptables -t filter " + r for r in filt] +
+            ["iptables -t nat " + r for r in natl], changes, restore_text(undo_filt, undo_nat))
 
 
 def restore_text(filt, nat):
     text = ""
     if filt:
-        text += "*filter\n" + "".join(l + "\n" for l in filt) + "COMMIT\n"
+        text += "*filter\n" + "".join(r + "\n" for r in filt) + "COMMIT\n"
     if nat:
-        text += "*nat\n" + "".join(l + "\n" for l in nat) + "COMMIT\n"
+        text += "*nat\n" + "".join(r + "\n" for r in nat) + "COMMIT\n"
     return text
 
 
@@ -1001,8 +1003,8 @@ def plan_teardown(cfg, links, route, forward_all, nat_all):
     nat = ["-D" + r[2:] for r in nat_all if is_marked(r)]
     if filt or nat:
         changes.append("%d marked iptables rule(s) removed" % (len(filt) + len(nat)))
-    return lines, restore_text(filt, nat), (["iptables -t filter " + l for l in filt] +
-                                            ["iptables -t nat " + l for l in nat]), changes
+    return lines, restore_text(filt, nat), (["iptables -t filter " + r for r in filt] +
+                                            ["iptables -t nat " + r for r in nat]), changes
 
 
 def teardown(cfg, force=False):
