@@ -122,7 +122,8 @@ def test_test_requirements_are_pinned():
     lines = [line for line in (ROOT / "requirements-test.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert lines == ["pytest==9.0.3", "pytest-mock==3.17.0", "pytest-timeout==2.4.0",
-                     "vermin==1.6.0"]
+                     "vermin==1.6.0", "flake8==7.5.0"]
+    assert '\nflake8 "${scripts[@]}"' in ci_run()  # the scripts stay lint-clean in CI
 
 
 # ---- example configs ----
