@@ -1857,8 +1857,8 @@ def cmd_status(args, cfg, layout):
 def cmd_release(args, cfg, layout):
     if not NAME_RE.match(args.name):
         raise ConfigError("bad runner name {!r}: use 1-63 of A-Za-z0-9._-".format(args.name))
-    if not confirm("Release runner {}? Its tunnel is removed and its containers lose the "
-                   "overlay.".format(args.name), args.yes):
+    if not confirm("Release runner {}? Its id and tunnel are freed; a runner that still runs "
+                   "registers again at its next heartbeat.".format(args.name), args.yes):
         print("nothing released")
         return 1
     api_call(cfg, "POST", "/api/overlay/release/" + args.name)

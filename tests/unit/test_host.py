@@ -2504,8 +2504,8 @@ def test_cli_release_asks_on_a_terminal(cli, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda q: asked.append(q) or "n")
     assert host.main(["release", "runner1", "--config", path]) == 1
     assert capsys.readouterr().out == "nothing released\n"
-    assert asked == ["Release runner runner1? Its tunnel is removed and its containers lose the "
-                     "overlay. [y/N] "]
+    assert asked == ["Release runner runner1? Its id and tunnel are freed; a runner that still "
+                     "runs registers again at its next heartbeat. [y/N] "]
     assert sorted(hub.allocs) == [1, 2]
     monkeypatch.setattr("builtins.input", lambda q: "yes")
     assert host.main(["release", "runner1", "--config", path]) == 0
