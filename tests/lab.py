@@ -36,7 +36,9 @@ Importable API (tests/ is on sys.path through tests/conftest.py)::
         c.ping_stream(node, name, dst, interval=0.2) -> PingStream; .stop() -> (sent, received)
         c.status() -> dict             # `host status --json`, parsed
         c.wait_active(["runner1", ...], timeout=20)   # until status shows exactly those Active
-        c.firewall_cmd(*args) -> CompletedProcess     # firewalld=True: the lab's firewalld
+        c.firewall_cmd(*args, node=None) -> CompletedProcess  # that node's firewalld (default
+                                       #    the Host); Lab(firewalld=True) runs one in the Host,
+                                       #    firewalld=["host", "runner1"] in each node named
         c.wait_for(pred, timeout=10, interval=0.1, what="...", log=None)  # AssertionError + logs
         c.log_tail("host"|"runner1"|"dockerd-r1"|..., lines=40) -> str
         lab.require(docker=True, firewalld=False)    # in a test: skip here / fail under CI=true
@@ -47,7 +49,7 @@ Behaviour worth knowing:
 
 - Every script gets ``DOCKER_HOST`` (runners: their own dockerd; elsewhere a socket that does not
   exist, so nothing ever reaches a dockerd of the machine) and ``DBUS_SYSTEM_BUS_ADDRESS`` (the
-  lab's private bus in the host namespace with firewalld=True, otherwise a socket that does not
+  lab's private bus of that node when it runs a firewalld, otherwise a socket that does not
   exist, so ``firewall-cmd`` can never reach the machine's own firewalld).
 - Logs: ``<workdir>/<node>/<proc>.log`` (host.log, runner.log, dockerd.log, firewalld.log);
   restarts append with a ``=== start ===`` line. Timeouts quote the log tails.
@@ -424,7 +426,10 @@ class Lab(object):
         self.want_docker = docker
         self.has_docker = bool(docker)
         self.docker_error = None
-        self.want_firewalld = firewalld
+        # firewalld: True (the Host), or the names of the nodes that run one ("host", "runner1")
+        self.firewalld_nodes = (["host"] if firewalld is True else list(firewalld or ()))
+        self.want_firewalld = bool(self.firewalld_nodes)
+        self.dbus_addresses = {}    # node name -> its private system bus
         self.keep = keep
         self.verbose = verbose
         self.workdir = BASE_DIR / prefix.rstrip("-")
@@ -493,6 +498,10 @@ class Lab(object):
             self.runners.append(node)
         for node in self.runners:
             node.docker_host = "unix://%s/docker.sock" % node.workdir
+        # firewalld first, as at boot (docker.service is ordered after firewalld.service): a
+        # firewalld that starts later flushes the chains Docker made in that namespace
+        for name in self.firewalld_nodes:
+            self._start_firewalld(self._node(name))
         if self.want_docker:
             try:
                 self._start_dockerds()
@@ -507,8 +516,6 @@ class Lab(object):
         if not self.has_docker:
             for node in self.runners:
                 node.docker_host = "unix://%s/no-docker.sock" % node.workdir
-        if self.want_firewalld:
-            self._start_firewalld()
         self._built = True
         return self
 
@@ -554,7 +561,7 @@ class Lab(object):
                          "--config-file", w / "daemon.json",
                          "--data-root", w / "docker", "--exec-root", w / "exec",
                          "-H", node.docker_host, "--pidfile", w / "docker.pid"],
-                        env=self._base_env())
+                        env=self._env(node))      # a node's firewalld is visible to its dockerd
         for node in self.runners:
             key = self._dockerd_key(node)
             self.wait_for(lambda: self._docker_ready(node, key), timeout=60, interval=0.2,
@@ -635,8 +642,14 @@ class Lab(object):
 
     # -- firewalld --
 
-    def _start_firewalld(self):
-        w = self.host.workdir
+    @staticmethod
+    def _fw_key(node, what):
+        """Process keys: "dbus"/"firewalld" for the Host (as ever), "firewalld-runner1"..."""
+        return what if node.role == "host" else "%s-%s" % (what, node.name)
+
+    def _start_firewalld(self, node):
+        """A private dbus-daemon and firewalld inside `node`'s namespace (never the machine's)."""
+        w = node.workdir
         conf = Path("/usr/share/dbus-1/system.conf")
         if not conf.exists():
             conf = Path("/etc/dbus-1/system.conf")
@@ -648,44 +661,50 @@ class Lab(object):
         text = text.replace("<includedir>system.d</includedir>",
                             "<includedir>%s/system.d</includedir>" % conf.parent)
         (w / "dbus.conf").write_text(text)
-        self.dbus_address = "unix:path=%s/dbus.sock" % w
-        self._spawn("dbus", w / "dbus.log",
-                    ["nsenter", "--net=" + self.host.netns_path, "dbus-daemon",
+        dbus_key, fw_key = self._fw_key(node, "dbus"), self._fw_key(node, "firewalld")
+        self._spawn(dbus_key, w / "dbus.log",
+                    ["nsenter", "--net=" + node.netns_path, "dbus-daemon",
                      "--config-file=%s" % (w / "dbus.conf"), "--nofork", "--nopidfile"],
                     env=self._base_env())
         self.wait_for(lambda: (w / "dbus.sock").exists(), timeout=10, what="dbus-daemon socket",
-                      log=["dbus"])
+                      log=[dbus_key])
+        self.dbus_addresses[node.name] = "unix:path=%s/dbus.sock" % w
         fwconf = w / "firewalld-etc"
         if not fwconf.exists():
             shutil.copytree("/etc/firewalld", str(fwconf))
         env = self._base_env()
-        env["DBUS_SYSTEM_BUS_ADDRESS"] = self.dbus_address
-        self._spawn("firewalld", w / "firewalld.out",
-                    ["nsenter", "--net=" + self.host.netns_path, "firewalld", "--nofork", "--nopid",
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = self.dbus_addresses[node.name]
+        self._spawn(fw_key, w / "firewalld.out",
+                    ["nsenter", "--net=" + node.netns_path, "firewalld", "--nofork", "--nopid",
                      "--system-config", fwconf, "--log-target", "file",
                      "--log-file", w / "firewalld.log"], env=env)
-        self.wait_for(lambda: self._firewalld_running(), timeout=60, interval=0.3,
-                      what="firewalld in the host namespace to run", log=["firewalld", "dbus"])
-        # what an operator following the guide does on the host: permanent (written to the lab's
-        # copy of /etc/firewalld, never the machine's) so that a later --reload keeps them
-        self.firewall_cmd("--permanent", "--add-port=8000/tcp", "--add-port=4789/udp", check=True)
-        self.firewall_cmd("--reload", check=True)
-        self.say("firewalld runs in %s (bus %s, config %s), 8000/tcp and 4789/udp open"
-                 % (self.host.ns, self.dbus_address, fwconf))
+        self.wait_for(lambda: self._firewalld_running(node), timeout=60, interval=0.3,
+                      what="firewalld in %s to run" % node.ns, log=[fw_key, dbus_key])
+        # what an operator following the guide does: permanent (written to the lab's copy of
+        # /etc/firewalld, never the machine's) so that a later --reload keeps them
+        ports = ["--add-port=8000/tcp", "--add-port=4789/udp"] if node.role == "host" else \
+            ["--add-port=4789/udp"]
+        self.firewall_cmd("--permanent", *ports, check=True, node=node)
+        self.firewall_cmd("--reload", check=True, node=node)
+        self.say("firewalld runs in %s (bus %s, config %s), %s open"
+                 % (node.ns, self.dbus_addresses[node.name], fwconf,
+                    " ".join(p.split("=")[1] for p in ports)))
 
-    def _firewalld_running(self):
-        popen = self._procs["firewalld"][0]
+    def _firewalld_running(self, node):
+        key = self._fw_key(node, "firewalld")
+        popen = self._procs[key][0]
         if popen.poll() is not None:
-            raise LabDied("firewalld exited with %s:\n%s" % (popen.returncode,
-                                                             self.log_tail("firewalld")))
-        return self.firewall_cmd("--state").stdout.strip() == "running"
+            raise LabDied("%s exited with %s:\n%s" % (key, popen.returncode, self.log_tail(key)))
+        return self.firewall_cmd("--state", node=node).stdout.strip() == "running"
 
-    def firewall_cmd(self, *args, check=False, timeout=60):
-        """firewall-cmd against the lab's firewalld (firewalld=True only)."""
-        if not self.want_firewalld:
-            raise LabError("this lab has no firewalld (use Lab(firewalld=True))")
-        return _run(["ip", "netns", "exec", self.host.ns, "firewall-cmd"] + list(args),
-                    check=check, timeout=timeout, env=self._env(self.host))
+    def firewall_cmd(self, *args, check=False, timeout=60, node=None):
+        """firewall-cmd against the lab's firewalld of `node` (default: the Host)."""
+        node = self.host if node is None else self._node(node)
+        if node.name not in self.dbus_addresses:
+            raise LabError("%s runs no firewalld (use Lab(firewalld=[..., %r]))"
+                           % (node.name, node.name))
+        return _run(["ip", "netns", "exec", node.ns, "firewall-cmd"] + list(args),
+                    check=check, timeout=timeout, env=self._env(node))
 
     # -- configs --
 
@@ -748,8 +767,8 @@ class Lab(object):
         env = self._base_env()
         if node.docker_host:
             env["DOCKER_HOST"] = node.docker_host
-        if node is self.host and self.want_firewalld:
-            env["DBUS_SYSTEM_BUS_ADDRESS"] = self.dbus_address
+        if node.name in self.dbus_addresses:
+            env["DBUS_SYSTEM_BUS_ADDRESS"] = self.dbus_addresses[node.name]
         return env
 
     def _spawn(self, key, log, argv, env):
@@ -1046,13 +1065,13 @@ class Lab(object):
                 old = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 self.say("tearing down")
-                for key in [k for k in self._procs
-                            if not k.startswith("dockerd-") and k not in ("firewalld", "dbus")]:
+                services = ("dockerd-", "firewalld", "dbus")
+                for key in [k for k in self._procs if not k.startswith(services)]:
                     self._stop(key, signal.SIGTERM, grace=10)
-                if "firewalld" in self._procs:
-                    self._stop("firewalld", signal.SIGTERM, grace=20)
-                if "dbus" in self._procs:
-                    self._stop("dbus", signal.SIGTERM, grace=5)
+                for key in [k for k in self._procs if k.startswith("firewalld")]:
+                    self._stop(key, signal.SIGTERM, grace=20)
+                for key in [k for k in self._procs if k.startswith("dbus")]:
+                    self._stop(key, signal.SIGTERM, grace=5)
                 self._stop_dockerds()
                 self._save_logs()
                 destroy(self.prefix, self.workdir)
