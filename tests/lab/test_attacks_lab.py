@@ -450,14 +450,15 @@ def test_300_slow_clients_do_not_starve_a_registration(c):
 # ---- VXLAN injection ----------------------------------------------------------------------------
 
 
-def _inject(c, sender, frames):
-    """Send frames from `sender` while `legit` listens on 4789; -> (rx delta, replies seen)."""
+def _inject(c, sender, frames, script=SENDER, via=()):
+    """Send frames from `sender` (with `script`, whose first arguments are `via`) while `legit`
+    listens on 4789; -> (rx delta, replies seen)."""
     rx0, _, _ = vxkr_stats(c)
     listener = subprocess.Popen(["ip", "netns", "exec", c.legit.ns, sys.executable, "-c",
                                  LISTENER, "2.5"], stdout=subprocess.PIPE, universal_newlines=True)
     try:
         assert listener.stdout.readline().strip() == "listening"
-        py(c, sender, SENDER, HOST, *[f.hex() for f in frames])
+        py(c, sender, script, *(tuple(via) + (HOST,) + tuple(f.hex() for f in frames)))
         out, _ = listener.communicate(timeout=20)
     finally:
         if listener.poll() is None:
@@ -509,20 +510,9 @@ def test_a_forged_runner_source_address_is_not_stopped(c):
     _, _, mac = vxkr_stats(c)
     frames = [vxlan_frame(101, "ff:ff:ff:ff:ff:ff", arp_request("10.1.0.6", "10.1.0.254")),
               vxlan_frame(101, mac, icmp_echo("10.1.0.6", "10.1.0.254", seq=7))]
-    rx0, _, _ = vxkr_stats(c)
-    listener = subprocess.Popen(["ip", "netns", "exec", c.legit.ns, sys.executable, "-c",
-                                 LISTENER, "2.5"], stdout=subprocess.PIPE, universal_newlines=True)
-    try:
-        assert listener.stdout.readline().strip() == "listening"
-        py(c, c.attacker, SPOOF_SENDER, LEGIT_IP, HOST, *[f.hex() for f in frames])
-        out, _ = listener.communicate(timeout=20)
-    finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.wait()
-    rx1, _, _ = vxkr_stats(c)
-    assert rx1 - rx0 >= 2                                   # injected into runner 1's segment
-    assert "10.1.0.254" in echo_replies(json.loads(out), 101)  # the reply goes to the real runner
+    rx, replies = _inject(c, c.attacker, frames, script=SPOOF_SENDER, via=[LEGIT_IP])
+    assert rx >= 2                                   # injected into runner 1's segment
+    assert "10.1.0.254" in replies                   # the reply goes to the real runner
 
 
 # ---- last: a request that has killed the API thread before (see /work/host-bugs.md) -------------
