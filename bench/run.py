@@ -4,7 +4,7 @@
     python3 bench/run.py            # as root: the whole bench, about 4 minutes
     python3 bench/run.py --quick    # a subset in about 40 s (1 repetition, 2 s runs)
 
-It builds its own lab with tests/lab.py (a switch, the Host, two Runners with their own dockerd,
+It builds its own lab with tests/labkit.py (a switch, the Host, two Runners with their own dockerd,
 all in network namespaces with a unique prefix) plus two hand-built reference networks in more
 namespaces of the same prefix, runs the real scripts there, prints one table of figures (each a
 ratio or a count measured in this run, with the raw numbers and PASS/MISS against the targets of
@@ -43,12 +43,12 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(BENCH))
 
-import lab  # noqa: E402  (tests/lab.py, the namespace harness)
+import labkit  # noqa: E402  (tests/labkit.py, the namespace harness)
 import procs  # noqa: E402
 import refnet  # noqa: E402
 
 AGENT = BENCH / "agent.py"
-HOST_URL = "http://%s:8000" % lab.HOST_IP
+HOST_URL = "http://%s:8000" % labkit.HOST_IP
 IPERF_PORT = 5201
 TUNNELS = 255
 BURST = 253
@@ -142,7 +142,7 @@ def _run(argv, timeout=60, check=True, input=None):
     res = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          universal_newlines=True, timeout=timeout, input=input)
     if check and res.returncode != 0:
-        raise lab.LabError("%s exited %d: %s" % (" ".join(map(str, argv[:8])), res.returncode,
+        raise labkit.LabError("%s exited %d: %s" % (" ".join(map(str, argv[:8])), res.returncode,
                                                  (res.stderr or res.stdout).strip()[-400:]))
     return res
 
@@ -150,7 +150,7 @@ def _run(argv, timeout=60, check=True, input=None):
 def container_netns(c, node, name):
     pid = c.docker(node, "inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
     if pid in ("", "0"):
-        raise lab.LabError("container %s is not running" % name)
+        raise labkit.LabError("container %s is not running" % name)
     return "/proc/%s/ns/net" % pid
 
 
@@ -159,7 +159,7 @@ def ping_until_reply(netns, dst, deadline=10.0):
     res = _run(["nsenter", "--net=" + netns, "ping", "-n", "-q", "-c", "1", "-i", "0.01",
                 "-w", str(int(deadline)), dst], timeout=deadline + 10, check=False)
     if res.returncode != 0:
-        raise lab.LabError("no ping reply from %s within %ss: %s" % (dst, deadline,
+        raise labkit.LabError("no ping reply from %s within %ss: %s" % (dst, deadline,
                                                                      res.stdout.strip()[-200:]))
     return mono()
 
@@ -170,7 +170,7 @@ def ping_rtt(netns, dst, count=20):
                 "-W", "1", dst], timeout=30, check=False)
     m = re.search(r"= [\d.]+/([\d.]+)/[\d.]+/[\d.]+ ms", res.stdout)
     if res.returncode != 0 or not m:
-        raise lab.LabError("ping %s failed: %s" % (dst, (res.stdout + res.stderr).strip()[-200:]))
+        raise labkit.LabError("ping %s failed: %s" % (dst, (res.stdout + res.stderr).strip()[-200:]))
     return float(m.group(1)) / 1000.0
 
 
@@ -187,10 +187,10 @@ def iperf(netns, dst, seconds):
             if "busy" in out["error"] or "refused" in out["error"]:
                 time.sleep(0.2)
                 continue
-            raise lab.LabError("iperf3 to %s: %s" % (dst, out["error"]))
+            raise labkit.LabError("iperf3 to %s: %s" % (dst, out["error"]))
         end = out["end"]
         return end["sum_received"]["bits_per_second"], end["sum_sent"].get("retransmits")
-    raise lab.LabError("iperf3 server at %s never answered" % dst)
+    raise labkit.LabError("iperf3 server at %s never answered" % dst)
 
 
 def agent(c, node, *args, timeout=120):
@@ -198,7 +198,7 @@ def agent(c, node, *args, timeout=120):
     try:
         return json.loads(res.stdout)
     except ValueError:
-        raise lab.LabError("bench agent %s failed (%d): %s" % (
+        raise labkit.LabError("bench agent %s failed (%d): %s" % (
             args[0], res.returncode, (res.stderr or res.stdout).strip()[-600:]))
 
 
@@ -258,7 +258,7 @@ class Bench(object):
         c, r = self.c, self.r
         res, t_up1 = script_timed(c, 1, "runner", "up")
         if res.returncode != 0:
-            raise lab.LabError("runner1 up failed: %s" % (res.stderr or res.stdout)[-500:])
+            raise labkit.LabError("runner1 up failed: %s" % (res.stderr or res.stdout)[-500:])
         c.container(1, "c1")
         c.container(1, "c1b")
         ns_c1 = container_netns(c, 1, "c1")
@@ -267,7 +267,7 @@ class Bench(object):
         res = c.script(2, "runner", "up")
         t1 = mono()
         if res.returncode != 0:
-            raise lab.LabError("runner2 up failed: %s" % (res.stderr or res.stdout)[-500:])
+            raise labkit.LabError("runner2 up failed: %s" % (res.stderr or res.stdout)[-500:])
         c.container(2, "c2")
         t2 = mono()
         ip2 = c.container_ip(2, "c2")
@@ -288,7 +288,7 @@ class Bench(object):
             t1 = mono()
             t3 = ping_until_reply(ns_c1, ip2)
             if res.returncode != 0:
-                raise lab.LabError("runner2 up (repair) failed: %s" % res.stderr[-300:])
+                raise labkit.LabError("runner2 up (repair) failed: %s" % res.stderr[-300:])
             ups.append(t1 - t0)
             reps.append(t3 - t0)
         r.add("runner up", "up repairing vxlan0 -> running container answers", fmt_s(median(reps)),
@@ -345,7 +345,7 @@ class Bench(object):
     def phase_data(self):
         c, r, args = self.c, self.r, self.args
         if not self.containers:
-            raise lab.LabError("the up phase did not leave containers to measure")
+            raise labkit.LabError("the up phase did not leave containers to measure")
         self.hub = refnet.HandBuiltHub(c.prefix).build()
         self.plain = refnet.PlainBridge(c.prefix).build()
         self.plain1450 = refnet.PlainBridge(c.prefix, letter="q", mtu=refnet.MTU).build()
@@ -413,7 +413,7 @@ class Bench(object):
     def phase_why(self):
         c, r, args = self.c, self.r, self.args
         if "cross" not in self.paths:
-            raise lab.LabError("the why phase needs the data phase's paths")
+            raise labkit.LabError("the why phase needs the data phase's paths")
         notrack = [("-t", "raw", "%s", "PREROUTING", "-p", "udp", "--dport", "4789", "-m",
                     "comment", "--comment", "kohaku-bench", "-j", "NOTRACK"),
                    ("-t", "raw", "%s", "OUTPUT", "-p", "udp", "--dport", "4789", "-m",
@@ -500,7 +500,7 @@ class Bench(object):
     def phase_data255(self):
         c, r, args = self.c, self.r, self.args
         if "cross" not in self.paths:
-            raise lab.LabError("the data255 phase needs the data phase's paths")
+            raise labkit.LabError("the data255 phase needs the data phase's paths")
         self.ensure_tunnels()
         total = c.status()["total"]
         chains = filter_chains(c.sh(c.host, "iptables", "-S", check=False).stdout)
@@ -574,8 +574,8 @@ class Bench(object):
         """One namespace holding every free underlay address of the lab's /24."""
         if self.fakes is not None:
             return
-        used = {lab.HOST_IP} | set(n.ip for n in self.c.runners)
-        free = [str(a) for a in lab.UNDERLAY.hosts() if str(a) not in used]
+        used = {labkit.HOST_IP} | set(n.ip for n in self.c.runners)
+        free = [str(a) for a in labkit.UNDERLAY.hosts() if str(a) not in used]
         self.fakes = self.c.add_bare_node("fakes", free[0])
         lines = ["addr add %s/24 dev eth0" % ip for ip in free[1:]]
         self.c.sh(self.fakes, "ip", "-batch", "-", input="\n".join(lines) + "\n")
@@ -589,7 +589,7 @@ class Bench(object):
         plan = self.fake_plan if plan is None else plan
         path = self.c.workdir / plan_name
         path.write_text(json.dumps(plan))
-        out = agent(self.c, self.fakes, "register", "--url", HOST_URL, "--token", lab.TOKEN,
+        out = agent(self.c, self.fakes, "register", "--url", HOST_URL, "--token", labkit.TOKEN,
                     "--plan", str(path), timeout=180)
         if plan is self.fake_plan:
             self.burst_done = True
@@ -602,7 +602,7 @@ class Bench(object):
             for i in range(1, len(self.c.runners) + 1):
                 res = self.c.script(i, "runner", "up")
                 if res.returncode != 0:
-                    raise lab.LabError("runner%d up failed: %s" % (i, (res.stderr or
+                    raise labkit.LabError("runner%d up failed: %s" % (i, (res.stderr or
                                                                        res.stdout)[-300:]))
             self.up_done = True
         if not self.burst_done:
@@ -643,7 +643,7 @@ class Bench(object):
     def phase_check(self):
         c, r = self.c, self.r
         self.ensure_tunnels()
-        if not (REPO / lab.SCRIPTS["check"]).exists():
+        if not (REPO / labkit.SCRIPTS["check"]).exists():
             r.add("control plane", "check --role host", "SKIP", "kohaku_overlay_check.py is not "
                   "in the repository yet", "< 2 s")
             return
@@ -688,7 +688,7 @@ class Bench(object):
                 c.sh(c.host, "ip", "-batch", "-", input="\n".join(lines) + "\n")
         poller = subprocess.Popen(
             ["ip", "netns", "exec", c.host.ns, c.python, str(AGENT), "wait-status", "--url",
-             "http://127.0.0.1:8000", "--token", lab.TOKEN, "--total", str(total),
+             "http://127.0.0.1:8000", "--token", labkit.TOKEN, "--total", str(total),
              "--devices", str(total), "--timeout", "60"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
         time.sleep(0.4)        # the poller's python is up and polling a closed port
@@ -698,9 +698,9 @@ class Bench(object):
         try:
             got = json.loads(out)
         except ValueError:
-            raise lab.LabError("restart poller failed: %s" % err.strip()[-300:])
+            raise labkit.LabError("restart poller failed: %s" % err.strip()[-300:])
         if got["t_status"] is None:
-            raise lab.LabError("status never showed %d allocations (last %s)" % (
+            raise labkit.LabError("status never showed %d allocations (last %s)" % (
                 total, got.get("last_total")))
         t_dev = None if got["t_devices"] is None else max(0.0, got["t_devices"] - t0)
         c.wait_for(lambda: c.status()["total"] == total, timeout=30, interval=0.1,
@@ -799,13 +799,13 @@ class Bench(object):
         victim = next(p for p in reversed(self.fake_plan) if shared.count(p[1]) == 1)
         rel = c.script(c.host, "host", "release", victim[0], "--yes")
         if rel.returncode != 0:
-            raise lab.LabError("release failed: %s" % (rel.stderr or rel.stdout)[-300:])
+            raise labkit.LabError("release failed: %s" % (rel.stderr or rel.stdout)[-300:])
         settle(shims, popen.pid)
         one([["newcomer", victim[1]]], "new runner into a cluster of %d" % (total - 1), "<= 3")
         one([["newcomer", victim[1]]], "same name again (%d tunnels)" % total, "<= 3")
         # heartbeats spawn nothing
         m = shims.mark()
-        res = c.sh(self.fakes, c.python, "-c", HEARTBEAT_SNIPPET, HOST_URL, lab.TOKEN, "newcomer",
+        res = c.sh(self.fakes, c.python, "-c", HEARTBEAT_SNIPPET, HOST_URL, labkit.TOKEN, "newcomer",
                    victim[1], check=False)
         hb = shims.since(m, "host", ppid=popen.pid)
         r.add("cost", "processes per heartbeat", "%d" % len(hb),
@@ -816,7 +816,7 @@ class Bench(object):
             c.script(2, "runner", "up")
         ru = shims.since(m, "runner", not_ppid=os.getpid())
         r.add("cost", "processes: runner up (already built)", "%d" % len(ru), summarize(ru))
-        if (REPO / lab.SCRIPTS["check"]).exists():
+        if (REPO / labkit.SCRIPTS["check"]).exists():
             m = shims.mark()
             with procs.Env(shims, "check"):
                 c.script(c.host, "check")
@@ -1016,7 +1016,7 @@ def main(argv=None):
     if args.reps < 1 or args.seconds < 1:
         print("error: --reps and --seconds must be at least 1", file=sys.stderr)
         return 2
-    reason = lab.cannot_run_reason(docker=True)
+    reason = labkit.cannot_run_reason(docker=True)
     if reason is None:
         missing = [t for t in ("iperf3", "nsenter") if subprocess.run(
             ["which", t], stdout=subprocess.DEVNULL).returncode != 0]
@@ -1032,7 +1032,7 @@ def main(argv=None):
         ", --quick" if args.quick else "", loadavg())
     print(header, file=sys.stderr)
     interrupted = False
-    c = lab.Lab(runners=2, docker=True, verbose=args.verbose)
+    c = labkit.Lab(runners=2, docker=True, verbose=args.verbose)
     bench = None
     try:
         c.up()
@@ -1049,20 +1049,20 @@ def main(argv=None):
             t = mono()
             try:
                 getattr(bench, "phase_" + phase)()
-            except (lab.LabError, AssertionError, refnet.RefError, subprocess.SubprocessError,
+            except (labkit.LabError, AssertionError, refnet.RefError, subprocess.SubprocessError,
                     OSError, KeyError, ValueError) as exc:
                 results.error(phase, exc)
             print("bench: %s done in %.1f s" % (phase, mono() - t), file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         interrupted = True
         results.note("interrupted: the figures above are what was measured so far")
-    except (lab.LabError, AssertionError) as exc:
+    except (labkit.LabError, AssertionError) as exc:
         results.error("setup", exc)
     finally:
         if bench is not None:
             bench.cleanup()
         c.teardown()
-    results.note("whole run %.0f s, lab built and removed by tests/lab.py; load average at the "
+    results.note("whole run %.0f s, lab built and removed by tests/labkit.py; load average at the "
                  "end %s (2 cores: other work on the machine moves the data-plane figures)"
                  % (time.time() - started, loadavg()))
     fw = firewalld_elsewhere()

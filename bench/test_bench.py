@@ -84,7 +84,7 @@ def test_results_render_counts_verdicts_and_keeps_notes():
 
 def test_a_failed_phase_is_a_row_and_an_error():
     r = run.Results()
-    r.error("burst", run.lab.LabError("agent failed\nsecond line"))
+    r.error("burst", run.labkit.LabError("agent failed\nsecond line"))
     assert r.rows[0]["verdict"] == "ERROR"
     assert r.errors == ["burst: agent failed / second line"]
     assert "1 phase(s) failed" in r.render("h")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import labkit
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,10 +59,10 @@ def _root_snapshot():
 def leftovers():
     """Namespaces, processes and workdirs of labs this process built that still exist."""
     found = []
-    names = lab.list_netns()
-    for prefix, workdir in lab.CREATED:
+    names = labkit.list_netns()
+    for prefix, workdir in labkit.CREATED:
         found += ["namespace %s" % n for n in names if n.startswith(prefix)]
-        found += ["process %d (%s)" % (p, _comm(p)) for p in lab._pids_with_arg(str(workdir) + "/")]
+        found += ["process %d (%s)" % (p, _comm(p)) for p in labkit._pids_with_arg(str(workdir) + "/")]
         if Path(workdir).exists():
             found.append("workdir %s" % workdir)
     return found
@@ -78,10 +78,10 @@ def _comm(pid):
 @pytest.fixture(scope="session", autouse=True)
 def lab_guard():
     """Session-wide: the can-it-run decision first, the nothing-left check last."""
-    lab.require(docker=True)
+    labkit.require(docker=True)
     before = _root_snapshot()
     yield
-    lab._teardown_all()
+    labkit._teardown_all()
     problems = leftovers()
     after = _root_snapshot()
     for key in before:

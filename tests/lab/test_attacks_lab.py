@@ -21,17 +21,17 @@ import time
 
 import pytest
 
-import lab
+import labkit
 
-HOST = lab.HOST_IP
+HOST = labkit.HOST_IP
 PORT = 8000
 LEGIT_IP = "198.51.100.21"
 ATTACKER_IP = "198.51.100.66"
 WRONG_TOKENS = {
     "wrong": "Bearer wrong-token-4f1d9c",
-    "prefix": "Bearer " + lab.TOKEN[:-1],
-    "longer": "Bearer " + lab.TOKEN + "x",
-    "scheme": "Basic " + lab.TOKEN,
+    "prefix": "Bearer " + labkit.TOKEN[:-1],
+    "longer": "Bearer " + labkit.TOKEN + "x",
+    "scheme": "Basic " + labkit.TOKEN,
     "nonascii": "Bearer t\u00f6k\u00e9n-\u00e9\u00e9-91c2",
     "overlong": "Bearer " + "L0ng" * 2000,
     "empty": "Bearer ",
@@ -179,7 +179,7 @@ def registration(name="legit", ip=LEGIT_IP, **over):
     return req
 
 
-def auth(token=lab.TOKEN):
+def auth(token=labkit.TOKEN):
     return [("Authorization", "Bearer " + token)]
 
 
@@ -271,8 +271,8 @@ def echo_replies(datagrams, vni):
 
 @pytest.fixture(scope="module")
 def c():
-    lab.require(docker=False)
-    with lab.Lab(runners=0, docker=False) as cluster:
+    labkit.require(docker=False)
+    with labkit.Lab(runners=0, docker=False) as cluster:
         cluster.host_config(OVERLAY_REPAIR_INTERVAL=2)
         cluster.start_host()
         cluster.legit = cluster.add_bare_node("legit", LEGIT_IP)
@@ -326,7 +326,7 @@ def test_bad_tokens_get_401_and_never_reach_the_log(c, untouched):
     results = send(c, c.attacker, reqs)
     _assert_refused(results, labels, dict((label, 401) for label in labels))
     log = (c.host.workdir / "host.log").read_text(errors="replace")
-    leaked = [t for t in [lab.TOKEN] + [v.split(" ", 1)[1] for v in WRONG_TOKENS.values()
+    leaked = [t for t in [labkit.TOKEN] + [v.split(" ", 1)[1] for v in WRONG_TOKENS.values()
                                         if len(v.split(" ", 1)[1]) >= 6] if t in log]
     assert leaked == []
 
@@ -385,7 +385,7 @@ def test_bad_registrations_get_4xx(c, untouched):
 def test_broken_http_gets_4xx(c, untouched):
     good = json.dumps(registration(name="atk", ip=ATTACKER_IP)).encode()
     head = ("POST /api/overlay/register HTTP/1.1\r\nHost: x\r\n"
-            "Authorization: Bearer %s\r\n" % lab.TOKEN)
+            "Authorization: Bearer %s\r\n" % labkit.TOKEN)
     cases = [
         ("10 MB body", http_request("POST", "/api/overlay/register", b"x" * (10 << 20), auth()),
          413),
@@ -520,7 +520,7 @@ def test_a_forged_runner_source_address_is_not_stopped(c):
 
 def test_a_non_ascii_digit_content_length_is_a_400_and_the_host_keeps_serving(c):
     head = ("POST /api/overlay/register HTTP/1.1\r\nHost: x\r\n"
-            "Authorization: Bearer %s\r\n" % lab.TOKEN)
+            "Authorization: Bearer %s\r\n" % labkit.TOKEN)
     res = send(c, c.attacker, [(head + "Content-Length: \u00b2\r\n\r\nab").encode("latin-1")])[0]
     after = send(c, c.legit, [http_request("GET", "/api/overlay/status", b"", auth())])[0]
     assert (res["status"], after["status"]) == (400, 200)

@@ -1,4 +1,4 @@
-"""kohaku_overlay_check.py on a real namespaced cluster (tests/lab.py): the real host and runner
+"""kohaku_overlay_check.py on a real namespaced cluster (tests/labkit.py): the real host and runner
 scripts build the overlay, the check runs inside each namespace as an operator would run it.
 
 - A healthy host and two runners (real dockerd, containers): every check PASSes (firewalld is not
@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-import lab
+import labkit
 
 NET = "kohakuriver-overlay"
 
@@ -80,8 +80,8 @@ def assert_healthy(c, nodes=None):
 
 @pytest.fixture(scope="module")
 def cluster():
-    lab.require(docker=True)
-    with lab.Lab(runners=2, docker=True) as c:
+    labkit.require(docker=True)
+    with labkit.Lab(runners=2, docker=True) as c:
         c.host_config(OVERLAY_REPAIR_INTERVAL=3600, OVERLAY_INACTIVE_AFTER=3600)
         for i in (1, 2):
             c.runner_config(i, HEARTBEAT_INTERVAL=600)
@@ -176,7 +176,7 @@ def test_vxkr1_recreated_with_remote_loopback(healthy):
     r1 = c.runners[0]
     c.sh(c.host, "ip", "link", "del", "vxkr1")
     for argv in (["ip", "link", "add", "vxkr1", "type", "vxlan", "id", "101", "local",
-                  lab.HOST_IP, "remote", "127.0.0.1", "dstport", "4789", "nolearning"],
+                  labkit.HOST_IP, "remote", "127.0.0.1", "dstport", "4789", "nolearning"],
                  ["ip", "link", "set", "vxkr1", "mtu", "1450"],
                  ["ip", "addr", "add", "10.1.0.254/16", "dev", "vxkr1"],
                  ["ip", "link", "set", "vxkr1", "up"]):
@@ -279,15 +279,15 @@ def test_bundle_from_a_runner_holds_the_diagnostics_but_not_the_token(healthy, t
     assert json.loads(files["host-status.json"])["total"] == 2
     assert files["report.txt"].splitlines()[-1].endswith("0 failed, 2 skipped")
     for name, text in files.items():
-        assert lab.TOKEN not in text, name
+        assert labkit.TOKEN not in text, name
 
 
 # ---- firewalld in the host namespace -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def fw_cluster():
-    lab.require(docker=True, firewalld=True)
-    with lab.Lab(runners=1, docker=True, firewalld=True) as c:
+    labkit.require(docker=True, firewalld=True)
+    with labkit.Lab(runners=1, docker=True, firewalld=True) as c:
         c.host_config(OVERLAY_REPAIR_INTERVAL=3600, OVERLAY_INACTIVE_AFTER=3600)
         c.runner_config(1, HEARTBEAT_INTERVAL=600)
         c.start_host()
@@ -322,8 +322,8 @@ def test_firewalld_untrusted_interface_is_the_admin_prohibited_case(fw_cluster):
 def test_check_takes_under_two_seconds_with_255_tunnels():
     """A host restarted on a state file of 255 runners builds 255 tunnels; the check reads them
     all (one command per kind of fact) well inside the 2 s the benchmark asks."""
-    lab.require(docker=False)
-    with lab.Lab(runners=0, docker=False) as c:
+    labkit.require(docker=False)
+    with labkit.Lab(runners=0, docker=False) as c:
         first = ipaddress.IPv4Address("198.51.100.2")
         allocs = [{"runner_id": n, "runner_name": "fake%d" % n,
                    "physical_ip": str(first + (n - 1) % 253), "last_seen": time.time()}

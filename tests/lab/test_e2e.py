@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-import lab
+import labkit
 
 # The guide's "Check Overlay Status" output, with the lab's underlay addresses in place of the
 # guide's 192.168.88.20 / .77 (same width, so the layout is the guide's to the character).
@@ -54,7 +54,7 @@ def start_cluster(c):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with lab.Lab(runners=2) as c:
+    with labkit.Lab(runners=2) as c:
         start_cluster(c)
         c.container(1, "c1")
         c.container(1, "c1b")
@@ -275,7 +275,7 @@ def rules_of(c, node):
 
 
 def test_down_on_both_sides_leaves_nothing():
-    with lab.Lab(runners=2) as c:
+    with labkit.Lab(runners=2) as c:
         start_cluster(c)
         c.container(1, "c1")
         for node in c.runners:
@@ -319,14 +319,14 @@ def root_nft():
 
 
 def etc_firewalld():
-    return sorted((str(p), p.read_bytes()) for p in lab.Path("/etc/firewalld").rglob("*")
+    return sorted((str(p), p.read_bytes()) for p in labkit.Path("/etc/firewalld").rglob("*")
                   if p.is_file())
 
 
 def test_firewalld_trusted_zone_and_reload_repair():
-    lab.require(docker=True, firewalld=True)
+    labkit.require(docker=True, firewalld=True)
     root_before, etc_before = root_nft(), etc_firewalld()
-    with lab.Lab(runners=2, firewalld=True) as c:
+    with labkit.Lab(runners=2, firewalld=True) as c:
         start_cluster(c)
         c.container(1, "c1")
         c.container(2, "c2")
@@ -356,8 +356,8 @@ def test_firewalld_trusted_zone_and_reload_repair():
 # ---- the newcomer's command ----
 
 def run_demo(*args):
-    """`python3 tests/lab.py demo ARGS`, as the README has a newcomer run it."""
-    return subprocess.run([sys.executable, str(lab.REPO / "tests" / "lab.py"), "demo"] + list(args),
+    """`python3 tests/labkit.py demo ARGS`, as the README has a newcomer run it."""
+    return subprocess.run([sys.executable, str(labkit.REPO / "tests" / "lab.py"), "demo"] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=240)
 
@@ -370,7 +370,7 @@ def test_demo_command_shows_both_runners_active_and_every_ping_passing():
     results = re.findall(r"^  runner\d/c\d .*  (PASS|FAIL)$", res.stdout, re.M)
     assert results == ["PASS"] * 6
     prefix = re.search(r"namespaces (ko\w+-)\*", res.stderr).group(1)
-    assert [n for n in lab.list_netns() if n.startswith(prefix)] == []
+    assert [n for n in labkit.list_netns() if n.startswith(prefix)] == []
 
 
 def test_demo_without_docker_uses_namespaces_as_containers_and_still_connects():

@@ -36,10 +36,10 @@ import time
 
 import pytest
 
-import lab
+import labkit
 from kohaku_overlay_host import base36  # pinned by tests/unit/test_host.py
 
-HOST = lab.HOST_IP
+HOST = labkit.HOST_IP
 PORT = 8000
 FAILPOINTS = ["commit:before-save", "commit:after-save", "commit:after-device",
               "commit:before-answer"]
@@ -80,7 +80,7 @@ def body(node, name, **extra):
 def client(c, node, bodies):
     """Popen of REG_CLIENT in node's namespace, bodies already written to its stdin."""
     p = subprocess.Popen(["ip", "netns", "exec", node.ns, sys.executable, "-c", REG_CLIENT, HOST,
-                          str(PORT), lab.TOKEN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          str(PORT), labkit.TOKEN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, universal_newlines=True)
     p.stdin.write(json.dumps(bodies))
     p.stdin.close()
@@ -153,8 +153,8 @@ def clean_runner(c, i):
 
 @pytest.fixture(scope="module")
 def c():
-    lab.require(docker=False)
-    with lab.Lab(runners=2, docker=False) as cluster:
+    labkit.require(docker=False)
+    with labkit.Lab(runners=2, docker=False) as cluster:
         cluster.bare_nodes = {}
         yield cluster
 
@@ -386,7 +386,7 @@ def test_drift_is_repaired_by_serve_on_both_sides(c):
         def route_ok():
             out = c.sh(r1, "ip", "-j", "route", "show", "10.0.0.0/8").stdout
             return [(r.get("gateway"), r.get("dev")) for r in json.loads(out)] == \
-                [("10.1.0.254", lab.OVERLAY_BRIDGE)]
+                [("10.1.0.254", labkit.OVERLAY_BRIDGE)]
 
         drift(r1, "runner1", "the overlay route", [["ip", "route", "del", "10.0.0.0/8"]],
               extra=route_ok)
@@ -394,7 +394,7 @@ def test_drift_is_repaired_by_serve_on_both_sides(c):
               extra=lambda: "UP" in link(r1, "vxlan0")["flags"])
         drift(r1, "runner1", "vxlan0 detached from the bridge",
               [["ip", "link", "set", "vxlan0", "nomaster"]],
-              extra=lambda: link(r1, "vxlan0").get("master") == lab.OVERLAY_BRIDGE)
+              extra=lambda: link(r1, "vxlan0").get("master") == labkit.OVERLAY_BRIDGE)
         drift(c.host, "host", "vxkr1 deleted", [["ip", "link", "del", "vxkr1"]],
               extra=lambda: devices(c).get("vxkr1") == r1.ip)
         assert "repaired drift" in (c.host.workdir / "host.log").read_text()
@@ -436,8 +436,8 @@ def test_check_reports_iptables_legacy_rules_beside_nft(c):
 
 
 def test_firewalld_reload_is_repaired_by_the_host_within_a_few_intervals():
-    lab.require(docker=False, firewalld=True)
-    with lab.Lab(runners=0, docker=False, firewalld=True) as fc:
+    labkit.require(docker=False, firewalld=True)
+    with labkit.Lab(runners=0, docker=False, firewalld=True) as fc:
         fc.host_config(OVERLAY_REPAIR_INTERVAL=1)
         fc.start_host()
         node = fc.add_bare_node("fw1", "198.51.100.31")

@@ -5,7 +5,7 @@ zone (runtime only), traffic flows through firewalld's own nftables rules, and a
 
 import pytest
 
-import lab
+import labkit
 
 
 def trusted(c, node):
@@ -15,8 +15,8 @@ def trusted(c, node):
 
 @pytest.fixture(scope="module")
 def c():
-    lab.require(docker=True, firewalld=True)
-    with lab.Lab(runners=2, docker=True, firewalld=["runner1"]) as cluster:
+    labkit.require(docker=True, firewalld=True)
+    with labkit.Lab(runners=2, docker=True, firewalld=["runner1"]) as cluster:
         cluster.start_host()
         cluster.start_runner(1)
         cluster.start_runner(2)

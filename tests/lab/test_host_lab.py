@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import lab
+import labkit
 
 CLIENT = r"""
 import json, sys, urllib.request, urllib.error
@@ -27,8 +27,8 @@ except urllib.error.HTTPError as e:
 """
 
 
-def api(c, node, method, path, body=None, token=lab.TOKEN):
-    res = c.sh(node, sys.executable, "-c", CLIENT, method, "http://%s:8000%s" % (lab.HOST_IP, path),
+def api(c, node, method, path, body=None, token=labkit.TOKEN):
+    res = c.sh(node, sys.executable, "-c", CLIENT, method, "http://%s:8000%s" % (labkit.HOST_IP, path),
                token, json.dumps(body) if body is not None else "")
     return json.loads(res.stdout)
 
@@ -59,8 +59,8 @@ def ours(c, *argv):
 
 @pytest.fixture(scope="module")
 def cluster():
-    lab.require(docker=False)
-    with lab.Lab(runners=2, docker=False) as c:
+    labkit.require(docker=False)
+    with labkit.Lab(runners=2, docker=False) as c:
         c.host_config(OVERLAY_REPAIR_INTERVAL=1)
         yield c
 
@@ -141,7 +141,7 @@ def test_restart_repairs_drift_and_removes_orphans(host):
     c.stop_host()
     c.sh(c.host, "ip", "link", "set", "vxkr1", "mtu", "1300")
     c.sh(c.host, "ip", "link", "add", "vxkr9", "type", "vxlan", "id", "109", "local",
-         lab.HOST_IP, "remote", "198.51.100.99", "dstport", "4789")
+         labkit.HOST_IP, "remote", "198.51.100.99", "dstport", "4789")
     c.sh(c.host, "iptables", "-D", "FORWARD", "-s", "10.0.0.0/8", "-m", "comment",
          "--comment", "kohaku-overlay", "-j", "ACCEPT")
     c.start_host()

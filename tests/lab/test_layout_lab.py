@@ -8,15 +8,15 @@ import json
 
 import pytest
 
-import lab
+import labkit
 
 LAYOUT = "172.20.0.0/16/4/12"   # 15 runners of a /20 each; the host lives in node 0's /20
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    lab.require(docker=True)
-    with lab.Lab(runners=2, docker=True) as c:
+    labkit.require(docker=True)
+    with labkit.Lab(runners=2, docker=True) as c:
         c.host_config(OVERLAY_SUBNET=LAYOUT, OVERLAY_HOST_IP="172.20.0.1")
         c.start_host()
         for i in (1, 2):
@@ -35,7 +35,7 @@ def test_the_cluster_follows_the_hosts_layout(cluster):
         ("runner1", "172.20.16.0/20", "172.20.16.1", "172.20.16.254"),
         ("runner2", "172.20.32.0/20", "172.20.32.1", "172.20.32.254")]
     r1, r2 = c.runners
-    net = json.loads(c.docker(r1, "network", "inspect", lab.OVERLAY_NETWORK).stdout)[0]
+    net = json.loads(c.docker(r1, "network", "inspect", labkit.OVERLAY_NETWORK).stdout)[0]
     assert net["IPAM"]["Config"][0]["Subnet"] == "172.20.16.0/20"
     assert net["IPAM"]["Config"][0]["Gateway"] == "172.20.16.1"
     route = c.sh(r1, "ip", "-j", "route", "show", "172.20.0.0/16").stdout

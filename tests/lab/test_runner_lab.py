@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import lab
+import labkit
 
 MARKED_FWD = ["-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
               "-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"]
@@ -19,8 +19,8 @@ MARKED_FWD = ["-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j A
 
 @pytest.fixture(scope="module")
 def c():
-    lab.require(docker=True)
-    with lab.Lab(runners=2, docker=True) as cluster:
+    labkit.require(docker=True)
+    with labkit.Lab(runners=2, docker=True) as cluster:
         cluster.start_host()
         yield cluster
 
@@ -49,7 +49,7 @@ def iptables_save(c, node):
 
 
 def network_inspect(c, node):
-    return json.loads(c.docker(node, "network", "inspect", lab.OVERLAY_NETWORK).stdout)[0]
+    return json.loads(c.docker(node, "network", "inspect", labkit.OVERLAY_NETWORK).stdout)[0]
 
 
 def links(c, node):
@@ -91,13 +91,13 @@ def test_up_builds_the_runner_end_and_containers_talk_across_runners(c):
     l1 = links(c, r1)
     vx = l1["vxlan0"]["linkinfo"]["info_data"]
     assert (vx["id"], vx["local"], vx["remote"], vx["port"], vx["learning"]) == (
-        101, r1.ip, lab.HOST_IP, 4789, False)
-    assert l1["vxlan0"]["mtu"] == 1450 and l1["vxlan0"]["master"] == lab.OVERLAY_BRIDGE
-    assert [(x["local"], x["prefixlen"]) for x in l1[lab.OVERLAY_BRIDGE]["addr_info"]
+        101, r1.ip, labkit.HOST_IP, 4789, False)
+    assert l1["vxlan0"]["mtu"] == 1450 and l1["vxlan0"]["master"] == labkit.OVERLAY_BRIDGE
+    assert [(x["local"], x["prefixlen"]) for x in l1[labkit.OVERLAY_BRIDGE]["addr_info"]
             if x["family"] == "inet"] == [("10.1.0.1", 16)]
     assert forward(c, r1)[:2] == MARKED_FWD
     route = json.loads(c.sh(r1, "ip", "-j", "route", "show", "exact", "10.0.0.0/8").stdout)
-    assert (route[0]["gateway"], route[0]["dev"]) == ("10.1.0.254", lab.OVERLAY_BRIDGE)
+    assert (route[0]["gateway"], route[0]["dev"]) == ("10.1.0.254", labkit.OVERLAY_BRIDGE)
     # informational here (bench/ measures it): up until a container answers, on a warm dockerd
     print("up -> container ping of 10.0.0.1: %.2f s" % took)
 
@@ -108,8 +108,8 @@ def test_the_host_address_on_the_segment_is_never_given_to_a_container(c):
     ipam = network_inspect(c, r1)["IPAM"]["Config"][0]
     assert ipam["AuxiliaryAddresses"] == {"host": "10.1.0.254"}
     c.docker(r1, "rm", "-f", "taker", check=False)
-    res = c.docker(r1, "run", "-d", "--name", "taker", "--network", lab.OVERLAY_NETWORK,
-                   "--ip", "10.1.0.254", lab.IMAGE, "sleep", "1d", check=False)
+    res = c.docker(r1, "run", "-d", "--name", "taker", "--network", labkit.OVERLAY_NETWORK,
+                   "--ip", "10.1.0.254", labkit.IMAGE, "sleep", "1d", check=False)
     c.docker(r1, "rm", "-f", "taker", check=False)
     assert res.returncode != 0
     assert "10.1.0.254" in res.stderr or "in use" in res.stderr
@@ -155,9 +155,9 @@ def test_down_refuses_with_containers_then_force_and_twice(c):
     res = down(c, 1)
     assert res.returncode == 0 and "already down" in res.stdout
     l1 = links(c, r1)
-    assert "vxlan0" not in l1 and lab.OVERLAY_BRIDGE not in l1
+    assert "vxlan0" not in l1 and labkit.OVERLAY_BRIDGE not in l1
     assert not [l for l in iptables_save(c, r1) if "kohaku-overlay" in l]
-    assert c.docker(r1, "network", "inspect", lab.OVERLAY_NETWORK, check=False).returncode != 0
+    assert c.docker(r1, "network", "inspect", labkit.OVERLAY_NETWORK, check=False).returncode != 0
     c.docker(r1, "rm", "-f", "ca")
     up(c, 1)                                    # back for the tests that follow
 
@@ -195,7 +195,7 @@ def test_serve_repairs_deleted_forward_rules_and_a_downed_vxlan(c):
             l1 = links(c, r1)["vxlan0"]
             route = c.sh(r1, "ip", "-j", "route", "show", "exact", "10.0.0.0/8").stdout
             return forward(c, r1)[:2] == MARKED_FWD and "UP" in l1["flags"] and \
-                l1.get("master") == lab.OVERLAY_BRIDGE and "10.1.0.254" in route
+                l1.get("master") == labkit.OVERLAY_BRIDGE and "10.1.0.254" in route
         c.wait_for(repaired, timeout=8, what="serve to repair rules, vxlan0 and the route",
                    log=[r1.name])
         assert c.ping(r1, a, ip_b)
@@ -237,8 +237,8 @@ def test_status_json_reports_the_allocation_and_devices(c):
     st = json.loads(res.stdout)
     assert st["allocation"]["subnet"] == "10.1.0.0/16"
     assert st["devices"]["vxlan0"]["present"] and st["devices"]["vxlan0"]["up"]
-    assert st["devices"][lab.OVERLAY_BRIDGE]["addresses"] == ["10.1.0.1/16"]
-    assert st["route"] == {"present": True, "via": "10.1.0.254", "dev": lab.OVERLAY_BRIDGE}
+    assert st["devices"][labkit.OVERLAY_BRIDGE]["addresses"] == ["10.1.0.1/16"]
+    assert st["route"] == {"present": True, "via": "10.1.0.254", "dev": labkit.OVERLAY_BRIDGE}
     assert st["network"]["present"] is True
     assert st["registered_at"] > 0
 
@@ -296,7 +296,7 @@ def test_a_failed_up_rolls_back_what_it_built(c):
         assert res.stderr.splitlines()[-1].startswith("error: `docker network create")
         assert "rolling back: delete vxlan0" in res.stderr
         l1 = links(c, r1)
-        assert "vxlan0" not in l1 and lab.OVERLAY_BRIDGE not in l1
+        assert "vxlan0" not in l1 and labkit.OVERLAY_BRIDGE not in l1
         assert not [l for l in iptables_save(c, r1) if "kohaku-overlay" in l]
     finally:
         c.docker(r1, "network", "rm", "blocker")

@@ -1,6 +1,6 @@
 """The harness, the packaging and the documents agree with each other (no root needed).
 
-The lab itself is exercised by tests/lab/; here: the parts of tests/lab.py that are plain logic,
+The lab itself is exercised by tests/lab/; here: the parts of tests/labkit.py that are plain logic,
 the README's commands against .ci/run, setup.cfg against the scripts, the example configs against
 the scripts' own config readers, and the systemd units against what the README promises.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import labkit
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCRIPTS = ["kohaku_overlay_host.py", "kohaku_overlay_runner.py", "kohaku_overlay_check.py"]
@@ -49,10 +49,10 @@ def test_ci_runs_exactly_the_readmes_test_command():
 def test_readme_two_commands_name_files_that_exist():
     first = re.search(r"```bash\n(.*?)```", readme(), re.S).group(1)
     cmds = [line.split("#")[0].strip() for line in first.splitlines() if line.strip()]
-    assert cmds == ["bash .ci/install && python3 tests/lab.py demo", "bash .ci/run"]
+    assert cmds == ["bash .ci/install && python3 tests/labkit.py demo", "bash .ci/run"]
     assert (ROOT / ".ci" / "install").is_file()
     assert (ROOT / ".ci" / "run").is_file()
-    assert (ROOT / "tests" / "lab.py").is_file()
+    assert (ROOT / "tests" / "labkit.py").is_file()
 
 
 def test_ci_script_is_strict_bash_with_the_static_checks():
@@ -198,41 +198,41 @@ def test_units_pass_systemd_analyze_verify(role):
     assert problems == []
 
 
-# ---- tests/lab.py logic ----
+# ---- tests/labkit.py logic ----
 
 def test_default_prefix_is_recognised_and_fits_interface_names():
-    c = lab.Lab()
-    assert lab.PREFIX_RE.match(c.prefix).group(1) == c.prefix
+    c = labkit.Lab()
+    assert labkit.PREFIX_RE.match(c.prefix).group(1) == c.prefix
     assert c.prefix.startswith("ko%dx" % os.getpid())
     longest = "ko%dx%02x-" % (4194304, 255)        # the kernel's largest pid
     assert len(longest + "sw") <= 15
-    assert c.workdir == lab.BASE_DIR / c.prefix.rstrip("-")
+    assert c.workdir == labkit.BASE_DIR / c.prefix.rstrip("-")
 
 
 @pytest.mark.parametrize("prefix", ["Bad-", "ko_1-", "nodash", "kotoolongprefix-"])
 def test_bad_prefixes_are_refused(prefix):
-    with pytest.raises(lab.LabError):
-        lab.Lab(prefix=prefix)
+    with pytest.raises(labkit.LabError):
+        labkit.Lab(prefix=prefix)
 
 
 def test_cannot_run_reason_names_root_and_missing_tools(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert "root" in lab.cannot_run_reason()
+    assert "root" in labkit.cannot_run_reason()
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(shutil, "which", lambda tool, path=None: None)
-    reason = lab.cannot_run_reason(docker=True, firewalld=True)
+    reason = labkit.cannot_run_reason(docker=True, firewalld=True)
     assert reason.startswith("missing tools: ip, nsenter, iptables, ping, busybox, dockerd, docker,"
                              " firewalld, firewall-cmd, dbus-daemon")
 
 
 def test_require_skips_normally_and_fails_under_ci(monkeypatch):
-    monkeypatch.setattr(lab, "cannot_run_reason", lambda docker=True, firewalld=False: "no root")
+    monkeypatch.setattr(labkit, "cannot_run_reason", lambda docker=True, firewalld=False: "no root")
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception):
-        lab.require()
+        labkit.require()
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
-        lab.require()
+        labkit.require()
 
 
 def test_lab_configs_are_read_by_the_scripts_as_written(tmp_path):
@@ -241,21 +241,21 @@ def test_lab_configs_are_read_by_the_scripts_as_written(tmp_path):
     values = {"HOST_REACHABLE_ADDRESS": "198.51.100.1", "HOST_PORT": 8000,
               "OVERLAY_ENABLED": True, "OVERLAY_TOKEN": "lab-token", "OVERLAY_INACTIVE_AFTER": 6,
               "OVERLAY_STATE_FILE": str(tmp_path / "state.json"), "OVERLAY_MTU": None}
-    path = lab._write_config(tmp_path / "host_config.py", values, "test")
+    path = labkit._write_config(tmp_path / "host_config.py", values, "test")
     assert "OVERLAY_MTU" not in path.read_text()
     cfg, _layout = host.load_settings(str(path), True)
     assert {k: cfg[k] for k in values if values[k] is not None} == \
         {k: v for k, v in values.items() if v is not None}
     values = {"HOST_ADDRESS": "198.51.100.1", "RUNNER_NAME": "runner1", "HEARTBEAT_INTERVAL": 1,
               "OVERLAY_ENABLED": True, "OVERLAY_TOKEN": "lab-token"}
-    path = lab._write_config(tmp_path / "runner_config.py", values, "test")
+    path = labkit._write_config(tmp_path / "runner_config.py", values, "test")
     cfg = runner.load_config(str(path))
     assert {k: cfg[k] for k in values} == values
 
 
-@pytest.mark.skipif(not os.path.exists(lab.BUSYBOX), reason="busybox-static not installed")
+@pytest.mark.skipif(not os.path.exists(labkit.BUSYBOX), reason="busybox-static not installed")
 def test_busybox_rootfs_has_every_applet_linked(tmp_path):
-    c = lab.Lab(prefix="kounit-")
+    c = labkit.Lab(prefix="kounit-")
     c.workdir = tmp_path
     path = c._busybox_tarball()
     with tarfile.open(str(path)) as tar:

@@ -14,8 +14,8 @@ sysctl. Scripts run as processes inside the namespaces with the same python as t
 
 Importable API (tests/ is on sys.path through tests/conftest.py)::
 
-    import lab
-    with lab.Lab(runners=2, docker=True, firewalld=False, prefix=None) as c:
+    import labkit
+    with labkit.Lab(runners=2, docker=True, firewalld=False, prefix=None) as c:
         c.host, c.runners[0]           # Node(name, ns, ip, workdir, docker_host)
                                        #   (runner i is c.runners[i-1])
         c.host_config(**overrides)     # -> Path of host_config.py (value None drops a key)
@@ -41,7 +41,7 @@ Importable API (tests/ is on sys.path through tests/conftest.py)::
                                        #    firewalld=["host", "runner1"] in each node named
         c.wait_for(pred, timeout=10, interval=0.1, what="...", log=None)  # AssertionError + logs
         c.log_tail("host"|"runner1"|"dockerd-r1"|..., lines=40) -> str
-        lab.require(docker=True, firewalld=False)    # in a test: skip here / fail under CI=true
+        labkit.require(docker=True, firewalld=False)    # in a test: skip here / fail under CI=true
         c.add_bare_node(name, ip) -> Node  # a namespace on the underlay, nothing else
         c.teardown()                   # idempotent; also on exceptions, atexit and SIGTERM/SIGHUP
 
@@ -63,13 +63,12 @@ Behaviour worth knowing:
 - ``KOHAKU_LAB_LOGS=DIR``: teardown copies every log of the lab to DIR/<prefix>/ first.
 - Names: prefix ``ko<pid>x<rand>-``; workdir ``$KOHAKU_LAB_DIR`` or ``/tmp/kolab`` + ``/<prefix>``
   holding ``lab.json`` (owner pid and start time). Building a lab first removes labs whose owner is
-  dead; ``python3 tests/lab.py down`` removes those too (``--force``: also live ones).
-- Do not add ``tests/lab/__init__.py``: the ``tests/lab/`` folder would then shadow this module.
+  dead; ``python3 tests/labkit.py down`` removes those too (``--force``: also live ones).
 
 CLI::
 
-    python3 tests/lab.py demo [--runners N] [--keep] [--firewalld] [--no-docker]
-    python3 tests/lab.py down [--force]
+    python3 tests/labkit.py demo [--runners N] [--keep] [--firewalld] [--no-docker]
+    python3 tests/labkit.py down [--force]
 """
 
 import argparse
@@ -403,7 +402,7 @@ class PingStream(object):
 
 
 def _write_config(path, values, header):
-    lines = ['"""%s (written by tests/lab.py)."""' % header, ""]
+    lines = ['"""%s (written by tests/labkit.py)."""' % header, ""]
     for key, value in values.items():
         if value is None:
             continue
@@ -1212,7 +1211,7 @@ def demo(args):
         print("connectivity: %s" % ("all PASS" if not failed else "some pings FAILED"))
         if args.keep:
             print("the lab stays up (namespaces %s*, workdir %s); remove it with: "
-                  "python3 tests/lab.py down (the next lab built here removes it too)"
+                  "python3 tests/labkit.py down (the next lab built here removes it too)"
                   % (c.prefix, c.workdir))
             for node in c.runners:
                 print("  %s: DOCKER_HOST=%s docker ps; ip netns exec %s ip -br addr"
@@ -1227,7 +1226,7 @@ def demo(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="tests/lab.py", description="kohaku-overlay lab")
+    ap = argparse.ArgumentParser(prog="tests/labkit.py", description="kohaku-overlay lab")
     sub = ap.add_subparsers(dest="cmd")
     d = sub.add_parser("demo", help="Host + runners + containers, status, pings, checks")
     d.add_argument("--runners", type=int, default=2)
