@@ -402,9 +402,14 @@ def ipv4_addrs(link):
             if a.get("family") == "inet"]
 
 
+def vxlan_data(link):
+    """The kind-specific attributes of a link (`ip -d`): VNI, addresses, port, learning."""
+    return (link.get("linkinfo") or {}).get("info_data") or {}
+
+
 def vxlan_mismatch(link, want):
     """What differs between a vxlan link and want (dict id/local/remote/port): list of words."""
-    data = link["linkinfo"].get("info_data") or {}
+    data = vxlan_data(link)
     diff = []
     for key in ("id", "local", "remote", "port"):
         if data.get(key) != want[key]:
@@ -431,6 +436,11 @@ def is_marked(rule):
 def forward_rules(cidr):
     return ["-A FORWARD -s %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER),
             "-A FORWARD -d %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER)]
+
+
+def delete_rule(rule):
+    """The `-D CHAIN ...` line that deletes the `-A CHAIN ...` rule (iptables-restore input)."""
+    return "-D" + rule[2:]
 
 
 def nat_rule(cidr):
@@ -828,24 +838,24 @@ def plan_rules(cidr, forward, nat):
     if forward[:2] != want_fwd:
         marked = [r for r in forward if is_marked(r)]
         for r in marked:
-            filt.append("-D" + r[2:])
+            filt.append(delete_rule(r))
         filt.append("-I FORWARD 1" + want_fwd[0][len("-A FORWARD"):])
         filt.append("-I FORWARD 2" + want_fwd[1][len("-A FORWARD"):])
         changes.append("FORWARD accept rules for %s %s" % (
             cidr, "moved to the top" if marked else "added"))
         if not marked:
-            undo_filt = ["-D" + r[2:] for r in want_fwd]
+            undo_filt = [delete_rule(r) for r in want_fwd]
     marked_nat = [r for r in nat if is_marked(r)]
     if marked_nat != [want_nat]:
         for r in marked_nat:
             if r != want_nat:
-                natl.append("-D" + r[2:])
+                natl.append(delete_rule(r))
         if want_nat not in marked_nat:
             natl.append(want_nat)
-            undo_nat = ["-D" + want_nat[2:]]
+            undo_nat = [delete_rule(want_nat)]
         changes.append("NAT masquerade for %s %s" % (cidr, "fixed" if marked_nat else "added"))
-    return (restore_text(filt, natl), ["iptables -t filter " + r for r in filt] +
-            ["iptables -t nat " + r for r in natl], changes, restore_text(undo_filt, undo_nat))
+    return (restore_text(filt, natl), restore_echo(filt, natl), changes,
+            restore_text(undo_filt, undo_nat))
 
 
 def restore_text(filt, nat):
@@ -855,6 +865,11 @@ def restore_text(filt, nat):
     if nat:
         text += "*nat\n" + "".join(r + "\n" for r in nat) + "COMMIT\n"
     return text
+
+
+def restore_echo(filt, nat):
+    """The `[#]` lines of an iptables-restore batch: one iptables command per rule line."""
+    return ["iptables -t filter " + r for r in filt] + ["iptables -t nat " + r for r in nat]
 
 
 def ensure_rules(cidr, stack):
@@ -869,6 +884,11 @@ def ensure_rules(cidr, stack):
     return changes
 
 
+def untrust_argv(iface):
+    """The firewall-cmd argv that takes iface out of the trusted zone (runtime)."""
+    return ["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--remove-interface=" + iface]
+
+
 def ensure_firewalld(ifaces, stack):
     if not firewalld_running():
         return []
@@ -879,19 +899,23 @@ def ensure_firewalld(ifaces, stack):
             continue
         run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--change-interface=" + iface],
             timeout=15)
-        undo(stack, "take %s out of the trusted zone" % iface,
-             ["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--remove-interface=" + iface])
+        undo(stack, "take %s out of the trusted zone" % iface, untrust_argv(iface))
         changes.append("%s added to the firewalld trusted zone" % iface)
     return changes
 
 
+def network_create_argv(name, subnet, gateway, extra=()):
+    """`docker network create` of a bridge network; extra: options before the name."""
+    return ["docker", "network", "create", "--driver", "bridge", "--subnet", subnet,
+            "--gateway", gateway] + list(extra) + [name]
+
+
 def docker_create_argv(cfg, alloc):
-    return ["docker", "network", "create", "--driver", "bridge",
-            "--subnet", alloc["subnet"], "--gateway", alloc["gateway"],
-            "--aux-address", "host=" + alloc["host_vxlan_ip"],
-            "-o", "com.docker.network.bridge.name=" + cfg["OVERLAY_BRIDGE_NAME"],
-            "-o", "com.docker.network.driver.mtu=%d" % alloc["mtu"],
-            cfg["OVERLAY_NETWORK_NAME"]]
+    return network_create_argv(
+        cfg["OVERLAY_NETWORK_NAME"], alloc["subnet"], alloc["gateway"],
+        ["--aux-address", "host=" + alloc["host_vxlan_ip"],
+         "-o", "com.docker.network.bridge.name=" + cfg["OVERLAY_BRIDGE_NAME"],
+         "-o", "com.docker.network.driver.mtu=%d" % alloc["mtu"]])
 
 
 def docker_want(cfg, alloc):
@@ -938,9 +962,7 @@ def ensure_default_network(cfg):
     name = cfg["DOCKER_NETWORK_NAME"]
     if docker_inspect(name) is not None:
         return False
-    run(["docker", "network", "create", "--driver", "bridge",
-         "--subnet", cfg["DOCKER_NETWORK_SUBNET"], "--gateway", cfg["DOCKER_NETWORK_GATEWAY"],
-         name])
+    run(network_create_argv(name, cfg["DOCKER_NETWORK_SUBNET"], cfg["DOCKER_NETWORK_GATEWAY"]))
     return True
 
 
@@ -956,8 +978,6 @@ def build(cfg, alloc, address, errors=None):
     """
     try:
         net, diff = check_docker_network(cfg, alloc)
-    except ContainersAttached:
-        raise
     except CommandError as e:
         if errors is None:
             raise
@@ -999,12 +1019,11 @@ def plan_teardown(cfg, links, route, forward_all, nat_all):
     if link_kind(links.get(br) or {}) == "bridge":
         lines.append("link del %s" % br)
         changes.append("bridge %s removed" % br)
-    filt = ["-D" + r[2:] for r in forward_all if is_marked(r)]
-    nat = ["-D" + r[2:] for r in nat_all if is_marked(r)]
+    filt = [delete_rule(r) for r in forward_all if is_marked(r)]
+    nat = [delete_rule(r) for r in nat_all if is_marked(r)]
     if filt or nat:
         changes.append("%d marked iptables rule(s) removed" % (len(filt) + len(nat)))
-    return lines, restore_text(filt, nat), (["iptables -t filter " + r for r in filt] +
-                                            ["iptables -t nat " + r for r in nat]), changes
+    return lines, restore_text(filt, nat), restore_echo(filt, nat), changes
 
 
 def teardown(cfg, force=False):
@@ -1029,8 +1048,7 @@ def teardown(cfg, force=False):
         have = trusted_interfaces()
         for iface in (br, VXLAN_DEV):
             if iface in have:
-                run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--remove-interface=" + iface],
-                    timeout=15)
+                run(untrust_argv(iface), timeout=15)
                 changes.append("%s taken out of the trusted zone" % iface)
     state = load_state(cfg["OVERLAY_STATE_FILE"])
     route = probe_route(state["overlay_cidr"]) if state.get("overlay_cidr") else None
@@ -1093,10 +1111,15 @@ def describe_oserror(e):
     return e.strerror or str(e) or type(e).__name__
 
 
+def host_where(cfg):
+    """The host's API as `address:port`, for messages."""
+    return "%s:%s" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"])
+
+
 def host_error(cfg, status, obj):
     """Turn a non-200 API answer into the right error."""
     msg = str(obj.get("error") or "no reason given").rstrip(".")
-    where = "%s:%s" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"])
+    where = host_where(cfg)
     if status == 401:
         return ConfigError("the host refused the token: set OVERLAY_TOKEN to the host's")
     if status in (400, 409):       # the host's sentence names the key, both values and the fix
@@ -1138,30 +1161,40 @@ def backoff_delays(start=BACKOFF_START, cap=BACKOFF_MAX, rng=None):
         delay = min(cap, delay * 2)
 
 
+def with_backoff(attempt, stop, failed):
+    """attempt() until it returns, waiting backoff_delays() between tries.
+
+    An OverlayError e of attempt goes to failed(e, delay), which raises to give up (a
+    ConfigError always gives up). Returns attempt's value, or None when stop is set meanwhile.
+    """
+    for delay in backoff_delays():
+        try:
+            return attempt()
+        except ConfigError:
+            raise
+        except OverlayError as e:
+            failed(e, delay)
+        if stop.wait(delay):
+            return None
+    return None  # pragma: no cover
+
+
 def register_with_retry(cfg, address, previous_id, stop, deadline=None, retry_full=False):
     """Register, retrying with capped exponential backoff while the host is unreachable.
 
     retry_full also retries a 503 (serve). Returns the allocation, or None when stop is set.
     """
-    where = "%s:%s" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"])
-    for delay in backoff_delays():
-        try:
-            return register(cfg, address, previous_id)
-        except ConfigError:
-            raise
-        except (HostUnreachable, NotRegistered) as e:
-            reason = str(e)
-        except OverlayError as e:
-            if not retry_full:
-                raise
-            reason = str(e)
+    where = host_where(cfg)
+
+    def failed(e, delay):
+        if not retry_full and not isinstance(e, (HostUnreachable, NotRegistered)):
+            raise e
         if deadline is not None and time.monotonic() + delay > deadline:
             raise HostUnreachable("the host at %s did not answer (%s): start it, or check "
-                                  "HOST_ADDRESS/HOST_PORT and the firewall" % (where, reason))
-        log.warning("registering with %s failed: %s; retrying in %.1f s", where, reason, delay)
-        if stop.wait(delay):
-            return None
-    return None  # pragma: no cover
+                                  "HOST_ADDRESS/HOST_PORT and the firewall" % (where, e))
+        log.warning("registering with %s failed: %s; retrying in %.1f s", where, e, delay)
+
+    return with_backoff(lambda: register(cfg, address, previous_id), stop, failed)
 
 
 class Agent(object):
@@ -1190,18 +1223,14 @@ class Agent(object):
     def start(self):
         """Register (forever, with backoff) and build once. False when stopped first."""
         cfg = self.cfg
-        delays = backoff_delays()
-        while self.address is None:          # at boot the underlay route may not exist yet
-            try:
-                self.address = runner_address(cfg)
-            except ConfigError:
-                raise
-            except OverlayError as e:
-                delay = next(delays)
-                self.say("address", logging.WARNING, "cannot tell this runner's address yet "
-                         "(%s); retrying" % e)
-                if self.stop.wait(delay):
-                    return False
+
+        def failed(e, delay):                # at boot the underlay route may not exist yet
+            self.say("address", logging.WARNING, "cannot tell this runner's address yet "
+                     "(%s); retrying" % e)
+
+        self.address = with_backoff(lambda: runner_address(cfg), self.stop, failed)
+        if self.address is None:
+            return False
         state = load_state(cfg["OVERLAY_STATE_FILE"])
         alloc = register_with_retry(cfg, self.address, state.get("runner_id"), self.stop,
                                     retry_full=True)
@@ -1245,16 +1274,15 @@ class Agent(object):
         cfg = self.cfg
         try:
             heartbeat(cfg)
-            self.say("host", logging.INFO, "host %s:%s answers heartbeats" % (
-                cfg["HOST_ADDRESS"], cfg["HOST_PORT"]))
+            self.say("host", logging.INFO, "host %s answers heartbeats" % host_where(cfg))
             self.record_heartbeat()
         except NotRegistered:
             self.say("host", logging.WARNING, "the host does not know %s (restarted without "
                      "its state?): registering again" % cfg["RUNNER_NAME"])
             self.reregister()
         except HostUnreachable as e:
-            self.say("host", logging.WARNING, "host %s:%s unreachable (%s); keeping the overlay "
-                     "up and retrying" % (cfg["HOST_ADDRESS"], cfg["HOST_PORT"], e))
+            self.say("host", logging.WARNING, "host %s unreachable (%s); keeping the overlay "
+                     "up and retrying" % (host_where(cfg), e))
         except OverlayError as e:
             self.say("host", logging.ERROR, str(e))
         self.beats += 1
@@ -1354,8 +1382,8 @@ def cmd_up(args):
     state = load_state(cfg["OVERLAY_STATE_FILE"])
     if DRY_RUN:
         alloc = saved_allocation(state)
-        print("[#] register %s at http://%s:%s/api/overlay/register" % (
-            cfg["RUNNER_NAME"], cfg["HOST_ADDRESS"], cfg["HOST_PORT"]))
+        print("[#] register %s at http://%s/api/overlay/register" % (
+            cfg["RUNNER_NAME"], host_where(cfg)))
         if alloc is None:
             print("dry-run: no saved allocation in %s, so the build cannot be planned before "
                   "the host answers; run without --dry-run" % cfg["OVERLAY_STATE_FILE"])
@@ -1455,7 +1483,7 @@ def gather_status(cfg):
             info.update(kind=link_kind(link), mtu=link.get("mtu"), addresses=ipv4_addrs(link),
                         master=link.get("master"))
             if link_kind(link) == "vxlan":
-                data = link["linkinfo"].get("info_data") or {}
+                data = vxlan_data(link)
                 info.update(vni=data.get("id"), local=data.get("local"),
                             remote=data.get("remote"), port=data.get("port"))
         devices[name] = info
