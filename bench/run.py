@@ -143,7 +143,7 @@ def _run(argv, timeout=60, check=True, input=None):
                          universal_newlines=True, timeout=timeout, input=input)
     if check and res.returncode != 0:
         raise labkit.LabError("%s exited %d: %s" % (" ".join(map(str, argv[:8])), res.returncode,
-                                                 (res.stderr or res.stdout).strip()[-400:]))
+                                                    (res.stderr or res.stdout).strip()[-400:]))
     return res
 
 
@@ -159,8 +159,8 @@ def ping_until_reply(netns, dst, deadline=10.0):
     res = _run(["nsenter", "--net=" + netns, "ping", "-n", "-q", "-c", "1", "-i", "0.01",
                 "-w", str(int(deadline)), dst], timeout=deadline + 10, check=False)
     if res.returncode != 0:
-        raise labkit.LabError("no ping reply from %s within %ss: %s" % (dst, deadline,
-                                                                     res.stdout.strip()[-200:]))
+        raise labkit.LabError("no ping reply from %s within %ss: %s"
+                              % (dst, deadline, res.stdout.strip()[-200:]))
     return mono()
 
 
@@ -170,7 +170,8 @@ def ping_rtt(netns, dst, count=20):
                 "-W", "1", dst], timeout=30, check=False)
     m = re.search(r"= [\d.]+/([\d.]+)/[\d.]+/[\d.]+ ms", res.stdout)
     if res.returncode != 0 or not m:
-        raise labkit.LabError("ping %s failed: %s" % (dst, (res.stdout + res.stderr).strip()[-200:]))
+        raise labkit.LabError("ping %s failed: %s"
+                              % (dst, (res.stdout + res.stderr).strip()[-200:]))
     return float(m.group(1)) / 1000.0
 
 
@@ -602,8 +603,8 @@ class Bench(object):
             for i in range(1, len(self.c.runners) + 1):
                 res = self.c.script(i, "runner", "up")
                 if res.returncode != 0:
-                    raise labkit.LabError("runner%d up failed: %s" % (i, (res.stderr or
-                                                                       res.stdout)[-300:]))
+                    raise labkit.LabError("runner%d up failed: %s"
+                                          % (i, (res.stderr or res.stdout)[-300:]))
             self.up_done = True
         if not self.burst_done:
             self.burst()
@@ -805,8 +806,8 @@ class Bench(object):
         one([["newcomer", victim[1]]], "same name again (%d tunnels)" % total, "<= 3")
         # heartbeats spawn nothing
         m = shims.mark()
-        res = c.sh(self.fakes, c.python, "-c", HEARTBEAT_SNIPPET, HOST_URL, labkit.TOKEN, "newcomer",
-                   victim[1], check=False)
+        res = c.sh(self.fakes, c.python, "-c", HEARTBEAT_SNIPPET, HOST_URL, labkit.TOKEN,
+                   "newcomer", victim[1], check=False)
         hb = shims.since(m, "host", ppid=popen.pid)
         r.add("cost", "processes per heartbeat", "%d" % len(hb),
               "answered %s" % res.stdout.strip()[:40], "0", len(hb) == 0)

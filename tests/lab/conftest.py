@@ -62,7 +62,8 @@ def leftovers():
     names = labkit.list_netns()
     for prefix, workdir in labkit.CREATED:
         found += ["namespace %s" % n for n in names if n.startswith(prefix)]
-        found += ["process %d (%s)" % (p, _comm(p)) for p in labkit._pids_with_arg(str(workdir) + "/")]
+        found += ["process %d (%s)" % (p, _comm(p))
+                  for p in labkit._pids_with_arg(str(workdir) + "/")]
         if Path(workdir).exists():
             found.append("workdir %s" % workdir)
     return found

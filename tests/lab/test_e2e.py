@@ -357,7 +357,8 @@ def test_firewalld_trusted_zone_and_reload_repair():
 
 def run_demo(*args):
     """`python3 tests/labkit.py demo ARGS`, as the README has a newcomer run it."""
-    return subprocess.run([sys.executable, str(labkit.REPO / "tests" / "lab.py"), "demo"] + list(args),
+    return subprocess.run([sys.executable, str(labkit.REPO / "tests" / "labkit.py"), "demo"]
+                          + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=240)
 

@@ -28,7 +28,8 @@ except urllib.error.HTTPError as e:
 
 
 def api(c, node, method, path, body=None, token=labkit.TOKEN):
-    res = c.sh(node, sys.executable, "-c", CLIENT, method, "http://%s:8000%s" % (labkit.HOST_IP, path),
+    res = c.sh(node, sys.executable, "-c", CLIENT, method,
+               "http://%s:8000%s" % (labkit.HOST_IP, path),
                token, json.dumps(body) if body is not None else "")
     return json.loads(res.stdout)
 
@@ -43,7 +44,7 @@ def register(c, node, name=None, **extra):
 def links(c):
     """{name: ip -j -d addr entry} in the host namespace."""
     out = c.sh(c.host, "ip", "-j", "-d", "addr", "show").stdout
-    return dict((l["ifname"], l) for l in json.loads(out))
+    return dict((link["ifname"], link) for link in json.loads(out))
 
 
 def vxkr(c):
@@ -54,7 +55,7 @@ def vxkr(c):
 def ours(c, *argv):
     """Lines of iptables -S that carry our marker (or name our chain)."""
     out = c.sh(c.host, "iptables", "-S", *argv).stdout
-    return [l for l in out.splitlines() if "kohaku-overlay" in l or "KOHAKU-VXLAN" in l]
+    return [ln for ln in out.splitlines() if "kohaku-overlay" in ln or "KOHAKU-VXLAN" in ln]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_restart_repairs_drift_and_removes_orphans(host):
     c.start_host()
     assert vxkr(c) == ["vxkr1"]
     assert links(c)["vxkr1"]["mtu"] == 1450
-    assert len([l for l in ours(c, "FORWARD")]) == 2
+    assert len([ln for ln in ours(c, "FORWARD")]) == 2
     # and while serving, the periodic pass puts a deleted device back
     c.sh(c.host, "ip", "link", "del", "vxkr1")
     c.wait_for(lambda: vxkr(c) == ["vxkr1"], timeout=10, what="vxkr1 recreated", log=["host"])

@@ -38,14 +38,14 @@ def down(c, i, *args):
 
 def forward(c, node):
     out = c.sh(node, "iptables", "-S", "FORWARD").stdout
-    return [l for l in out.splitlines() if l.startswith("-A ")]
+    return [ln for ln in out.splitlines() if ln.startswith("-A ")]
 
 
 def iptables_save(c, node):
     """iptables-save without the comment lines and counters (they change on their own)."""
     out = c.sh(node, "iptables-save").stdout
-    return [l.split(" [")[0] if l.startswith(":") else l for l in out.splitlines()
-            if not l.startswith("#")]
+    return [ln.split(" [")[0] if ln.startswith(":") else ln for ln in out.splitlines()
+            if not ln.startswith("#")]
 
 
 def network_inspect(c, node):
@@ -53,7 +53,7 @@ def network_inspect(c, node):
 
 
 def links(c, node):
-    return dict((l["ifname"], l) for l in json.loads(
+    return dict((link["ifname"], link) for link in json.loads(
         c.sh(node, "ip", "-j", "-d", "addr", "show").stdout))
 
 
@@ -156,7 +156,7 @@ def test_down_refuses_with_containers_then_force_and_twice(c):
     assert res.returncode == 0 and "already down" in res.stdout
     l1 = links(c, r1)
     assert "vxlan0" not in l1 and labkit.OVERLAY_BRIDGE not in l1
-    assert not [l for l in iptables_save(c, r1) if "kohaku-overlay" in l]
+    assert not [ln for ln in iptables_save(c, r1) if "kohaku-overlay" in ln]
     assert c.docker(r1, "network", "inspect", labkit.OVERLAY_NETWORK, check=False).returncode != 0
     c.docker(r1, "rm", "-f", "ca")
     up(c, 1)                                    # back for the tests that follow
@@ -297,7 +297,7 @@ def test_a_failed_up_rolls_back_what_it_built(c):
         assert "rolling back: delete vxlan0" in res.stderr
         l1 = links(c, r1)
         assert "vxlan0" not in l1 and labkit.OVERLAY_BRIDGE not in l1
-        assert not [l for l in iptables_save(c, r1) if "kohaku-overlay" in l]
+        assert not [ln for ln in iptables_save(c, r1) if "kohaku-overlay" in ln]
     finally:
         c.docker(r1, "network", "rm", "blocker")
     up(c, 1)

@@ -36,7 +36,8 @@ def mutating(argv):
     if tool == "sysctl":
         return "-w" in rest or any("=" in a for a in rest)
     if tool == "docker":
-        return any(a in ("create", "rm", "connect", "disconnect", "run", "network") for a in rest[:2])
+        return any(a in ("create", "rm", "connect", "disconnect", "run", "network")
+                   for a in rest[:2])
     return False
 
 

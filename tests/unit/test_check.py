@@ -1483,7 +1483,8 @@ def test_bundle_holds_the_diagnostics_and_never_the_token(fake, tmp_path):
         assert TOKEN not in text, name
     assert 'OVERLAY_TOKEN = "<redacted>"' in members["runner_config.py"]
     assert members["report.txt"].splitlines()[-1] == "31 passed, 0 warnings, 0 failed, 2 skipped"
-    assert ["journalctl", "-u", "kohakuriver-overlay-runner", "-n", "300", "--no-pager"] in node.calls
+    assert (["journalctl", "-u", "kohakuriver-overlay-runner", "-n", "300", "--no-pager"]
+            in node.calls)
 
 
 def test_bundle_to_unwritable_path_is_one_line_error(fake, capsys):

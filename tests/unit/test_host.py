@@ -75,7 +75,7 @@ CAPTURED_LINKS = r"""[
 {"ifindex": 5, "ifname": "vxkr1", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "02:6b:6f:00:00:65", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 101, "remote": "198.51.100.11", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.1.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr1", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::6b:6fff:fe00:65", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
 {"ifindex": 6, "ifname": "vxkr2", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450, "qdisc": "noqueue", "operstate": "UNKNOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "02:6b:6f:00:00:66", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 102, "remote": "198.51.100.12", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": [{"family": "inet", "local": "10.2.0.254", "prefixlen": 16, "scope": "global", "label": "vxkr2", "valid_life_time": 4294967295, "preferred_life_time": 4294967295}, {"family": "inet6", "local": "fe80::6b:6fff:fe00:66", "prefixlen": 64, "scope": "link", "tentative": true, "valid_life_time": 4294967295, "preferred_life_time": 4294967295}]},
 {"ifindex": 7, "ifname": "vxkra", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1400, "qdisc": "noqueue", "operstate": "DOWN", "group": "default", "txqlen": 1000, "link_type": "ether", "address": "02:00:00:00:00:01", "broadcast": "ff:ff:ff:ff:ff:ff", "promiscuity": 0, "allmulti": 0, "min_mtu": 68, "max_mtu": 65535, "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 110, "remote": "198.51.100.20", "local": "198.51.100.1", "port_range": {"low": 0, "high": 0}, "port": 4789, "learning": false, "ttl": 0, "df": "unset", "ageing": 300, "udp_csum": true, "udp_zero_csum6_tx": false, "udp_zero_csum6_rx": false}}, "num_tx_queues": 1, "num_rx_queues": 1, "gso_max_size": 65536, "gso_max_segs": 65535, "tso_max_size": 65536, "tso_max_segs": 65535, "gro_max_size": 65536, "addr_info": []}
-]"""
+]"""  # noqa: E501 (captured verbatim)
 
 CAPTURED_RULES_OK = """\
 -P INPUT ACCEPT
@@ -261,7 +261,8 @@ def register(api, name="runner1", ip="198.51.100.11", peer=None, headers=None, *
 def link_json(name, kind=None, vni=None, remote=None, addrs=(), up=True, mtu=1450, local=HOST_IP,
               port=4789, learning=False, mac=None):
     """One `ip -j -d addr show` entry, in the shape of CAPTURED_LINKS."""
-    item = {"ifname": name, "flags": ["BROADCAST", "MULTICAST"] + (["UP", "LOWER_UP"] if up else []),
+    item = {"ifname": name,
+            "flags": ["BROADCAST", "MULTICAST"] + (["UP", "LOWER_UP"] if up else []),
             "mtu": mtu, "addr_info": []}
     if kind:
         item["linkinfo"] = {"info_kind": kind}
@@ -278,7 +279,9 @@ def link_json(name, kind=None, vni=None, remote=None, addrs=(), up=True, mtu=145
 
 
 def iptables_s(ips, source_filter=True, port=4789):
-    """`iptables -S` of a table where the host's rules are exactly right (CAPTURED_RULES_OK's form)."""
+    """`iptables -S` of a table where the host's rules are exactly right.
+
+    CAPTURED_RULES_OK's form."""
     lines = CLEAN_RULES.splitlines()
     tree = host.Kernel.filter_tree(ips) if source_filter else {}
     if source_filter:
@@ -592,10 +595,13 @@ def test_unknown_key_is_a_warning_naming_the_line_with_a_suggestion(tmp_path, ca
 
 
 @pytest.mark.parametrize("line, message", [
-    ("OVERLAY_ENABLED = 1", "host_config.py: OVERLAY_ENABLED must be True or False, got 1 on line 2"),
+    ("OVERLAY_ENABLED = 1",
+     "host_config.py: OVERLAY_ENABLED must be True or False, got 1 on line 2"),
     ("HOST_PORT = True", "host_config.py: HOST_PORT must be an integer, got True on line 2"),
-    ("HOST_PORT: int = '8000'", "host_config.py: HOST_PORT must be an integer, got '8000' on line 2"),
-    ("OVERLAY_MTU = 1450.0", "host_config.py: OVERLAY_MTU must be an integer, got 1450.0 on line 2"),
+    ("HOST_PORT: int = '8000'",
+     "host_config.py: HOST_PORT must be an integer, got '8000' on line 2"),
+    ("OVERLAY_MTU = 1450.0",
+     "host_config.py: OVERLAY_MTU must be an integer, got 1450.0 on line 2"),
     ("OVERLAY_TOKEN = 123", "host_config.py: OVERLAY_TOKEN must be a string, got 123 on line 2"),
     ("OVERLAY_VXLAN_SOURCE_FILTER = 0",
      "host_config.py: OVERLAY_VXLAN_SOURCE_FILTER must be True or False, got 0 on line 2"),
@@ -634,14 +640,16 @@ def test_config_that_runs_code_is_refused_without_running_it(tmp_path, capsys, l
     assert not marker.exists()
     assert host.main(["status", "--config", path]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: host_config.py line 2") or err.startswith("error: host_config.py: ")
+    assert (err.startswith("error: host_config.py line 2")
+            or err.startswith("error: host_config.py: "))
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not marker.exists()
 
 
 def test_unknown_key_with_code_is_ignored_and_not_run(tmp_path, caplog):
     marker = tmp_path / "X"
-    path = write_config(tmp_path, "OVERLAY_MTUU = __import__('os').system('touch {}')\n".format(marker))
+    path = write_config(tmp_path,
+                        "OVERLAY_MTUU = __import__('os').system('touch {}')\n".format(marker))
     cfg = host.read_config(path, host.CONFIG_KEYS, explicit=True)
     assert cfg["OVERLAY_MTU"] == 1450
     assert not marker.exists()
@@ -670,14 +678,15 @@ def test_unhashable_literal_is_a_config_error_not_a_crash(tmp_path, capsys):
     ("OVERLAY_MTU = {1, [2]}\n", ["line 1", "OVERLAY_MTU must be a plain literal"]),
     ("{[1]: 2}\n", ["line 1", "only NAME = value lines are allowed"]),
     ("HOST_PORT = 1" + "0" * 5000 + "\n", ["host_config.py line 1"]),
-    ("HOST_PORT = 1" + "0" * 100 + "\n", ["HOST_PORT = 10000", "... is out of range: use 1..65535"]),
+    ("HOST_PORT = 1" + "0" * 100 + "\n",
+     ["HOST_PORT = 10000", "... is out of range: use 1..65535"]),
     ("OVERLAY_TOKEN = " + "(" * 300 + "'x'" + ")" * 300 + "\n", ["not valid Python syntax"]),
     ("OVERLAY_TOKEN = " + "[" * 100000 + "]" * 100000 + "\n", ["host_config.py"]),
     ("OVERLAY_TOKEN = '" + "x" * 100 + "' * 10\n", ["OVERLAY_TOKEN must be a plain literal"]),
     ("HOST_PORT = 80\x00\n", ["host_config.py"]),
     ("OVERLAY_TOKEN = '\xff'\n".encode("latin-1"), ["not valid Python syntax"]),
-], ids=["unhashable-set", "unhashable-dict", "huge-int", "big-int", "deep-parens", "deep-lists", "product",
-        "nul-byte", "not-utf8"])
+], ids=["unhashable-set", "unhashable-dict", "huge-int", "big-int", "deep-parens", "deep-lists",
+        "product", "nul-byte", "not-utf8"])
 def test_hostile_config_values_are_config_errors(tmp_path, capsys, text, words):
     path = tmp_path / "host_config.py"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -911,8 +920,8 @@ def test_tunnel_plan_new_remote_recreates(tmp_path):
     assert k.tunnel_plan(1, "198.51.100.50")[0] == [
         "link del vxkr1",
         "link add vxkr1 address 02:6b:6f:00:00:65 type vxlan id 101 local 198.51.100.1 remote "
-        "198.51.100.50 dstport 4789 nolearning", "link set vxkr1 mtu 1450", "addr replace 10.1.0.254/16 dev vxkr1",
-        "link set vxkr1 up"]
+        "198.51.100.50 dstport 4789 nolearning", "link set vxkr1 mtu 1450",
+        "addr replace 10.1.0.254/16 dev vxkr1", "link set vxkr1 up"]
 
 
 def test_tunnel_plan_wrong_mtu_missing_address_extra_address_down(tmp_path):
@@ -936,7 +945,8 @@ def test_tunnel_plan_wrong_mtu_missing_address_extra_address_down(tmp_path):
 def test_tunnel_plan_captured_drifted_device(tmp_path):
     # vxkra was taken down, its MTU, MAC and address changed on the real kernel
     assert kernel(tmp_path).tunnel_plan(10, "198.51.100.20")[0] == [
-        "link set vxkra address 02:6b:6f:00:00:6e", "link set vxkra mtu 1450", "addr replace 10.10.0.254/16 dev vxkra", "link set vxkra up"]
+        "link set vxkra address 02:6b:6f:00:00:6e", "link set vxkra mtu 1450",
+        "addr replace 10.10.0.254/16 dev vxkra", "link set vxkra up"]
 
 
 def test_tunnel_plan_other_layout(tmp_path):
@@ -944,8 +954,8 @@ def test_tunnel_plan_other_layout(tmp_path):
                OVERLAY_VXLAN_ID=5000, OVERLAY_MTU=1400, OVERLAY_VXLAN_PORT=8472)
     assert k.tunnel_plan(36, "198.51.100.11")[0] == [
         "link add vxkr10 address 02:6b:6f:00:13:ac type vxlan id 5036 local 198.51.100.1 remote "
-        "198.51.100.11 dstport 8472 nolearning", "link set vxkr10 mtu 1400", "addr replace 172.25.0.254/18 dev vxkr10",
-        "link set vxkr10 up"]
+        "198.51.100.11 dstport 8472 nolearning", "link set vxkr10 mtu 1400",
+        "addr replace 172.25.0.254/18 dev vxkr10", "link set vxkr10 up"]
 
 
 def test_sync_tunnels_repairs_and_prunes_in_one_process(tmp_path, fake):
@@ -1082,7 +1092,7 @@ def popen(mocker):
 
 
 def test_ensure_host_device_dry_run_prints_and_runs_nothing(tmp_path, popen, monkeypatch,
-                                                           capsys):
+                                                            capsys):
     monkeypatch.setattr(host, "DRY_RUN", True)
     kernel(tmp_path, {}).ensure_host_device()
     assert popen.calls == []
@@ -1963,7 +1973,8 @@ def test_register_405(served):
         405, {"error": "use POST for this endpoint"})
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/api/overlay", "/healthz/x", "/api/overlayz/status"])
+@pytest.mark.parametrize("path", ["/", "/nope", "/api/overlay", "/healthz/x",
+                                  "/api/overlayz/status"])
 def test_unknown_paths_are_404_even_without_a_token(served, path):
     api, hub = served
     status, answer = api.dispatch("GET", path, {}, None, "127.0.0.1")
@@ -2022,7 +2033,8 @@ def test_401_for_every_bad_token(served, headers):
 def test_token_scheme_is_case_insensitive_and_non_ascii_tokens_work(tmp_path, fake):
     hub = make_hub(tmp_path, OVERLAY_TOKEN="t\u00f6k\u00e9n")
     api = host.Api(hub)
-    wire = "Bearer " + "t\u00f6k\u00e9n".encode("utf-8").decode("latin-1")  # as parse_request sees it
+    # as parse_request sees it
+    wire = "Bearer " + "t\u00f6k\u00e9n".encode("utf-8").decode("latin-1")
     assert api.dispatch("GET", "/api/overlay/status", {"authorization": wire}, None,
                         "127.0.0.1")[0] == 200
     assert api.dispatch("GET", "/api/overlay/status", {"authorization": "bearer  " + wire[7:]},
@@ -2215,14 +2227,15 @@ def test_server_healthz_status_and_401(server):
     assert (status, body) == (401, {"error": "missing or wrong bearer token: send "
                                              "Authorization: Bearer <OVERLAY_TOKEN>"})
     status, body, _ = http_call(srv.port, "GET", "/api/overlay/status",
-                           {"Authorization": "Bearer " + TOKEN})
+                                {"Authorization": "Bearer " + TOKEN})
     assert (status, body["total"], body["max_ids"]) == (200, 0, 255)
 
 
 def test_server_uses_the_tcp_peer_as_the_registration_source(server):
     srv, hub = server
     status, body, _ = http_call(srv.port, "POST", "/api/overlay/register",
-                           {"Authorization": "Bearer " + TOKEN}, reg_body("r1", "198.51.100.11"))
+                                {"Authorization": "Bearer " + TOKEN},
+                                reg_body("r1", "198.51.100.11"))
     assert (status, body) == (400, {"error": "physical_ip 198.51.100.11 is not the address this "
                                              "request came from (127.0.0.1): set RUNNER_ADDRESS "
                                              "to the runner's underlay address"})
@@ -2362,7 +2375,7 @@ def test_render_status_long_names_widen_the_column(tmp_path):
     guide = GUIDE_STATUS.split("\n")
     assert lines[:3] + lines[6:8] == guide[:3] + guide[6:8]      # the panel keeps its width
     table = lines[9:]
-    assert len(set(len(l) for l in table)) == 1
+    assert len(set(len(ln) for ln in table)) == 1
     assert len(table[0]) == 1 + (63 + 3) + (2 + 3) + (13 + 3) + (13 + 3) + (6 + 3)
     assert table[1] == "┃ Runner" + " " * 58 + "┃ ID ┃ Subnet        ┃ Physical IP   ┃ Status ┃"
     assert table[5] == "│ " + long_name + " │  3 │ 10.3.0.0/16   │ 198.51.100.13 │ Active │"
@@ -2821,7 +2834,7 @@ def test_concurrent_registrations_get_distinct_ids_in_few_commits(tmp_path, fake
     # group commit: one state write and at most two processes per commit, never more
     assert hub.store.writes <= 100
     assert len(fake.calls) <= 2 * hub.store.writes + 1
-    devices = [l.split()[2] for b in fake.batches() for l in b if l.startswith("link add")]
+    devices = [ln.split()[2] for b in fake.batches() for ln in b if ln.startswith("link add")]
     assert sorted(devices) == sorted(hub.layout.device(n) for n in range(1, 101))
 
 
@@ -3048,7 +3061,7 @@ def test_submit_without_an_answer_is_503(tmp_path):
 def test_reconcile_logs_a_tunnel_it_cannot_build(tmp_path, fake, caplog):
     hub = make_hub(tmp_path, allocs={1: alloc(1, "r1", "198.51.100.11")})
     fake.answer(IP_SHOW, (0, json.dumps([link_json("kohaku-host", "bridge",
-                                                    addrs=["10.0.0.1/8"], mtu=1500)]), ""))
+                                                   addrs=["10.0.0.1/8"], mtu=1500)]), ""))
     fake.answer(BATCH, (2, "", "Error: Unknown device type.\n"))
     fake.answer(IPT_S, (0, iptables_s(["198.51.100.11"]), ""))
     assert hub.reconcile() == ["vxkr1"]
@@ -3056,7 +3069,7 @@ def test_reconcile_logs_a_tunnel_it_cannot_build(tmp_path, fake, caplog):
 
 
 def test_reconcile_puts_missing_interfaces_back_in_the_trusted_zone(tmp_path, fake, mocker,
-                                                                   caplog):
+                                                                    caplog):
     hub = make_hub(tmp_path)
     links, rules = healthy(hub, 2)
     fake.answer(IP_SHOW, (0, links, ""))
@@ -3069,7 +3082,7 @@ def test_reconcile_puts_missing_interfaces_back_in_the_trusted_zone(tmp_path, fa
 
 
 def test_commit_answers_the_registration_even_when_the_filter_update_fails(tmp_path, fake,
-                                                                          mocker, caplog):
+                                                                           mocker, caplog):
     hub = make_hub(tmp_path)
     hub.kernel.firewalld = True
     fake.answer(RESTORE, (1, "", "iptables-restore: line 3 failed\n"))

@@ -35,7 +35,8 @@ ALLOC = {"runner_name": "runner1", "runner_id": 1, "subnet": "10.1.0.0/16",
 
 FWD = ["-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
        "-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"]
-NAT = "-A POSTROUTING -s 10.0.0.0/8 ! -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j MASQUERADE"
+NAT = ("-A POSTROUTING -s 10.0.0.0/8 ! -d 10.0.0.0/8 -m comment --comment kohaku-overlay "
+       "-j MASQUERADE")
 DOCKER_FWD = ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1"]
 
 CREATE_NET = ["docker", "network", "create", "--driver", "bridge", "--subnet", "10.1.0.0/16",
@@ -156,7 +157,8 @@ class FakeNode(object):
             return 0, json.dumps([{"dst": argv[4], "dev": "eth0", "prefsrc": ME}]), ""
         if argv in (["iptables", "-S", "FORWARD"], ["iptables", "-S"]):
             return 0, "-P FORWARD DROP\n" + "".join(r + "\n" for r in self.forward), ""
-        if argv in (["iptables", "-t", "nat", "-S", "POSTROUTING"], ["iptables", "-t", "nat", "-S"]):
+        if argv in (["iptables", "-t", "nat", "-S", "POSTROUTING"],
+                    ["iptables", "-t", "nat", "-S"]):
             return 0, "-P POSTROUTING ACCEPT\n" + "".join(r + "\n" for r in self.nat), ""
         if argv == ["firewall-cmd", "--state"]:
             return (0, "running\n", "") if self.firewalld else (252, "", "not running\n")
@@ -279,8 +281,8 @@ def test_config_code_is_refused_without_running(tmp_path, code, found):
 
 
 def test_config_missing_explicit_file_is_exit_2_and_default_missing_is_defaults(tmp_path,
-                                                                               monkeypatch,
-                                                                               capsys):
+                                                                                monkeypatch,
+                                                                                capsys):
     assert runner.main(["status", "--config", str(tmp_path / "nope.py")]) == 2
     assert capsys.readouterr().err == ("error: config file %s does not exist: pass an existing "
                                        "file to --config\n" % (tmp_path / "nope.py"))
@@ -342,8 +344,8 @@ def test_fully_built_node_issues_no_mutating_command(cfg, node):
 def test_firewalld_not_running_is_not_touched(cfg, node):
     n = node(built=True, firewalld=False)
     assert runner.build(cfg, alloc(), ME) == []
-    assert [c.argv for c in n.calls if c.argv[0] == "firewall-cmd"] == [["firewall-cmd",
-                                                                          "--state"]]
+    assert ([c.argv for c in n.calls if c.argv[0] == "firewall-cmd"]
+            == [["firewall-cmd", "--state"]])
 
 
 def test_firewall_cmd_is_not_started_when_the_system_bus_is_absent(cfg, node, system_bus):
@@ -556,7 +558,7 @@ def test_network_prints_the_overlay_when_enabled_and_built(cfg, node, mocker, ca
 
 
 def test_network_creates_and_prints_the_default_when_the_overlay_is_not_built(cfg, node, mocker,
-                                                                               capsys, caplog):
+                                                                              capsys, caplog):
     n = node()
     mocker.patch.object(runner, "load_config", return_value=cfg)
     with caplog.at_level(logging.WARNING):
