@@ -42,6 +42,11 @@ Importable API (tests/ is on sys.path through tests/conftest.py)::
         c.wait_for(pred, timeout=10, interval=0.1, what="...", log=None)  # AssertionError + logs
         c.log_tail("host"|"runner1"|"dockerd-r1"|..., lines=40) -> str
         labkit.require(docker=True, firewalld=False)    # in a test: skip here / fail under CI=true
+                                       #   (wireguard=True: also wg and wireguard-go)
+    Lab(private_run=True)              # each node also gets its own mount namespace with a
+                                       #   private /run (wireguard-go's control socket
+                                       #   /run/wireguard/IFNAME.sock is per node, not shared)
+    c.enter(node) -> argv prefix       # what runs a command inside that node's namespaces
         c.add_bare_node(name, ip) -> Node  # a namespace on the underlay, nothing else
         c.teardown()                   # idempotent; also on exceptions, atexit and SIGTERM/SIGHUP
 
@@ -60,6 +65,10 @@ Behaviour worth knowing:
 - docker=False (or docker="auto" when dockerd cannot run): "containers" are namespaces
   ``<prefix>c<k>`` with a veth on the runner's ``kohaku-overlay`` bridge and the next address of
   its subnet; cexec runs busybox applets there.
+- private_run=True: the node's mount namespace (its file ``<workdir>/mnt/<ns>``) has a tmpfs on
+  /run and a sysfs of its network namespace on /sys (as ``ip netns exec`` gives); scripts,
+  ``sh`` and pings from the node itself enter it with ``nsenter --net --mount``. dockerd,
+  firewalld and containers stay in the machine's mount namespace.
 - ``KOHAKU_LAB_LOGS=DIR``: teardown copies every log of the lab to DIR/<prefix>/ first.
 - Names: prefix ``ko<pid>x<rand>-``; workdir ``$KOHAKU_LAB_DIR`` or ``/tmp/kolab`` + ``/<prefix>``
   holding ``lab.json`` (owner pid and start time). Building a lab first removes labs whose owner is
@@ -107,6 +116,7 @@ PREFIX_RE = re.compile(r"^(ko\d+x[0-9a-f]{2}-)")
 # the summary line of iputils ping ("3 received") and busybox ping ("3 packets received")
 PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 REQUIRED_TOOLS = ("ip", "nsenter", "iptables", "ping", "busybox")
+WIREGUARD_TOOLS = ("wg", "wireguard-go")
 DOCKER_TOOLS = ("dockerd", "docker")
 FIREWALLD_TOOLS = ("firewalld", "firewall-cmd", "dbus-daemon")
 BUSYBOX = "/bin/busybox"
@@ -158,10 +168,17 @@ def cannot_run_reason(docker=True, firewalld=False):
     return None
 
 
-def require(docker=True, firewalld=False):
-    """For tests: skip with the reason when the lab cannot run here, fail instead under CI=true."""
+def require(docker=True, firewalld=False, wireguard=False):
+    """For tests: skip with the reason when the lab cannot run here, fail instead under CI=true.
+
+    wireguard=True also needs wireguard-tools and wireguard-go (installed by .ci/install).
+    """
     import pytest
     reason = cannot_run_reason(docker=docker, firewalld=firewalld)
+    miss = [t for t in WIREGUARD_TOOLS if wireguard and shutil.which(t, path=_path()) is None]
+    if reason is None and miss:
+        reason = "missing tools: %s (apt-get install wireguard-tools wireguard-go)" % \
+            ", ".join(miss)
     if reason is None:
         return
     if os.environ.get("CI", "").lower() == "true":
@@ -366,6 +383,7 @@ class Node(object):
         self.docker_host = docker_host
         self.index = index
         self.role = role
+        self.mnt_ns = None      # its mount namespace file with Lab(private_run=True)
 
     @property
     def netns_path(self):
@@ -415,7 +433,7 @@ class Lab(object):
     """A cluster in namespaces. See the module docstring for the API."""
 
     def __init__(self, runners=2, docker=True, firewalld=False, prefix=None, keep=False,
-                 verbose=False):
+                 verbose=False, private_run=False):
         if prefix is None:
             prefix = "ko%dx%02x-" % (os.getpid(), random.randrange(256))
         if not re.match(r"^[a-z][a-z0-9]*-$", prefix) or len(prefix) > 13:
@@ -431,6 +449,7 @@ class Lab(object):
         self.dbus_addresses = {}    # node name -> its private system bus
         self.keep = keep
         self.verbose = verbose
+        self.private_run = private_run
         self.workdir = BASE_DIR / prefix.rstrip("-")
         # the interpreter the scripts run under: KOHAKU_LAB_PYTHON=python3.6 holds them to the floor
         self.python = shutil.which(os.environ.get("KOHAKU_LAB_PYTHON", "")) or sys.executable
@@ -490,6 +509,8 @@ class Lab(object):
         self._add_ns(self.switch_ns)
         self._sh_ns(self.switch_ns, "ip", "link", "add", self.prefix + "sw", "type", "bridge")
         self._sh_ns(self.switch_ns, "ip", "link", "set", "dev", self.prefix + "sw", "up")
+        if self.private_run:
+            self._private_mounts()
         self.host = self._add_node("host", self.prefix + "host", HOST_IP, "h", role="host")
         for i in range(1, self.nrunners + 1):
             node = self._add_node("runner%d" % i, "%sr%d" % (self.prefix, i),
@@ -533,7 +554,44 @@ class Lab(object):
               "up"])
         _run(["ip", "-n", ns, "addr", "add", "%s/%d" % (ip, UNDERLAY.prefixlen), "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "dev", "eth0", "up"])
-        return Node(name, ns, ip, workdir, index=index, role=role)
+        node = Node(name, ns, ip, workdir, index=index, role=role)
+        if self.private_run:
+            self._add_mount_ns(node)
+        return node
+
+    # -- private mount namespaces (private_run=True) --
+
+    @property
+    def _mnt_dir(self):
+        return self.workdir / "mnt"
+
+    def _private_mounts(self):
+        """A private bind mount to hold the namespace files (unshare refuses a shared one)."""
+        d = self._mnt_dir
+        d.mkdir(parents=True, exist_ok=True)
+        _run(["mount", "--bind", d, d])
+        _run(["mount", "--make-private", d])
+
+    def _add_mount_ns(self, node):
+        """node.mnt_ns: a mount namespace with a tmpfs /run and the node's own sysfs.
+
+        Slave propagation: a namespace file unmounted in the machine's namespace (another lab's
+        `ip netns delete`) is released here too, so no namespace is kept alive by this copy.
+        """
+        path = self._mnt_dir / node.ns
+        path.touch()
+        _run(["nsenter", "--net=" + node.netns_path, "unshare", "--mount=%s" % path,
+              "--propagation", "slave", "sh", "-c",
+              "mount -t tmpfs -o mode=0755 kolab-run /run && umount -l /sys && "
+              "mount -t sysfs kolab-sys /sys"])
+        node.mnt_ns = str(path)
+
+    def enter(self, node):
+        """The argv prefix that runs a command inside `node`'s namespaces."""
+        node = self._node(node)
+        if node.mnt_ns:
+            return ["nsenter", "--net=" + node.netns_path, "--mount=" + node.mnt_ns, "--"]
+        return ["ip", "netns", "exec", node.ns]
 
     def add_bare_node(self, name, ip):
         """A namespace with an underlay address and nothing else (a cheap fake runner)."""
@@ -812,7 +870,7 @@ class Lab(object):
             args += ["--config", str(self._config_of(node)[0])]
         if kind == "check" and "--role" not in args:
             args += ["--role", "host" if node is self.host else "runner"]
-        return ["ip", "netns", "exec", node.ns, self.python, str(path)] + args
+        return self.enter(node) + [self.python, str(path)] + args
 
     def start_host(self, args=(), wait=True, timeout=30):
         """`kohaku_overlay_host.py serve` in the host namespace; waits for /healthz."""
@@ -887,7 +945,7 @@ class Lab(object):
     def sh(self, node, *argv, check=True, timeout=30, input=None):
         """Any command inside `node`'s network namespace."""
         node = self._node(node)
-        return _run(["ip", "netns", "exec", node.ns] + list(argv), check=check, timeout=timeout,
+        return _run(self.enter(node) + list(argv), check=check, timeout=timeout,
                     env=self._env(node), input=input)
 
     def status(self):
@@ -1002,7 +1060,7 @@ class Lab(object):
         """Start a continuous ping from the container (name=None: the node); see PingStream."""
         node = self._node(node)
         enter = (["nsenter", self._container_netns(node, name)] if name is not None
-                 else ["ip", "netns", "exec", node.ns])
+                 else self.enter(node))
         log = node.workdir / ("ping-%s-%s-%d.log" % (name or "node", dst, int(time.time() * 1000)))
         with open(str(log), "w") as f:
             popen = subprocess.Popen(enter + ["ping", "-n", "-i", str(interval), "-W", "1", dst],

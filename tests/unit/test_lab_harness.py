@@ -266,3 +266,18 @@ def test_busybox_rootfs_has_every_applet_linked(tmp_path):
         assert members["bin/" + applet].linkname == "busybox"
     assert members["tmp"].mode == 0o1777
     assert c._busybox_tarball() == path      # cached
+
+
+def test_private_run_nodes_are_entered_through_their_mount_namespace():
+    c = labkit.Lab(private_run=True, prefix="kotest-")
+    plain = labkit.Node("runner1", "kotest-r1", "198.51.100.11", "/tmp/x")
+    assert c.enter(plain) == ["ip", "netns", "exec", "kotest-r1"]
+    private = labkit.Node("runner2", "kotest-r2", "198.51.100.12", "/tmp/x")
+    private.mnt_ns = "/tmp/kolab/kotest/mnt/kotest-r2"
+    assert c.enter(private) == ["nsenter", "--net=/run/netns/kotest-r2",
+                                "--mount=/tmp/kolab/kotest/mnt/kotest-r2", "--"]
+    c.host = private
+    c._configs[private.name] = ("/tmp/x/host_config.py", {})
+    argv = c._script_argv(private, "host", ["serve"])
+    assert argv[:4] == c.enter(private)
+    assert argv[-3:] == ["serve", "--config", "/tmp/x/host_config.py"]
