@@ -639,14 +639,52 @@ def system_bus_path():
     return None
 
 
-def firewalld_running():
-    """True when firewall-cmd exists and `firewall-cmd --state` says running.
+def is_firewalld_cmdline(argv):
+    """Is this /proc/PID/cmdline (its NUL-separated fields, bytes) a firewalld?
 
-    firewall-cmd is a Python program (a process start costs ~150 ms), so it is not asked when
-    the system bus socket it would talk through does not exist: firewalld cannot be running.
+    argv[0] is firewalld itself, or a python interpreter with firewalld among its first three
+    arguments: Debian runs `/usr/bin/python3 /usr/sbin/firewalld --nofork --nopid`, RHEL 9
+    `/usr/bin/python3 -s /usr/sbin/firewalld --nofork --nopid`, RHEL 8 the same with
+    `/usr/libexec/platform-python`.
+    """
+    if not argv or not argv[0]:
+        return False
+    name = os.path.basename(argv[0])
+    if name == b"firewalld":
+        return True
+    return name.startswith((b"python", b"platform-python")) and any(
+        os.path.basename(a) == b"firewalld" for a in argv[1:4])
+
+
+def firewalld_candidate(proc="/proc"):
+    """Does some process look like firewalld? Reads only /proc/PID/cmdline, which needs no
+    capability (the unit keeps CAP_NET_ADMIN/CAP_NET_RAW only: /proc/PID/ns/net is closed to it).
+    A firewalld of another network namespace is a candidate too: `firewall-cmd --state` decides.
+    """
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, pid, "cmdline"), "rb") as f:
+                argv = f.read().split(b"\0")
+        except (IOError, OSError):
+            continue        # the process just ended
+        if is_firewalld_cmdline(argv):
+            return True
+    return False
+
+
+def firewalld_running():
+    """True when a firewalld process exists and `firewall-cmd --state` (over D-Bus, so the
+    firewalld of this node) says running.
+
+    firewall-cmd is a Python program (a process start costs ~0.3 s), so it is not asked when the
+    system bus socket it would talk through does not exist or no process looks like firewalld.
     """
     bus = system_bus_path()
     if bus is not None and not os.path.exists(bus):
+        return False
+    if not firewalld_candidate():
         return False
     try:
         res = run(["firewall-cmd", "--state"], check=False, mutates=False, timeout=15)

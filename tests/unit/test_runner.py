@@ -203,6 +203,15 @@ def system_bus(tmp_path, monkeypatch):
     return bus
 
 
+REAL_FIREWALLD_CANDIDATE = runner.firewalld_candidate
+
+
+@pytest.fixture(autouse=True)
+def firewalld_process(mocker):
+    """A process that looks like firewalld exists, so firewall-cmd is asked (FakeNode answers)."""
+    return mocker.patch.object(runner, "firewalld_candidate", return_value=True)
+
+
 @pytest.fixture
 def node(mocker):
     def make(**kw):
@@ -353,6 +362,41 @@ def test_firewall_cmd_is_not_started_when_the_system_bus_is_absent(cfg, node, sy
     system_bus.unlink()
     assert runner.build(cfg, alloc(), ME) == []
     assert [c.argv for c in n.calls if c.argv[0] == "firewall-cmd"] == []
+
+
+def test_firewall_cmd_is_not_started_without_a_firewalld_process(cfg, node,
+                                                                 firewalld_process):
+    n = node(built=True, firewalld=True)
+    firewalld_process.return_value = False
+    assert runner.build(cfg, alloc(), ME) == []
+    assert [c.argv for c in n.calls if c.argv[0] == "firewall-cmd"] == []
+
+
+DEBIAN_FIREWALLD = b"/usr/bin/python3\0/usr/sbin/firewalld\0--nofork\0--nopid\0"
+RHEL_FIREWALLD = b"/usr/bin/python3\0-s\0/usr/sbin/firewalld\0--nofork\0--nopid\0"
+
+
+@pytest.mark.parametrize("cmdline, found", [
+    (DEBIAN_FIREWALLD, True),
+    (RHEL_FIREWALLD, True),
+    (b"/usr/libexec/platform-python\0-s\0/usr/sbin/firewalld\0--nofork\0", True),
+    (b"/usr/sbin/firewalld\0--nofork\0", True),
+    (b"python3.11\0-E\0-s\0/usr/sbin/firewalld\0", True),
+    (b"/usr/bin/python3\0-s\0-E\0-I\0/usr/sbin/firewalld\0", False),    # 4th argument
+    (b"/usr/bin/python3\0/tmp/firewalld-notes.txt\0", False),
+    (b"/usr/bin/vim\0/usr/sbin/firewalld\0", False),
+    (b"/usr/bin/firewall-cmd\0--state\0", False),
+    (b"", False),                                                       # a kernel thread
+])
+def test_firewalld_is_found_by_its_command_line(tmp_path, cmdline, found):
+    proc = tmp_path / "proc"
+    for pid, text in (("1", b"/sbin/init\0splash\0"), ("42", cmdline)):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cmdline").write_bytes(text)
+    (proc / "self").mkdir()
+    (proc / "77").mkdir()       # a process that ended between listdir and open: no cmdline
+    assert runner.is_firewalld_cmdline(cmdline.split(b"\0")) is found
+    assert REAL_FIREWALLD_CANDIDATE(str(proc)) is found
 
 
 def test_forward_rules_below_dockers_are_moved_to_the_top_in_one_transaction(cfg, node):
