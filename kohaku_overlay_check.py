@@ -699,13 +699,34 @@ def listed(items):
 
 # ---- facts: the snapshot, read once ----------------------------------------------------------
 
+class Fact(object):
+    """A snapshot attribute read from one source. Once gather() is done (snap.sealed), reading
+    a fact that snap.lost() names raises Skip with the reason, so every check that looks at an
+    unreadable source SKIPs instead of judging an empty value."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, snap, owner):
+        if snap is None:
+            return self
+        if snap.sealed and self.name in snap.unavailable:
+            raise Skip(snap.unavailable[self.name])
+        return snap.__dict__[self.name]
+
+    def __set__(self, snap, value):
+        snap.__dict__[self.name] = value
+
+
 class Snapshot(object):
     """Everything the checks look at, gathered once up front so checks are pure functions."""
+    links, links2, routes, ipt, zones, docker_net, fdb, pings, state = (Fact() for _ in range(9))
 
     def __init__(self, role, cfg, cfg_path, cfg_found=True, cfg_warnings=(), cfg_ignored=()):
         self.role, self.cfg, self.cfg_path, self.cfg_found = role, cfg, cfg_path, cfg_found
         self.cfg_warnings, self.cfg_ignored = list(cfg_warnings), list(cfg_ignored)
         self.unavailable = {}           # fact -> reason it could not be read
+        self.sealed = False             # gather() done: a lost fact read by a check SKIPs it
         self.raw = {}                   # name -> raw text, for --bundle
         self.links, self.links2, self.routes = {}, {}, []
         self.sysctl, self.snmp1, self.snmp2 = {}, {}, {}
@@ -727,12 +748,25 @@ class Snapshot(object):
         return self.memo[key]
 
     def need(self, fact):
+        """A fact by name (a lost one raises Skip, as reading the attribute does)."""
         if fact in self.unavailable:
             raise Skip(self.unavailable[fact])
         return getattr(self, fact)
 
     def lost(self, fact, reason):
+        """fact could not be read: the checks that read it SKIP with reason."""
         self.unavailable[fact] = reason
+
+    def known(self, fact, default):
+        """A fact, or default when it could not be read (for a hint, never for a verdict)."""
+        return default if fact in self.unavailable else getattr(self, fact)
+
+    def table(self, name):
+        """An iptables table (filter, nat) of the backend the iptables command uses."""
+        return self.need("ipt")[self.ipt_active].get(name) or Table()
+
+    def runner_name(self):
+        return self.cfg["RUNNER_NAME"] or socket.gethostname()
 
     # addressing helpers used by several checks
     def local_ips(self):
@@ -871,6 +905,7 @@ def gather(snap, links, links_text=""):
     except (OverlayError, ValueError) as e:
         snap.lost("links2", str(e))
     snap.snmp2 = parse_snmp(read_proc("/proc/net/snmp"))
+    snap.sealed = True
     return snap
 
 
@@ -971,22 +1006,17 @@ def gather_api(snap):
 def runner_allocation(snap):
     """The runner's expected allocation: its local state file, else the host's status."""
     state = snap.state if isinstance(snap.state, dict) and "runner_id" in snap.state else None
-    status = snap.api.get("status")
-    mine = None
-    if isinstance(status, tuple) and status[0] == 200 and isinstance(status[1], dict):
-        name = snap.cfg["RUNNER_NAME"] or socket.gethostname()
-        for a in status[1].get("allocations") or []:
-            if a.get("runner_name") == name:
-                mine = a
+    body = host_status(snap)[0] or {}
+    mine = my_allocation(snap, body)
     if state is None and mine is None:
         return None
     alloc = dict(state or {})
     if mine is not None:
         for key in ("runner_id", "subnet", "gateway", "host_vxlan_ip", "vni"):
             alloc.setdefault(key, mine.get(key))
-        alloc.setdefault("overlay_cidr", status[1].get("overlay_cidr"))
+        alloc.setdefault("overlay_cidr", body.get("overlay_cidr"))
         alloc["physical_ip"] = mine.get("physical_ip")
-        alloc["host_overlay_ip"] = status[1].get("host_ip")
+        alloc["host_overlay_ip"] = body.get("host_ip")
         alloc["source"] = "host status" if state is None else "state file"
     else:
         alloc["source"] = "state file"
@@ -1068,32 +1098,44 @@ def store_results(snap, results):
 
 
 # ---- the checks ----------------------------------------------------------------------------
-# Each check is a registered function of the snapshot returning (status, detail, fix); fix is
-# None for PASS and the exact command or config line otherwise. Ids are "<role>.<name>".
+# Each check is a function of the snapshot returning (status, detail, fix); fix is None for PASS
+# and the exact command or config line otherwise. Its docstring says what PASSes and what FAILs
+# (tests/unit/test_check.py holds those words to scripted snapshots). The functions are listed,
+# in the order they run, in the registry CHECKS at the end of this section.
+
+BOTH = ("host", "runner")
+HOST, RUNNER = ("host",), ("runner",)
+
+
+class Row(object):
+    """One line of the registry. Ids are "<role>.<name>". Where the host and the runner differ,
+    name, title, func or needs is a {role: value} dict: that is the one way a variant is said."""
+    __slots__ = ("name", "title", "func", "roles", "needs")
+
+    def __init__(self, name, title, func, roles=BOTH, needs=()):
+        self.name, self.title, self.func, self.roles, self.needs = name, title, func, roles, needs
+
+    def checks(self):
+        for role in self.roles:
+            def pick(value):
+                return value[role] if isinstance(value, dict) else value
+            yield Check(role, pick(self.name), pick(self.title), tuple(pick(self.needs)),
+                        pick(self.func))
+
 
 class Check(object):
-    __slots__ = ("name", "title", "roles", "needs", "func")
+    """One check of one role, as run_checks() runs it."""
+    __slots__ = ("role", "name", "title", "needs", "func")
 
-    def __init__(self, name, title, roles, needs, func):
-        self.name, self.title, self.roles, self.needs, self.func = name, title, roles, needs, func
+    def __init__(self, role, name, title, needs, func):
+        self.role, self.name, self.title, self.needs, self.func = role, name, title, needs, func
 
-    def id(self, role):
-        return "%s.%s" % (role, self.name)
-
-
-REGISTRY = []
-BOTH = ("host", "runner")
-
-
-def check(name, title, roles=BOTH, needs=()):
-    def register(func):
-        REGISTRY.append(Check(name, title, tuple(roles), tuple(needs), func))
-        return func
-    return register
+    def id(self, role=None):
+        return "%s.%s" % (role or self.role, self.name)
 
 
 def checks_for(role):
-    return [c for c in REGISTRY if role in c.roles]
+    return [c for c in REGISTRY if c.role == role]
 
 
 def ok(detail):
@@ -1126,7 +1168,6 @@ def restart(snap):
 
 # -- configuration ------------------------------------------------------------------------------
 
-@check("config.file", "config file readable")
 def check_config_file(snap):
     """PASS: the file parsed. WARN: a typo'd key ("OVERLAY_ENABLE"), or no file (defaults)."""
     if not snap.cfg_found:
@@ -1138,7 +1179,6 @@ def check_config_file(snap):
     return ok("read %s%s" % (snap.cfg_path, extra))
 
 
-@check("config.enabled", "OVERLAY_ENABLED is True")
 def check_enabled(snap):
     """PASS: OVERLAY_ENABLED = True. FAIL: False (the default): the daemon builds nothing."""
     if snap.cfg["OVERLAY_ENABLED"] is True:
@@ -1147,15 +1187,13 @@ def check_enabled(snap):
                 config_line(snap, "OVERLAY_ENABLED", True) + ", then " + restart(snap))
 
 
-@check("reachable_address", "HOST_REACHABLE_ADDRESS is a local, non-loopback address",
-       roles=("host",))
 def check_reachable_address(snap):
     """PASS: 192.168.88.53 on eth0. FAIL: 127.0.0.1 (the guide's warning), unset, or an
     address no interface holds; the fix names a local address."""
     addr = snap.cfg["HOST_REACHABLE_ADDRESS"]
     local = snap.local_ips()
     # suggest an address of the interface the default route leaves by, else any non-overlay one
-    default_dev = [r.get("dev") for r in snap.routes if r.get("dst") == "default"]
+    default_dev = [r.get("dev") for r in snap.known("routes", []) if r.get("dst") == "default"]
     candidates = sorted((ip for ip, dev in local.items() if dev != HOST_DEVICE and
                          not loopback(ip) and not vxkr_id(dev) and
                          ip_int(ip) & int(snap.layout.network.netmask) !=
@@ -1176,7 +1214,6 @@ def check_reachable_address(snap):
     return ok("%s on %s" % (addr, local[addr]))
 
 
-@check("host_address", "HOST_ADDRESS is set and not loopback", roles=("runner",))
 def check_host_address(snap):
     """PASS: HOST_ADDRESS 192.168.88.53. FAIL: unset or loopback."""
     addr = snap.cfg["HOST_ADDRESS"]
@@ -1188,7 +1225,6 @@ def check_host_address(snap):
     return ok("HOST_ADDRESS %s, port %d" % (addr, snap.cfg["HOST_PORT"]))
 
 
-@check("ip_forward", "net.ipv4.ip_forward is 1")
 def check_ip_forward(snap):
     """PASS: /proc/sys/net/ipv4/ip_forward is 1. FAIL: 0 (fix: sysctl -w ...=1)."""
     val = snap.sysctl.get("net.ipv4.ip_forward")
@@ -1202,9 +1238,9 @@ def check_ip_forward(snap):
 
 # -- host devices -------------------------------------------------------------------------------
 
-@check("kohaku_host.present", "kohaku-host exists and is up", roles=("host",))
 def check_kohaku_host(snap):
-    """PASS: kohaku-host exists (dummy, or a bridge without dummy support), admin up."""
+    """PASS: kohaku-host exists (dummy, or a bridge without dummy support), admin up.
+    FAIL: missing, or down."""
     link = snap.links.get(HOST_DEVICE)
     if link is None:
         return fail("%s does not exist" % HOST_DEVICE, restart(snap))
@@ -1213,8 +1249,6 @@ def check_kohaku_host(snap):
     return ok("%s (%s) up" % (HOST_DEVICE, link_kind(link) or "device"))
 
 
-@check("kohaku_host.address", "kohaku-host holds the host overlay IP", roles=("host",),
-       needs=("kohaku_host.present",))
 def check_kohaku_host_address(snap):
     """PASS: OVERLAY_HOST_IP/OVERLAY_HOST_PREFIX (10.0.0.1/8) on kohaku-host. FAIL: removed."""
     want = "%s/%d" % (snap.layout.host_ip, snap.layout.host_prefix)
@@ -1225,7 +1259,6 @@ def check_kohaku_host_address(snap):
                 "ip addr add %s dev %s" % (want, HOST_DEVICE))
 
 
-@check("state_file", "state file parses and is mode 0600", roles=("host",))
 def check_state_file(snap):
     """PASS: parses, has an allocations list, mode 0600 (or not written yet and no tunnel).
     FAIL: corrupt, or readable by others. SKIP: not readable without root."""
@@ -1258,8 +1291,6 @@ def host_allocations(snap):
     return out
 
 
-@check("tunnels", "every allocation has its vxkr device", roles=("host",),
-       needs=("state_file",))
 def check_tunnels(snap):
     """FAIL: an allocation without its vxkr device. WARN: a vxkr device without an allocation."""
     allocs = host_allocations(snap)
@@ -1316,100 +1347,129 @@ def vxlan_recreate(dev, want, master=None):
     return "\n".join(cmds)
 
 
+class Field(object):
+    """One row of VXLAN_FIELDS: what a VXLAN device's field holds (have), the detail when it is
+    wrong (None: right) and the command that sets it."""
+    __slots__ = ("name", "title", "have", "wrong", "fix", "roles")
+
+    def __init__(self, name, title, have, wrong, fix, roles=BOTH):
+        self.name, self.title, self.have, self.wrong, self.fix, self.roles = (
+            name, title, have, wrong, fix, roles)
+
+
+def differs(dev, field, have, want):
+    expect = want[field]
+    if expect is None or have == expect:
+        return None
+    return "%s %s is %s, not %s" % (dev, field, have, expect)
+
+
+def recreate_fix(dev, field, want, master):
+    return vxlan_recreate(dev, want, master)
+
+
+def info_field(key):
+    return lambda link: vxlan_info(link).get(key)
+
+
+# a loopback local or remote is the guide's HOST_REACHABLE_ADDRESS mistake (LOOPBACK_DETAIL)
+LOOPBACK_DETAIL = {"remote": lambda dev, have, want: "%s remote is %s, not %s" % (
+                       dev, have, want["remote"] or "a peer's address"),
+                   "local": lambda dev, have, want: "%s local is %s" % (dev, have)}
+
+VXLAN_FIELDS = [
+    Field("vni", "VNI is OVERLAY_VXLAN_ID + runner id", info_field("id"), differs, recreate_fix),
+    Field("local", "local is this node's underlay address", info_field("local"), differs,
+          recreate_fix),
+    Field("remote", "remote is the peer's underlay address", info_field("remote"), differs,
+          recreate_fix),
+    Field("port", "dstport is OVERLAY_VXLAN_PORT", info_field("port"), differs, recreate_fix),
+    Field("mtu", "MTU is OVERLAY_MTU", lambda link: link.get("mtu"), differs,
+          lambda dev, field, want, master: "ip link set %s mtu %s" % (dev, want["mtu"])),
+    Field("up", "device is up", lambda link: "UP" in link.get("flags", []),
+          lambda dev, field, have, want: None if have else "%s is down" % dev,
+          lambda dev, field, want, master: "ip link set %s up" % dev),
+    Field("address", "holds the host's address on the runner subnet", ipv4_addrs,
+          lambda dev, field, have, want: None if want["address"] in have else
+          "%s has %s, not %s" % (dev, listed(have) or "no address", want["address"]),
+          lambda dev, field, want, master: "ip addr add %s dev %s" % (want["address"], dev),
+          roles=HOST),
+]
+
+
 def vxlan_field(snap, field, tunnels, master=None):
-    """Compare one field of every VXLAN device with what it should be."""
+    """Compare one field (a VXLAN_FIELDS row) of every VXLAN device with what it should be."""
     if not tunnels:
         return skip("no VXLAN device to check (no runner registered)")
     bad, fixes, loop = [], [], False
     for dev, link, want in tunnels:
-        info = vxlan_info(link)
-        if field == "up":
-            if "UP" not in link.get("flags", []):
-                bad.append("%s is down" % dev)
-                fixes.append("ip link set %s up" % dev)
-            continue
-        if field == "mtu":
-            have = link.get("mtu")
-        elif field == "address":
-            have = ipv4_addrs(link)
-            if want["address"] not in have:
-                bad.append("%s has %s, not %s" % (dev, listed(have) or "no address",
-                                                  want["address"]))
-                fixes.append("ip addr add %s dev %s" % (want["address"], dev))
-            continue
-        else:
-            have = info.get({"vni": "id"}.get(field, field))
-        expect = want[field]
-        if field == "remote" and loopback(have):
+        have = field.have(link)
+        if field.name in LOOPBACK_DETAIL and loopback(have):
             loop = True
-            bad.append("%s remote is %s, not %s" % (dev, have, expect or "a peer's address"))
-        elif field == "local" and loopback(have):
-            loop = True
-            bad.append("%s local is %s" % (dev, have))
-        elif expect is None or have == expect:
-            continue
+            problem = LOOPBACK_DETAIL[field.name](dev, have, want)
         else:
-            bad.append("%s %s is %s, not %s" % (dev, field, have, expect))
-        if field == "mtu":
-            fixes.append("ip link set %s mtu %s" % (dev, expect))
-        else:
-            fixes.append(vxlan_recreate(dev, want, master))
+            problem = field.wrong(dev, field.name, have, want)
+        if problem is not None:
+            bad.append(problem)
+            fixes.append(field.fix(dev, field.name, want, master))
     if not bad:
         if len(tunnels) > 1:
-            return ok("%s right on %d devices (%s)" % (field, len(tunnels),
+            return ok("%s right on %d devices (%s)" % (field.name, len(tunnels),
                                                        listed(t[0] for t in tunnels)))
         dev, _, want = tunnels[0]
-        return ok("%s is up" % dev if field == "up" else "%s %s %s" % (
-            dev, field, want[field] if want[field] is not None else "ok"))
+        return ok("%s is up" % dev if field.name == "up" else "%s %s %s" % (
+            dev, field.name, want[field.name] if want[field.name] is not None else "ok"))
     detail = "; ".join(bad[:MAX_LISTED]) + (" (and %d more)" % (len(bad) - MAX_LISTED)
                                             if len(bad) > MAX_LISTED else "")
     if loop:
         detail += ": the HOST_REACHABLE_ADDRESS is not configured correctly"
-        if snap.role == "runner" or field == "local":
+        if snap.role == "runner" or field.name == "local":
             fixes.insert(0, "on the Host: HOST_REACHABLE_ADDRESS = \"<the Host's IP>\" in "
                             "~/.kohakuriver/host_config.py, then systemctl restart "
                             + SERVICES["host"] + "; then on this node:")
     return fail(detail, "\n".join(fixes[:MAX_LISTED + 1]))
 
 
-def field_check(field, role):
-    """One registered check per VXLAN field: host checks every vxkr*, a runner its vxlan0."""
+def vxlan_tunnels(snap):
+    """-> ([(device, link, expected dict)], the bridge they are ports of): the host checks every
+    vxkr*, a runner its vxlan0."""
+    if snap.role == "host":
+        return host_tunnel_expectations(snap), None
+    return runner_tunnel(snap), snap.cfg["OVERLAY_BRIDGE_NAME"]
+
+
+def field_check(field):
+    """The check of one VXLAN_FIELDS row."""
     def run_field_check(snap):
-        if role == "host":
-            return vxlan_field(snap, field, host_tunnel_expectations(snap))
-        return vxlan_field(snap, field, runner_tunnel(snap), snap.cfg["OVERLAY_BRIDGE_NAME"])
+        return vxlan_field(snap, field, *vxlan_tunnels(snap))
     run_field_check.__doc__ = (
         "PASS: the %s of every device is what the daemon builds. FAIL: names each wrong device "
         "and the commands that set it (or re-create the device); a loopback local/remote is the "
-        "guide's HOST_REACHABLE_ADDRESS mistake." % field)
+        "guide's HOST_REACHABLE_ADDRESS mistake." % field.name)
     return run_field_check
 
 
-def register_vxlan_field_checks():
-    titles = {"vni": "VNI is OVERLAY_VXLAN_ID + runner id", "local": "local is this node's "
-              "underlay address", "remote": "remote is the peer's underlay address",
-              "port": "dstport is OVERLAY_VXLAN_PORT", "mtu": "MTU is OVERLAY_MTU",
-              "up": "device is up", "address": "holds the host's address on the runner subnet"}
-    for field in ("vni", "local", "remote", "port", "mtu", "up", "address"):
-        check("vxkr." + field, "vxkr*: " + titles[field], roles=("host",))(
-            field_check(field, "host"))
-    for field in ("vni", "local", "remote", "port", "mtu", "up"):
-        check("vxlan0." + field, "vxlan0: " + titles[field], roles=("runner",),
-              needs=("vxlan0.present", "allocation"))(field_check(field, "runner"))
+def vxlan_field_rows():
+    """One registry row per VXLAN_FIELDS row: host.vxkr.FIELD and runner.vxlan0.FIELD."""
+    return [Row({"host": "vxkr." + f.name, "runner": "vxlan0." + f.name},
+                {"host": "vxkr*: " + f.title, "runner": "vxlan0: " + f.title},
+                field_check(f), f.roles,
+                needs={"host": (), "runner": ("vxlan0.present", "allocation")})
+            for f in VXLAN_FIELDS]
 
 
 # -- runner devices -----------------------------------------------------------------------------
 
-@check("allocation", "this runner holds an allocation", roles=("runner",))
 def check_allocation(snap):
-    """PASS: the runner's state file (or the host's status) gives its id and subnet."""
+    """PASS: the runner's state file (or the host's status) gives its id and subnet.
+    FAIL: neither knows this runner."""
     alloc = snap.alloc
     path = snap.cfg["OVERLAY_STATE_FILE"]
     if alloc is None:
         if "state" in snap.unavailable:
             raise Skip(snap.unavailable["state"])
-        name = snap.cfg["RUNNER_NAME"] or socket.gethostname()
-        return fail("no allocation: %s is missing and the host lists no runner %s" % (path, name),
+        return fail("no allocation: %s is missing and the host lists no runner %s" % (
+            path, snap.runner_name()),
                     restart(snap))
     return ok("runner id %s, subnet %s (from the %s)" % (
         alloc.get("runner_id"), alloc.get("subnet"), alloc["source"]))
@@ -1426,9 +1486,9 @@ def runner_tunnel(snap):
         "mtu": alloc.get("mtu") or cfg["OVERLAY_MTU"], "up": True})]
 
 
-@check("vxlan0.present", "vxlan0 exists", roles=("runner",))
 def check_vxlan0_present(snap):
-    """PASS: vxlan0 is a vxlan device with learning off. WARN: learning on."""
+    """PASS: vxlan0 is a vxlan device with learning off. WARN: learning on. FAIL: missing,
+    or not a vxlan device."""
     link = snap.links.get(RUNNER_VXLAN)
     if link is None:
         return fail("%s does not exist" % RUNNER_VXLAN, restart(snap))
@@ -1441,12 +1501,8 @@ def check_vxlan0_present(snap):
     return ok("%s (vxlan, nolearning)" % RUNNER_VXLAN)
 
 
-register_vxlan_field_checks()
-
-
-@check("bridge.present", "the overlay bridge exists and is up", roles=("runner",))
 def check_bridge(snap):
-    """PASS: OVERLAY_BRIDGE_NAME is a bridge and up."""
+    """PASS: OVERLAY_BRIDGE_NAME is a bridge and up. FAIL: missing, not a bridge, or down."""
     name = snap.cfg["OVERLAY_BRIDGE_NAME"]
     link = snap.links.get(name)
     if link is None:
@@ -1459,10 +1515,8 @@ def check_bridge(snap):
     return ok("bridge %s up, MTU %s" % (name, link.get("mtu")))
 
 
-@check("bridge.gateway", "the bridge holds the runner subnet's gateway", roles=("runner",),
-       needs=("bridge.present", "allocation"))
 def check_bridge_gateway(snap):
-    """PASS: the subnet's gateway (10.N.0.1/16) is on the bridge."""
+    """PASS: the subnet's gateway (10.N.0.1/16) is on the bridge. FAIL: it is not."""
     name = snap.cfg["OVERLAY_BRIDGE_NAME"]
     subnet = snap.alloc.get("subnet")
     want = "%s/%s" % (snap.alloc.get("gateway"), subnet.split("/")[1] if subnet else "16")
@@ -1473,8 +1527,6 @@ def check_bridge_gateway(snap):
                 "ip addr add %s dev %s" % (want, name))
 
 
-@check("bridge.vxlan0", "vxlan0 is enslaved to the bridge", roles=("runner",),
-       needs=("bridge.present", "vxlan0.present"))
 def check_bridge_vxlan0(snap):
     """PASS: vxlan0's master is the bridge. FAIL: detached (nomaster) or elsewhere."""
     name = snap.cfg["OVERLAY_BRIDGE_NAME"]
@@ -1486,8 +1538,6 @@ def check_bridge_vxlan0(snap):
         "ip link set %s master %s" % (RUNNER_VXLAN, name))
 
 
-@check("route", "the overlay CIDR routes via the host's address on the bridge",
-       roles=("runner",), needs=("bridge.present", "allocation"))
 def check_route(snap):
     """PASS: `10.0.0.0/8 via 10.N.0.254 dev kohaku-overlay`. FAIL: missing or elsewhere."""
     routes = snap.need("routes")
@@ -1525,16 +1575,14 @@ def forward_reinsert(rules, cidr, idx=None):
         n, k[0], cidr, MARKER) for n, k in ((1, "src"), (2, "dst"))]
 
 
-@check("forward_rules", "FORWARD accepts the overlay CIDR ahead of any DROP/REJECT")
 def check_forward_rules(snap):
     """PASS: `-s CIDR -j ACCEPT` and `-d CIDR -j ACCEPT` ahead of every DROP/REJECT and
     every jump to a chain that can drop. FAIL: missing under policy DROP or a dropping
     rule; "at bottom" below one. WARN: missing with policy ACCEPT."""
-    ipt = snap.need("ipt")[snap.ipt_active]
+    table = snap.table("filter")
     cidr = snap.overlay_cidr()
     if cidr is None:
         raise Skip("overlay CIDR unknown (no allocation)")
-    table = ipt.get("filter") or Table()
     rules = table.rules("FORWARD")
     policy = table.policies.get("FORWARD", "ACCEPT")
     idx = dict((k, forward_rule_index(rules, k, cidr)) for k in ("src", "dst"))
@@ -1560,13 +1608,10 @@ def check_forward_rules(snap):
         idx["src"] + 1, idx["dst"] + 1, cidr, policy))
 
 
-@check("nat", "POSTROUTING masquerades overlay traffic leaving the overlay", roles=("runner",),
-       needs=("allocation",))
 def check_nat(snap):
     """PASS: nat POSTROUTING `-s CIDR ! -d CIDR -j MASQUERADE`. FAIL: missing."""
-    ipt = snap.need("ipt")[snap.ipt_active]
+    rules = snap.table("nat").rules("POSTROUTING")
     cidr = snap.overlay_cidr()
-    rules = (ipt.get("nat") or Table()).rules("POSTROUTING")
     for i, r in enumerate(rules):
         if r.get("src") == cidr and r.get("dst") == cidr and "dst" in r["neg"] \
                 and "src" not in r["neg"] and r.get("target") == "MASQUERADE":
@@ -1584,23 +1629,29 @@ def underlay_packet(snap, src, dst, port):
             "dport": port, "in": local.get(dst), "out": None}
 
 
-@check("vxlan_port", "UDP to the VXLAN port is accepted from the peers")
-def check_vxlan_port(snap):
-    """Walks INPUT (jumps, RETURN, policy) for a UDP packet to the VXLAN port from each peer.
-    Host: the KOHAKU-VXLAN source filter exists, is jumped to, accepts every registered
-    runner (FAIL otherwise) and drops an unregistered sender (WARN otherwise)."""
-    ipt = snap.need("ipt")[snap.ipt_active]
-    table = ipt.get("filter") or Table()
-    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+def underlay_peers(snap):
+    """(this node's underlay address, [the peers' underlay addresses]) that VXLAN flows between:
+    host: HOST_REACHABLE_ADDRESS and every registered runner; runner: its vxlan0 local address
+    (RUNNER_ADDRESS without one) and the host."""
     if snap.role == "host":
-        return host_vxlan_port(snap, table, port)
-    if snap.alloc is None or not snap.alloc.get("host_physical_ip"):
-        raise Skip("the host's underlay address is unknown (no allocation)")
-    host_ip = snap.alloc["host_physical_ip"]
+        return snap.cfg["HOST_REACHABLE_ADDRESS"], sorted(set(
+            a["physical_ip"] for a in host_allocations(snap).values() if a.get("physical_ip")))
     link = snap.links.get(RUNNER_VXLAN)
     local = vxlan_info(link).get("local") if link else snap.cfg["RUNNER_ADDRESS"]
-    pkt = underlay_packet(snap, host_ip, local, port)
-    target, rule = verdict(table, "INPUT", pkt)
+    host_ip = (snap.alloc or {}).get("host_physical_ip")
+    return local, [host_ip] if host_ip else []
+
+
+def check_runner_vxlan_port(snap):
+    """Walks INPUT (jumps, RETURN, policy) for a UDP packet to the VXLAN port from the host.
+    FAIL: a rule or the policy drops it."""
+    table = snap.table("filter")
+    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    local, peers = underlay_peers(snap)
+    if not peers:
+        raise Skip("the host's underlay address is unknown (no allocation)")
+    host_ip = peers[0]
+    target, rule = verdict(table, "INPUT", underlay_packet(snap, host_ip, local, port))
     if target in ("DROP", "REJECT"):
         by = "rule `%s`" % rule["raw"] if rule else "INPUT policy %s" % target
         return fail("INPUT drops UDP %d from the host %s: %s" % (port, host_ip, by),
@@ -1609,10 +1660,13 @@ def check_vxlan_port(snap):
     return ok("INPUT accepts UDP %d from the host %s" % (port, host_ip))
 
 
-def host_vxlan_port(snap, table, port):
-    allocs = host_allocations(snap)
-    local = snap.cfg["HOST_REACHABLE_ADDRESS"]
-    peers = sorted(set(a["physical_ip"] for a in allocs.values() if a.get("physical_ip")))
+def check_host_vxlan_port(snap):
+    """Walks INPUT (jumps, RETURN, policy) for a UDP packet to the VXLAN port from each runner.
+    FAIL: the KOHAKU-VXLAN source filter is missing or not jumped to, or a registered runner is
+    dropped. WARN: an unregistered sender is accepted."""
+    table = snap.table("filter")
+    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    local, peers = underlay_peers(snap)
     if snap.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
         if SOURCE_FILTER_CHAIN not in table.chains:
             return fail("source filter chain %s is missing: UDP %d is open to anyone" % (
@@ -1647,7 +1701,6 @@ def host_vxlan_port(snap, table, port):
         port, len(peers)))
 
 
-@check("iptables.backends", "overlay rules live in one iptables backend only")
 def check_backends(snap):
     """PASS: only one of iptables-nft / iptables-legacy holds rules. WARN: both do.
     FAIL: the other backend drops (its rules apply too and do not order against ours)."""
@@ -1676,7 +1729,6 @@ def check_backends(snap):
 
 # -- firewalld ----------------------------------------------------------------------------------
 
-@check("firewalld.trusted", "overlay interfaces are in firewalld's trusted zone")
 def check_firewalld_trusted(snap):
     """PASS: every overlay interface in the trusted zone. FAIL: in another zone, the
     guide's "admin prohibited filter" case. SKIP: firewalld not installed or not running."""
@@ -1696,21 +1748,13 @@ def check_firewalld_trusted(snap):
                 "\n".join(fixes))
 
 
-@check("firewalld.vxlan_port", "firewalld lets UDP to the VXLAN port in from the peers")
 def check_firewalld_port(snap):
     """PASS: the zone that receives the peers' VXLAN packets (by source, interface or
-    default) is trusted, lists PORT/udp or has an accepting rich rule."""
+    default) is trusted, lists PORT/udp or has an accepting rich rule. FAIL: it does none of
+    these."""
     zones = snap.need("zones")
     port = snap.cfg["OVERLAY_VXLAN_PORT"]
-    if snap.role == "host":
-        local = snap.cfg["HOST_REACHABLE_ADDRESS"]
-        peers = sorted(set(a["physical_ip"] for a in host_allocations(snap).values()
-                           if a.get("physical_ip")))
-    else:
-        link = snap.links.get(RUNNER_VXLAN)
-        local = vxlan_info(link).get("local") if link else None
-        peers = [snap.alloc["host_physical_ip"]] if snap.alloc and \
-            snap.alloc.get("host_physical_ip") else []
+    local, peers = underlay_peers(snap)
     iface = snap.local_ips().get(local)
     closed = []
     for peer in peers or [None]:
@@ -1744,11 +1788,10 @@ def docker_create_cmd(snap):
                alloc.get("mtu") or cfg["OVERLAY_MTU"], cfg["OVERLAY_NETWORK_NAME"]))
 
 
-@check("docker.network", "the Docker network matches the allocation", roles=("runner",),
-       needs=("allocation",))
 def check_docker_network(snap):
     """PASS: OVERLAY_NETWORK_NAME is a bridge network on the overlay bridge with the
-    allocation's subnet, gateway, MTU and an aux-address reserving the host's 10.N.0.254."""
+    allocation's subnet, gateway, MTU and an aux-address reserving the host's 10.N.0.254.
+    FAIL: the network is missing or differs, or Docker does not answer."""
     net = snap.need("docker_net")
     name, alloc, cfg = snap.cfg["OVERLAY_NETWORK_NAME"], snap.alloc, snap.cfg
     create = docker_create_cmd(snap)
@@ -1759,9 +1802,8 @@ def check_docker_network(snap):
     if net is None:
         # docker network create puts Docker's FORWARD jumps back on top of the overlay's rules
         try:
-            ipt = snap.need("ipt")[snap.ipt_active]
             create += "\n" + "\n".join(forward_reinsert(
-                (ipt.get("filter") or Table()).rules("FORWARD"), snap.overlay_cidr()))
+                snap.table("filter").rules("FORWARD"), snap.overlay_cidr()))
         except Skip:
             create += "\nthen " + restart(snap)
         return fail("Docker network %s does not exist: containers cannot join the overlay" %
@@ -1791,8 +1833,6 @@ def check_docker_network(snap):
         name, cfg["OVERLAY_BRIDGE_NAME"], alloc.get("subnet"), mtu, host_addr))
 
 
-@check("fdb", "container MACs are learned on their veths, not vxlan0", roles=("runner",),
-       needs=("bridge.present",))
 def check_fdb(snap):
     """FAIL: a container's MAC learned on vxlan0 (frames of this node coming back through
     the host); it should sit on the container's veth."""
@@ -1815,7 +1855,6 @@ def check_fdb(snap):
 
 # -- the host API -------------------------------------------------------------------------------
 
-@check("api.health", "the host API answers /healthz")
 def check_api_health(snap):
     """PASS: GET /healthz answers {"ok": true}. FAIL: refused, timed out, other answer."""
     res = snap.api.get("health")
@@ -1831,29 +1870,36 @@ def check_api_health(snap):
     return fail("%s answered %s %s" % (url, status, json.dumps(body)[:80]), fix)
 
 
-def status_body(snap):
+def host_status(snap):
+    """The one reading of the host's /api/overlay/status answer -> (body, None) for a 200 with a
+    JSON object, else (None, the FAIL that says why)."""
     res = snap.api.get("status")
-    if isinstance(res, str):
-        return fail("GET /api/overlay/status failed: %s" % res, restart(snap)), None
+    if not isinstance(res, tuple):
+        return None, fail("GET /api/overlay/status failed: %s" % res, restart(snap))
     status, body = res
+    if status == 200 and isinstance(body, dict):
+        return body, None
     if status == 401:
-        return fail("the host refuses OVERLAY_TOKEN (401)", "set OVERLAY_TOKEN in %s to the "
-                    "host's OVERLAY_TOKEN" % snap.cfg_path), None
-    if status != 200 or not isinstance(body, dict):
-        return fail("GET /api/overlay/status answered %s %s" % (status, json.dumps(body)[:80]),
-                    restart(snap)), None
-    return None, body
+        return None, fail("the host refuses OVERLAY_TOKEN (401)", "set OVERLAY_TOKEN in %s to "
+                          "the host's OVERLAY_TOKEN" % snap.cfg_path)
+    return None, fail("GET /api/overlay/status answered %s %s" % (
+        status, json.dumps(body)[:80]), restart(snap))
+
+
+def my_allocation(snap, body):
+    """This runner's entry in the host's status body (None: not listed)."""
+    name = snap.runner_name()
+    return next((a for a in body.get("allocations") or [] if a.get("runner_name") == name),
+                None)
 
 
 SETTINGS = (("vxlan_id", "OVERLAY_VXLAN_ID"), ("vxlan_port", "OVERLAY_VXLAN_PORT"),
             ("mtu", "OVERLAY_MTU"))
 
 
-@check("api.status", "the running host daemon uses this config", roles=("host",),
-       needs=("api.health",))
 def check_host_status(snap):
     """FAIL: the running daemon's status differs from this config (edited, not restarted)."""
-    bad, body = status_body(snap)
+    body, bad = host_status(snap)
     if bad:
         return bad
     cfg, wrong = snap.cfg, []
@@ -1871,32 +1917,26 @@ def check_host_status(snap):
     return ok("daemon: %s allocations, %s active" % (body.get("total"), body.get("active")))
 
 
-@check("api.status", "the host lists this runner, active", roles=("runner",),
-       needs=("api.health",))
 def check_runner_status(snap):
     """PASS: the host's status lists RUNNER_NAME as active. FAIL: 401, absent, inactive."""
-    bad, body = status_body(snap)
+    body, bad = host_status(snap)
     if bad:
         return bad
-    name = snap.cfg["RUNNER_NAME"] or socket.gethostname()
-    mine = [a for a in body.get("allocations") or [] if a.get("runner_name") == name]
-    if not mine:
+    name, mine = snap.runner_name(), my_allocation(snap, body)
+    if mine is None:
         return fail("the host has no allocation for runner %s" % name, restart(snap))
-    if not mine[0].get("active"):
+    if not mine.get("active"):
         return fail("the host lists %s as inactive (no heartbeat)" % name, restart(snap))
-    return ok("host lists %s: id %s, %s, active" % (name, mine[0].get("runner_id"),
-                                                    mine[0].get("subnet")))
+    return ok("host lists %s: id %s, %s, active" % (name, mine.get("runner_id"),
+                                                    mine.get("subnet")))
 
 
-@check("settings", "VNI base, port and MTU match the host's", roles=("runner",))
 def check_settings(snap):
     """FAIL: OVERLAY_VXLAN_ID/PORT/MTU differ from the host's status (else from the host's last
     answer kept in the state file). Works before registration too: a mismatch is exactly what
     makes the host refuse to register this runner (409)."""
     cfg, alloc = snap.cfg, snap.alloc or {"source": "none"}
-    res = snap.api.get("status")
-    body = res[1] if isinstance(res, tuple) and res[0] == 200 and \
-        isinstance(res[1], dict) else {}
+    body = host_status(snap)[0] or {}
     host = {}
     n = alloc.get("runner_id")
     if alloc.get("vni") and n:
@@ -1926,10 +1966,9 @@ def check_settings(snap):
 
 # -- probes and counters ------------------------------------------------------------------------
 
-@check("ping", "the host overlay IP answers a ping", roles=("runner",),
-       needs=("allocation", "vxlan0.present"))
 def check_ping(snap):
-    """PASS: `ping -c 1 -W 1 <host overlay IP>` answers through the tunnel."""
+    """PASS: `ping -c 1 -W 1 <host overlay IP>` answers through the tunnel. FAIL: no
+    answer."""
     pings = snap.need("pings")
     good, argv, detail = pings["ping"]
     if good:
@@ -1940,10 +1979,9 @@ def check_ping(snap):
         "on the Host" % snap.cfg["OVERLAY_VXLAN_PORT"])
 
 
-@check("ping_df", "a don't-fragment ping at the MTU gets through", roles=("runner",),
-       needs=("ping",))
 def check_ping_df(snap):
-    """PASS: `ping -M do -s MTU-28` answers: the underlay carries a full overlay frame."""
+    """PASS: `ping -M do -s MTU-28` answers: the underlay carries a full overlay frame.
+    FAIL: no answer (or "message too long")."""
     pings = snap.need("pings")
     good, argv, detail = pings["df"]
     mtu = (snap.alloc or {}).get("mtu") or snap.cfg["OVERLAY_MTU"]
@@ -1955,7 +1993,6 @@ def check_ping_df(snap):
         "then restart them" % VXLAN_OVERHEAD)
 
 
-@check("underlay_mtu", "OVERLAY_MTU fits the underlay route's MTU minus 50")
 def check_underlay_mtu(snap):
     """FAIL: OVERLAY_MTU > the MTU of the route to a tunnel peer - 50 (e.g. 1450 over a
     1450 underlay): large packets vanish while pings work."""
@@ -1987,7 +2024,6 @@ def check_underlay_mtu(snap):
     return ok("OVERLAY_MTU %d <= %d - %d (underlay %s)" % (mtu, limit, VXLAN_OVERHEAD, dev))
 
 
-@check("rp_filter", "no strict rp_filter on overlay interfaces")
 def check_rp_filter(snap):
     """PASS: rp_filter 0 or 2 on every overlay interface. WARN: 1 (strict; the kernel uses the
     max of conf.all and the interface), which drops packets whose reply route differs."""
@@ -2004,17 +2040,17 @@ def check_rp_filter(snap):
 
 def active_devices(snap):
     """Host: the vxkr devices of runners the daemon lists as active (None: unknown)."""
-    res = snap.api.get("status")
-    if not (isinstance(res, tuple) and res[0] == 200 and isinstance(res[1], dict)):
+    body = host_status(snap)[0]
+    if body is None:
         return None
     return set(a.get("vxlan_device") or vxkr_name(a.get("runner_id", 0) or 1)
-               for a in res[1].get("allocations") or [] if a.get("active"))
+               for a in body.get("allocations") or [] if a.get("active"))
 
 
-@check("vxlan_traffic", "VXLAN devices receive what they send")
 def check_vxlan_traffic(snap):
     """FAIL: tx grew between the two samples while rx is 0 (the runner's ping went out and
-    nothing came back). A host does not count tunnels of inactive runners (a runner that is
+    nothing came back). WARN: the same where the host cannot tell whether the runner is active,
+    or tx >= 10 and rx 0. A host does not count tunnels of inactive runners (a runner that is
     down receives nothing, and new devices send IPv6 neighbour discovery on their own)."""
     devs = snap.vxlan_devices()
     if not devs:
@@ -2048,7 +2084,6 @@ def check_vxlan_traffic(snap):
     return ok("%s receiving%s" % (listed(devs), note))
 
 
-@check("udp_csum", "no UDP checksum errors")
 def check_udp_csum(snap):
     """WARN: Udp InCsumErrors > 0. FAIL: rising during the run. Names the pre-5.7 bug."""
     before = (snap.snmp1.get("Udp") or {}).get("InCsumErrors")
@@ -2068,6 +2103,66 @@ def check_udp_csum(snap):
     if before is not None and after > before:
         return fail("Udp InCsumErrors rising (%d -> %d)%s" % (before, after, why), fix)
     return warn("Udp InCsumErrors %d%s" % (after, why), fix)
+
+
+# -- the registry -------------------------------------------------------------------------------
+# One row per check, in the order they run; a check runs after the checks it needs (a FAIL or
+# SKIP of one of those makes it SKIP). Row(name, title, function, roles=BOTH, needs=()); where
+# the roles differ, name, title, function or needs is {"host": ..., "runner": ...}.
+
+CHECKS = [
+    Row("config.file", "config file readable", check_config_file),
+    Row("config.enabled", "OVERLAY_ENABLED is True", check_enabled),
+    Row("reachable_address", "HOST_REACHABLE_ADDRESS is a local, non-loopback address",
+        check_reachable_address, HOST),
+    Row("host_address", "HOST_ADDRESS is set and not loopback", check_host_address, RUNNER),
+    Row("ip_forward", "net.ipv4.ip_forward is 1", check_ip_forward),
+    Row("kohaku_host.present", "kohaku-host exists and is up", check_kohaku_host, HOST),
+    Row("kohaku_host.address", "kohaku-host holds the host overlay IP",
+        check_kohaku_host_address, HOST, needs=("kohaku_host.present",)),
+    Row("state_file", "state file parses and is mode 0600", check_state_file, HOST),
+    Row("tunnels", "every allocation has its vxkr device", check_tunnels, HOST,
+        needs=("state_file",)),
+    Row("allocation", "this runner holds an allocation", check_allocation, RUNNER),
+    Row("vxlan0.present", "vxlan0 exists", check_vxlan0_present, RUNNER),
+    *vxlan_field_rows(),
+    Row("bridge.present", "the overlay bridge exists and is up", check_bridge, RUNNER),
+    Row("bridge.gateway", "the bridge holds the runner subnet's gateway", check_bridge_gateway,
+        RUNNER, needs=("bridge.present", "allocation")),
+    Row("bridge.vxlan0", "vxlan0 is enslaved to the bridge", check_bridge_vxlan0, RUNNER,
+        needs=("bridge.present", "vxlan0.present")),
+    Row("route", "the overlay CIDR routes via the host's address on the bridge", check_route,
+        RUNNER, needs=("bridge.present", "allocation")),
+    Row("forward_rules", "FORWARD accepts the overlay CIDR ahead of any DROP/REJECT",
+        check_forward_rules),
+    Row("nat", "POSTROUTING masquerades overlay traffic leaving the overlay", check_nat, RUNNER,
+        needs=("allocation",)),
+    Row("vxlan_port", "UDP to the VXLAN port is accepted from the peers",
+        {"host": check_host_vxlan_port, "runner": check_runner_vxlan_port}),
+    Row("iptables.backends", "overlay rules live in one iptables backend only", check_backends),
+    Row("firewalld.trusted", "overlay interfaces are in firewalld's trusted zone",
+        check_firewalld_trusted),
+    Row("firewalld.vxlan_port", "firewalld lets UDP to the VXLAN port in from the peers",
+        check_firewalld_port),
+    Row("docker.network", "the Docker network matches the allocation", check_docker_network,
+        RUNNER, needs=("allocation",)),
+    Row("fdb", "container MACs are learned on their veths, not vxlan0", check_fdb, RUNNER,
+        needs=("bridge.present",)),
+    Row("api.health", "the host API answers /healthz", check_api_health),
+    Row("api.status", {"host": "the running host daemon uses this config",
+                       "runner": "the host lists this runner, active"},
+        {"host": check_host_status, "runner": check_runner_status}, needs=("api.health",)),
+    Row("settings", "VNI base, port and MTU match the host's", check_settings, RUNNER),
+    Row("ping", "the host overlay IP answers a ping", check_ping, RUNNER,
+        needs=("allocation", "vxlan0.present")),
+    Row("ping_df", "a don't-fragment ping at the MTU gets through", check_ping_df, RUNNER,
+        needs=("ping",)),
+    Row("underlay_mtu", "OVERLAY_MTU fits the underlay route's MTU minus 50", check_underlay_mtu),
+    Row("rp_filter", "no strict rp_filter on overlay interfaces", check_rp_filter),
+    Row("vxlan_traffic", "VXLAN devices receive what they send", check_vxlan_traffic),
+    Row("udp_csum", "no UDP checksum errors", check_udp_csum),
+]
+REGISTRY = [c for role in BOTH for row in CHECKS for c in row.checks() if c.role == role]
 
 
 # ---- the check runner and reporters ----------------------------------------------------------
