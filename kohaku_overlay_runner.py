@@ -18,8 +18,9 @@ Exit codes: 0 success, 1 failure, 2 bad usage or bad config (or a host that refu
 Touches: links vxlan0 and OVERLAY_BRIDGE_NAME, the route of the overlay CIDR, iptables rules
 marked `-m comment --comment kohaku-overlay` (filter FORWARD, nat POSTROUTING), firewalld's
 runtime trusted zone, net.ipv4.ip_forward, the Docker networks OVERLAY_NETWORK_NAME and
-DOCKER_NETWORK_NAME, and the local state file OVERLAY_STATE_FILE. Docker is reached with the plain
-`docker` CLI (DOCKER_HOST is honoured).
+DOCKER_NETWORK_NAME, the local state file OVERLAY_STATE_FILE and, when set, OVERLAY_METRICS_FILE
+(node_exporter textfile-collector figures, rewritten every heartbeat). Docker is reached with the
+plain `docker` CLI (DOCKER_HOST is honoured).
 """
 
 __version__ = "0.1.0"
@@ -79,6 +80,7 @@ RUNNER_KEYS = [
     ("DOCKER_NETWORK_SUBNET", (str,), "172.30.0.0/16"),
     ("DOCKER_NETWORK_GATEWAY", (str,), "172.30.0.1"),
     ("OVERLAY_STATE_FILE", (str,), "/var/lib/kohakuriver/overlay-runner.json"),
+    ("OVERLAY_METRICS_FILE", (str,), ""),
 ]
 KEY_TYPES = {k: t for k, t, _ in RUNNER_KEYS}
 KEY_DEFAULTS = {k: d for k, _, d in RUNNER_KEYS}
@@ -352,6 +354,11 @@ def validate_config(cfg):
             "use the host's token exactly")
     if not cfg["OVERLAY_STATE_FILE"]:
         bad("OVERLAY_STATE_FILE", "is empty", "give a file path")
+    metrics = cfg["OVERLAY_METRICS_FILE"]
+    if metrics and (not os.path.isabs(metrics) or not metrics.endswith(".prom")):
+        bad("OVERLAY_METRICS_FILE", "is %s, not an absolute path ending in .prom (the only "
+            "files node_exporter's textfile collector reads)" % shown(metrics),
+            "give the full path of a NAME.prom file in the collector's folder, or \"\" for none")
 
 
 def require_root(command):
@@ -505,22 +512,31 @@ def parse_allocation(obj):
 
 def write_json_atomic(path, obj):
     """tmp file, fsync, os.replace, fsync of the folder; mode 0600."""
+    write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_file_atomic(path, text, mode=0o600, sync=True):
+    """Write `path.tmp` in the same folder, then os.replace: a reader sees the old or the new
+    file, never half of one. sync: fsync the file and the folder (state must survive a crash;
+    a metrics file is rewritten every heartbeat anyway)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, mode=0o755, exist_ok=True)
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             fd = None
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
     finally:
         if fd is not None:
             os.close(fd)
     os.replace(tmp, path)
+    if not sync:
+        return
     dfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -1103,6 +1119,185 @@ def teardown(cfg, force=False):
     return changes + more
 
 
+# ---- the domain: metrics for node_exporter's textfile collector -------------------------------
+
+# One family: name, type ("counter" or "gauge"), help text, samples [(labels, value)]; labels is
+# a dict or (name, value) pairs.
+Family = namedtuple("Family", "name type help samples")
+METRIC_PREFIX = "kohaku_overlay_runner_"
+REPAIR_KINDS = ("device", "rules", "zone", "network", "sysctl")
+HEARTBEAT_RESULTS = ("ok", "unreachable", "not_registered", "error")
+REGISTRATION_KINDS = ("first", "again")
+LINK_STATS = (("bytes", "bytes", "bytes"), ("packets", "packets", "packets"),
+              ("drops", "dropped", "packets dropped"), ("errors", "errors", "errors"))
+
+
+def escape_label_value(value):
+    """A label value in the text exposition format: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def sample_value(value):
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def render_metrics(families):
+    """Families -> Prometheus text exposition format: HELP and TYPE once, then the samples."""
+    lines = []
+    for fam in families:
+        lines.append("# HELP %s %s" % (fam.name, fam.help.replace("\\", "\\\\").replace(
+            "\n", "\\n")))
+        lines.append("# TYPE %s %s" % (fam.name, fam.type))
+        for labels, value in fam.samples:
+            pairs = sorted(labels.items()) if isinstance(labels, dict) else list(labels)
+            text = ",".join('%s="%s"' % (k, escape_label_value(v)) for k, v in pairs)
+            lines.append("%s%s %s" % (fam.name, "{%s}" % text if text else "", sample_value(value)))
+    return "".join(line + "\n" for line in lines)
+
+
+def parse_link_stats(text):
+    """`ip -s -j link show` -> {ifname: {"rx": {...}, "tx": {...}}} (stats64, else stats)."""
+    out = {}
+    for link in parse_json(text, "ip -s -j link show"):
+        stats = link.get("stats64") or link.get("stats") or {}
+        if "ifname" in link and stats:
+            out[link["ifname"]] = stats
+    return out
+
+
+def link_stat_families(prefix, what, stats, labels_of):
+    """rx/tx bytes, packets, drops and errors counters of the links in stats, one family each.
+
+    labels_of(ifname) -> the labels of that link's samples, or None to leave it out.
+    """
+    families = []
+    for direction, word, verb in (("rx", "receive", "Received"), ("tx", "transmit", "Sent")):
+        for suffix, key, noun in LINK_STATS:
+            samples = []
+            for ifname in sorted(stats):
+                labels = labels_of(ifname)
+                if labels is not None:
+                    samples.append((labels, int((stats[ifname].get(direction) or {}).get(key, 0))))
+            families.append(Family("%s%s_%s_total" % (prefix, word, suffix), "counter",
+                                   "%s %s of %s (kernel counter)." % (verb, noun, what), samples))
+    return families
+
+
+def repair_kind(change):
+    """The kind (REPAIR_KINDS) a repair's change line counts under, read from its words."""
+    text = change.lower()
+    if "firewalld" in text or "trusted zone" in text:
+        return "zone"
+    if text.startswith(("forward", "nat ", "iptables", "vxlan filter", "kohaku-vxlan")) or \
+            " rule" in text:
+        return "rules"
+    if text.startswith("docker network"):
+        return "network"
+    if text.startswith(("net.", "sysctl")):
+        return "sysctl"
+    return "device"
+
+
+class RunnerMetrics(object):
+    """The counters and gauges of one `serve` (counters start at 0 with each process)."""
+
+    def __init__(self, clock=None):
+        self.clock = clock or (lambda: time.time())
+        self.started = self.clock()
+        self.counts = {}
+        self.heartbeat_rtt = None
+        self.last_heartbeat = None
+        self.overlay_up = False
+        self.warned = None
+
+    def inc(self, family, label=None, by=1):
+        key = (family, label)
+        self.counts[key] = self.counts.get(key, 0) + by
+
+    def count(self, family, label=None):
+        return self.counts.get((family, label), 0)
+
+    def heartbeat(self, result, rtt=None):
+        self.inc("heartbeats", result)
+        if result == "ok":
+            self.heartbeat_rtt, self.last_heartbeat = rtt, self.clock()
+
+    def families(self, cfg, alloc, stats, peers=None):
+        """Everything the textfile holds. stats: parse_link_stats() of this node.
+
+        peers: [(labels, state)] of the direct-routing peers (state 1 direct, 0 via the Host),
+        or None where direct routing is off.
+        """
+        p, name = METRIC_PREFIX, cfg["RUNNER_NAME"]
+        me = {"runner_name": name}
+        info = dict(me, version=__version__, runner_id=alloc["runner_id"] if alloc else "",
+                    subnet=alloc["subnet"] if alloc else "")
+        fams = [Family(p + "info", "gauge", "Runner agent version and allocation (always 1).",
+                       [(info, 1)]),
+                Family(p + "start_time_seconds", "gauge",
+                       "Unix time this serve started (its counters start at 0 then).",
+                       [(me, self.started)]),
+                Family(p + "overlay_up", "gauge",
+                       "1 when the last build or repair of the overlay succeeded.",
+                       [(me, self.overlay_up)]),
+                Family(p + "heartbeats_total", "counter", "Heartbeats sent, by result.",
+                       [(dict(me, result=r), self.count("heartbeats", r))
+                        for r in HEARTBEAT_RESULTS]),
+                Family(p + "registrations_total", "counter",
+                       "Registrations with the Host (first: at start; again: after the Host "
+                       "forgot this runner).",
+                       [(dict(me, kind=k), self.count("registrations", k))
+                        for k in REGISTRATION_KINDS]),
+                Family(p + "repairs_total", "counter", "Drift repaired, by kind.",
+                       [(dict(me, kind=k), self.count("repairs", k)) for k in REPAIR_KINDS]),
+                Family(p + "repair_failures_total", "counter",
+                       "Builds or repairs that left something broken.",
+                       [(me, self.count("repair_failures"))])]
+        if self.heartbeat_rtt is not None:
+            fams += [Family(p + "heartbeat_round_trip_seconds", "gauge",
+                            "Round-trip time of the last answered heartbeat.",
+                            [(me, round(self.heartbeat_rtt, 6))]),
+                     Family(p + "last_heartbeat_timestamp_seconds", "gauge",
+                            "Unix time of the last heartbeat the Host answered.",
+                            [(me, self.last_heartbeat)])]
+        devices = (VXLAN_DEV, cfg["OVERLAY_BRIDGE_NAME"])
+        fams += link_stat_families(p + "interface_", "the overlay's interfaces", stats,
+                                   lambda i: dict(me, device=i) if i in devices else None)
+        if peers is not None:
+            fams.append(Family(p + "peer_direct", "gauge",
+                               "Path to each direct-routing peer: 1 direct, 0 via the Host.",
+                               [(dict(me, **labels), state) for labels, state in peers]))
+        return fams
+
+    def write(self, cfg, alloc, peers=None):
+        """One `ip -s -j link show`, then the file rewritten atomically. Errors are warnings."""
+        path = cfg["OVERLAY_METRICS_FILE"]
+        if not path or DRY_RUN:
+            return False
+        try:
+            stats = parse_link_stats(run(["ip", "-s", "-j", "link", "show"], mutates=False).out)
+            write_file_atomic(path, render_metrics(self.families(cfg, alloc, stats, peers)),
+                              mode=0o644, sync=False)
+        except (OSError, OverlayError) as e:
+            message = "cannot write the metrics file %s (%s): fix the folder or set " \
+                      "OVERLAY_METRICS_FILE" % (path, e)
+            if message != self.warned:
+                log.warning("%s", message)
+            self.warned = message
+            return False
+        self.warned = None
+        return True
+
+
 # ---- the interface: host API client, registration, heartbeat loop ----------------------------
 
 
@@ -1250,6 +1445,7 @@ class Agent(object):
         self.registered_at = None
         self.heartbeat_recorded = 0.0
         self.last = {}
+        self.metrics = RunnerMetrics()
 
     def say(self, key, level, message):
         """Log message unless it repeats the last one logged under key."""
@@ -1274,8 +1470,10 @@ class Agent(object):
                                     retry_full=True)
         if alloc is None:
             return False
+        self.metrics.inc("registrations", "first")
         self.adopt(alloc)
         self.repair(first=True)
+        self.metrics.write(cfg, self.alloc)
         return True
 
     def adopt(self, alloc):
@@ -1293,10 +1491,16 @@ class Agent(object):
             changes = build(self.cfg, self.alloc, self.address, errors)
         except OverlayError as e:
             self.say("build", logging.ERROR, "build failed: %s" % e)
+            self.metrics.inc("repair_failures")
+            self.metrics.overlay_up = False
             return False
         for c in changes:
             log.info("%s: %s", "repaired" if self.built else "built", c)
+            if self.built:
+                self.metrics.inc("repairs", repair_kind(c))
+        self.metrics.overlay_up = not errors
         if errors:
+            self.metrics.inc("repair_failures")
             self.say("build", logging.ERROR, "%s incomplete: %s" % (
                 "repair" if self.built else "build", "; ".join(str(e) for e in errors)))
             return False
@@ -1310,22 +1514,28 @@ class Agent(object):
 
     def beat(self):
         cfg = self.cfg
+        sent = time.monotonic()
         try:
             heartbeat(cfg)
+            self.metrics.heartbeat("ok", time.monotonic() - sent)
             self.say("host", logging.INFO, "host %s answers heartbeats" % host_where(cfg))
             self.record_heartbeat()
         except NotRegistered:
+            self.metrics.heartbeat("not_registered")
             self.say("host", logging.WARNING, "the host does not know %s (restarted without "
                      "its state?): registering again" % cfg["RUNNER_NAME"])
             self.reregister()
         except HostUnreachable as e:
+            self.metrics.heartbeat("unreachable")
             self.say("host", logging.WARNING, "host %s unreachable (%s); keeping the overlay "
                      "up and retrying" % (host_where(cfg), e))
         except OverlayError as e:
+            self.metrics.heartbeat("error")
             self.say("host", logging.ERROR, str(e))
         self.beats += 1
         if not self.built or self.beats % REPAIR_EVERY == 0:
             self.repair()
+        self.metrics.write(cfg, self.alloc)
 
     def reregister(self):
         try:
@@ -1333,6 +1543,7 @@ class Agent(object):
         except OverlayError as e:
             self.say("register", logging.ERROR, "registering again failed: %s" % e)
             return
+        self.metrics.inc("registrations", "again")
         changed = alloc != self.alloc
         self.adopt(alloc)
         self.say("register", logging.INFO, "registered again as runner %d" % alloc["runner_id"])

@@ -22,6 +22,9 @@ OVERLAY_MTU: int = 1450               # must equal the Host's
 OVERLAY_TOKEN: str = ""               # the Host's OVERLAY_TOKEN
 HEARTBEAT_INTERVAL: int = 5           # seconds
 OVERLAY_STATE_FILE: str = "/var/lib/kohakuriver/overlay-runner.json"  # last allocation
+# node_exporter textfile collector: heartbeat, repairs, vxlan0/bridge counters, rewritten every
+# heartbeat; "" = off. E.g. "/var/lib/prometheus/node-exporter/kohaku-overlay.prom" (Debian).
+OVERLAY_METRICS_FILE: str = ""
 
 # The network containers use when the overlay is disabled or could not be built.
 DOCKER_NETWORK_NAME: str = "kohakuriver-net"
