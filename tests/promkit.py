@@ -199,10 +199,10 @@ class Prometheus(object):
                                         token=json.dumps(self.token),
                                         targets=json.dumps(self.targets)))
         os.chmod(str(config), 0o600)
-        argv = ["ip", "netns", "exec", self.node.ns, binary,
-                "--config.file=%s" % config, "--storage.tsdb.path=%s" % (self.dir / "data"),
-                "--web.listen-address=%s:%d" % (self.node.ip, self.port),
-                "--storage.tsdb.retention.time=1h", "--log.level=warn"]
+        argv = self.lab.enter(self.node) + [
+            binary, "--config.file=%s" % config, "--storage.tsdb.path=%s" % (self.dir / "data"),
+            "--web.listen-address=%s:%d" % (self.node.ip, self.port),
+            "--storage.tsdb.retention.time=1h", "--log.level=warn"]
         self.popen = self.lab._spawn(self.key, self.dir / "prometheus.log", argv,
                                      self.lab._env(self.node))
         self.lab.wait_for(self._ready, timeout=30, interval=0.3, what="prometheus to answer",
