@@ -146,20 +146,25 @@ SPAWNED = [0]   # processes started, for the benchmark and the process-count tes
 Result = collections.namedtuple("Result", "returncode stdout stderr")
 
 
-def run(argv, check=True, mutates=True, input=None, timeout=60, echo=True):
+SKIPPED = Result(0, "", "")   # what run() returns for a mutation it skipped under --dry-run
+
+
+def run(argv, check=True, mutates=True, input=None, timeout=60, echo=None):
     """Run argv (a list, never a shell string) and return Result.
 
-    Mutating commands are logged as `[#] cmd`; under --dry-run they are printed and skipped
-    while read-only probes (mutates=False) still run.
+    Mutating commands are logged as `[#] cmd` (echo: the lines to show instead of argv, so a
+    batch shows every command it carries); under --dry-run they are printed and skipped
+    (the result is SKIPPED) while read-only probes (mutates=False) still run.
     """
     shown = " ".join(shlex.quote(a) for a in argv)
-    if mutates and echo:
+    if mutates:
+        for line in [shown] if echo is None else echo:
+            if DRY_RUN:
+                print("[#] " + line)
+            else:
+                log.info("[#] %s", line)
         if DRY_RUN:
-            print("[#] " + shown)
-        else:
-            log.info("[#] %s", shown)
-    if mutates and DRY_RUN:
-        return Result(0, "", "")
+            return SKIPPED
     SPAWNED[0] += 1
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -179,19 +184,6 @@ def run(argv, check=True, mutates=True, input=None, timeout=60, echo=True):
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, err)
     return Result(proc.returncode, out, err)
-
-
-def run_ip_batch(lines, check=True):
-    """Run many `ip` commands in one process (`ip -force -batch -`); each is logged on its own."""
-    if not lines:
-        return Result(0, "", "")
-    for line in lines:
-        if DRY_RUN:
-            print("[#] ip " + line)
-        else:
-            log.info("[#] ip %s", line)
-    return run(["ip", "-force", "-batch", "-"], check=check, input="\n".join(lines) + "\n",
-               echo=False)
 
 
 def failpoint(name):
@@ -472,10 +464,35 @@ def local_addresses():
 # ---------------------------------------------------------------------------------------------
 
 
-class Kernel(object):
-    """Desired host devices and rules, compared with what the kernel has, turned into commands.
+class Actions(object):
+    """What one converge step changes, and what the kernel looks like once it has.
 
-    Only the hub's writer thread (or a one-shot command) uses it: one mutator, no races.
+    ip: `ip -batch` lines; links: {name: Link it becomes, or None when it goes}; rules: filter
+    table lines for one iptables-restore; chains: our filter chains once the rules are in
+    (None: the rules do not change them); trust: interfaces for firewalld's trusted zone;
+    repair: the runners' IPs when our chain is not known to be there, so the table is probed
+    (after the devices) and every rule of ours repaired.
+    """
+
+    def __init__(self, ip=(), links=None, rules=(), chains=None, trust=(), repair=None):
+        self.ip, self.links, self.rules = list(ip), dict(links or {}), list(rules)
+        self.chains, self.trust = chains, list(trust)
+        self.repair = repair  # runner IPs: probe the table after the devices, repair every rule
+
+    def __add__(self, other):
+        links = dict(self.links)
+        links.update(other.links)
+        return Actions(self.ip + other.ip, links, self.rules + other.rules,
+                       self.chains if other.chains is None else other.chains,
+                       self.trust + other.trust,
+                       self.repair if other.repair is None else other.repair)
+
+
+class Kernel(object):
+    """Desired host devices and rules, compared with what the kernel has, turned into Actions.
+
+    The *_plan and *_actions methods only read; apply() is the one place that changes the
+    kernel. Only the hub's writer thread (or a one-shot command) uses it: one mutator, no races.
     """
 
     def __init__(self, cfg, layout):
@@ -483,6 +500,55 @@ class Kernel(object):
         self.links = {}           # last snapshot of the links, kept current by our own changes
         self.filter_chains = set()  # our source-filter chains in the kernel, as last known
         self.firewalld = False
+
+    # -- converge: the one door for every change ---------------------------------------------
+    def apply(self, act, step=None, tolerate=False, check=False):
+        """Run the actions: one `ip -force -batch`, one iptables-restore, one firewall-cmd, each
+        command echoed once; the caches follow the actions that really ran (not under
+        --dry-run). Returns the first line of a failed batch, or None (check: raise instead).
+
+        step names the failpoint `<step>:after-device` between the devices and the rules;
+        tolerate logs a failed rule or zone update instead of raising it (a registration is
+        answered even so; the repair pass tries again).
+        """
+        error = None
+        if act.ip:
+            res = run(["ip", "-force", "-batch", "-"], check=check,
+                      input="\n".join(act.ip) + "\n", echo=["ip " + line for line in act.ip])
+            if res.returncode != 0:
+                self.refresh()
+                error = (res.stderr.strip() or "ip -batch failed").splitlines()[0]
+            elif res is not SKIPPED:
+                for name, link in act.links.items():
+                    if link is None:
+                        self.links.pop(name, None)
+                    else:
+                        self.links[name] = link
+        if step:
+            failpoint(step + ":after-device")
+        try:
+            if act.repair is not None:
+                act = act + self.rules_actions(act.repair)
+            if act.rules:
+                res = run(["iptables-restore", "--noflush"],
+                          input="*filter\n" + "\n".join(act.rules) + "\nCOMMIT\n",
+                          echo=["iptables " + _rule_command(line) for line in act.rules])
+                if res is not SKIPPED and act.chains is not None:
+                    self.filter_chains = set(act.chains)
+        except OverlayError as exc:
+            if not tolerate:
+                raise
+            log.error("cannot update the VXLAN source filter: %s", exc)
+        if act.trust and self.firewalld:
+            try:
+                run(["firewall-cmd", "--zone=" + TRUSTED_ZONE] +
+                    ["--change-interface=" + n for n in sorted(act.trust)])
+            except OverlayError as exc:
+                if not tolerate:
+                    raise
+                log.error("cannot add %s to the firewalld zone %s: %s", " ".join(act.trust),
+                          TRUSTED_ZONE, exc)
+        return error
 
     # -- rules -------------------------------------------------------------------------------
     def forward_rules(self):
@@ -530,7 +596,7 @@ class Kernel(object):
                 ["-F " + c for c in stale] + ["-X " + c for c in stale])
 
     @staticmethod
-    def _ours(chains):
+    def our_chains(chains):
         return set(c for c in chains if c == FILTER_CHAIN or c.startswith(FILTER_CHAIN + "-"))
 
     def rules_plan(self, rules_text, ips):
@@ -540,8 +606,7 @@ class Kernel(object):
         use_filter = self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]
         want_input = [self.input_rule()] if use_filter else []
         tree = self.filter_tree(ips) if use_filter else {}
-        ours = self._ours(chains)
-        self.filter_chains = ours
+        ours = self.our_chains(chains)
         ok = (rules["FORWARD"][:2] == want_forward
               and sum(RULE_COMMENT in r for r in rules["FORWARD"]) == 2
               and rules["INPUT"][:len(want_input)] == want_input
@@ -549,8 +614,7 @@ class Kernel(object):
               and ours == set(tree) and all(rules[c] == r for c, r in tree.items()))
         if ok:
             return []
-        lines = ["-D {} {}".format(chain, spec) for chain in ("FORWARD", "INPUT")
-                 for spec in rules[chain] if RULE_COMMENT in spec]
+        lines = _marked_deletes(rules)
         lines += ["-I FORWARD {} {}".format(i + 1, r) for i, r in enumerate(want_forward)]
         if use_filter:
             return (self.chain_lines(tree, ours - set(tree)) + lines +
@@ -559,49 +623,39 @@ class Kernel(object):
 
     def removal_plan(self, rules_text):
         chains, rules = parse_rules(rules_text)
-        lines = ["-D {} {}".format(chain, spec) for chain in ("FORWARD", "INPUT")
-                 for spec in rules[chain] if RULE_COMMENT in spec]
-        return lines + self.chain_lines({}, self._ours(chains))
-
-    @staticmethod
-    def restore(lines):
-        """Apply filter-table changes in one iptables-restore; each is shown as the iptables
-        command it stands for, so --dry-run shows the rules themselves."""
-        if not lines:
-            return
-        for line in lines:
-            shown = "iptables -N " + line[1:].split()[0] if line.startswith(":") else \
-                "iptables " + line
-            if DRY_RUN:
-                print("[#] " + shown)
-            else:
-                log.info("[#] %s", shown)
-        run(["iptables-restore", "--noflush"], echo=False,
-            input="*filter\n" + "\n".join(lines) + "\nCOMMIT\n")
+        return _marked_deletes(rules) + self.chain_lines({}, self.our_chains(chains))
 
     def read_rules(self):
-        return run(["iptables", "-S"], mutates=False).stdout
+        """Probe the filter table; what it shows of our chains becomes the cache."""
+        text = run(["iptables", "-S"], mutates=False).stdout
+        self.filter_chains = self.our_chains(parse_rules(text)[0])
+        return text
+
+    def rules_actions(self, ips):
+        """Probe once; the Actions that repair every rule of ours (none when all is right)."""
+        lines = self.rules_plan(self.read_rules(), ips)
+        chains = set(self.filter_tree(ips)) if self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"] else set()
+        return Actions(rules=lines, chains=chains)
+
+    def filter_actions(self, ips):
+        """The registration path: rewrite only the filter chains (no probe), unless our chain
+        is not known to be there: then the full repair."""
+        if not self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
+            return Actions()
+        if FILTER_CHAIN not in self.filter_chains:
+            return Actions(repair=ips)
+        tree = self.filter_tree(ips)
+        return Actions(rules=self.chain_lines(tree, self.filter_chains - set(tree)),
+                       chains=set(tree))
 
     def set_source_filter(self, ips):
-        """The registration path: rewrite only the filter chains (one process)."""
-        if not self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
-            return
-        if FILTER_CHAIN not in self.filter_chains:
-            self.ensure_rules(ips)
-            return
-        tree = self.filter_tree(ips)
-        self.restore(self.chain_lines(tree, self.filter_chains - set(tree)))
-        if not DRY_RUN:
-            self.filter_chains = set(tree)
+        self.apply(self.filter_actions(ips))
 
     def ensure_rules(self, ips):
         """Probe once, then repair in one iptables-restore. Returns the lines applied."""
-        lines = self.rules_plan(self.read_rules(), ips)
-        self.restore(lines)
-        if lines and not DRY_RUN:
-            self.filter_chains = set(self.filter_tree(ips)) if \
-                self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"] else set()
-        return lines
+        act = self.rules_actions(ips)
+        self.apply(act)
+        return act.rules
 
     # -- devices -----------------------------------------------------------------------------
     def refresh(self):
@@ -640,6 +694,35 @@ class Kernel(object):
             lines.append("link set {} up".format(want.name))
         return lines, want
 
+    def tunnel_actions(self, wanted, prune):
+        """Actions that bring every vxkr* in line with {id: remote}; the others go when prune."""
+        act = Actions()
+        for n, remote in sorted(wanted.items()):
+            lines, spec = self.tunnel_plan(n, remote)
+            act.ip += lines
+            act.links[spec.name] = spec
+        if prune:
+            for name, link in sorted(self.links.items()):
+                n = self.layout.id_of_device(name)
+                if link.kind == "vxlan" and name.startswith(DEVICE_PREFIX) and (
+                        n is None or n not in wanted):
+                    act.ip.append("link del " + name)
+                    act.links[name] = None
+        return act
+
+    def tunnel_errors(self, wanted, error):
+        """{id: error or None} after a batch: the ids whose device is still not right."""
+        return dict((n, error if error and self.tunnel_plan(n, remote)[0] else None)
+                    for n, remote in wanted.items())
+
+    def sync_tunnels(self, wanted, prune):
+        """Bring every vxkr* in line with {id: remote}; remove the others when prune.
+
+        Returns ({id: error or None}, lines run). One `ip` process however many tunnels.
+        """
+        act = self.tunnel_actions(wanted, prune)
+        return self.tunnel_errors(wanted, self.apply(act)), act.ip
+
     def host_device_plan(self):
         """Lines for kohaku-host; the device type is chosen at apply time (dummy or bridge)."""
         have = self.links.get(HOST_DEVICE)
@@ -661,59 +744,16 @@ class Kernel(object):
         missing, lines = self.host_device_plan()
         if missing:
             kind = "dummy"
-            if DRY_RUN:
-                run(["ip", "link", "add", HOST_DEVICE, "type", "dummy"])
-            else:
-                res = run(["ip", "link", "add", HOST_DEVICE, "type", "dummy"], check=False)
-                if res.returncode != 0:
-                    kind = "bridge"
-                    log.info("this kernel has no dummy device type (%s); %s is an empty bridge",
-                             res.stderr.strip() or "ip failed", HOST_DEVICE)
-                    run(["ip", "link", "add", HOST_DEVICE, "type", "bridge"])
+            res = run(["ip", "link", "add", HOST_DEVICE, "type", "dummy"], check=False)
+            if res.returncode != 0:
+                kind = "bridge"
+                log.info("this kernel has no dummy device type (%s); %s is an empty bridge",
+                         res.stderr.strip() or "ip failed", HOST_DEVICE)
+                run(["ip", "link", "add", HOST_DEVICE, "type", "bridge"])
             log.info("created %s (%s) with %s/%s", HOST_DEVICE, kind, self.layout.host_ip,
                      self.layout.host_prefix)
-        run_ip_batch(lines)
+        self.apply(Actions(ip=lines), check=True)
         return lines
-
-    def sync_tunnels(self, wanted, prune):
-        """Bring every vxkr* in line with {id: remote}; remove the others when prune.
-
-        Returns ({id: error or None}, lines run). One `ip` process however many tunnels.
-        """
-        lines, specs = [], {}
-        per_id = {}
-        for n, remote in sorted(wanted.items()):
-            plan, spec = self.tunnel_plan(n, remote)
-            per_id[n] = plan
-            specs[spec.name] = (n, spec)
-            lines += plan
-        if prune:
-            for name, link in sorted(self.links.items()):
-                n = self.layout.id_of_device(name)
-                if link.kind == "vxlan" and name.startswith(DEVICE_PREFIX) and (
-                        n is None or n not in wanted):
-                    lines.append("link del " + name)
-        errors = dict((n, None) for n in wanted)
-        if not lines:
-            return errors, lines
-        res = run_ip_batch(lines, check=False)
-        if DRY_RUN:
-            return errors, lines
-        if res.returncode == 0:
-            for name, (n, spec) in specs.items():
-                self.links[name] = spec
-            for line in lines:
-                if line.startswith("link del "):
-                    name = line.split()[2]
-                    if name not in specs:
-                        self.links.pop(name, None)
-        else:
-            self.refresh()
-            for n, remote in wanted.items():
-                if self.tunnel_plan(n, remote)[0]:
-                    errors[n] = res.stderr.strip().splitlines()[0] if res.stderr.strip() else \
-                        "ip -batch failed"
-        return errors, lines
 
     # -- sysctl and firewalld ----------------------------------------------------------------
     @staticmethod
@@ -733,20 +773,33 @@ class Kernel(object):
                              mutates=False).returncode == 0
         return self.firewalld
 
+    @staticmethod
+    def trusted_interfaces():
+        return set(run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--list-interfaces"],
+                       mutates=False).stdout.split())
+
     def trust(self, names):
         """Runtime-only trusted zone for the given interfaces (one firewall-cmd call)."""
-        if names and self.firewalld:
-            run(["firewall-cmd", "--zone=" + TRUSTED_ZONE] +
-                ["--change-interface=" + n for n in sorted(names)])
+        self.apply(Actions(trust=names))
 
     def ensure_trusted(self, names):
         if not self.detect_firewalld():
             return []
-        listed = run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--list-interfaces"],
-                     mutates=False).stdout.split()
-        missing = sorted(set(names) - set(listed))
+        missing = sorted(set(names) - self.trusted_interfaces())
         self.trust(missing)
         return missing
+
+
+def _marked_deletes(rules):
+    """`-D` lines for every rule of ours (by marker) in FORWARD and INPUT."""
+    return ["-D {} {}".format(chain, spec) for chain in ("FORWARD", "INPUT")
+            for spec in rules[chain] if RULE_COMMENT in spec]
+
+
+def _rule_command(line):
+    """A restore line as the iptables command it stands for (`:CHAIN - [0:0]` is `-N CHAIN`),
+    so --dry-run and the log show the rules themselves."""
+    return "-N " + line[1:].split()[0] if line.startswith(":") else line
 
 
 def _split(addrs):
@@ -808,8 +861,9 @@ class StateStore(object):
 
     FIELDS = ("runner_id", "runner_name", "physical_ip", "last_seen")
 
-    def __init__(self, path):
+    def __init__(self, path, read_only=False):
         self.path = os.path.abspath(os.path.expanduser(path))
+        self.read_only = read_only  # --dry-run: read, never write, never move a file aside
         self.folder = os.path.dirname(self.path)
         self.lock_path = self.path + ".lock"
         self.serve_lock_path = self.path + ".serve.lock"
@@ -875,8 +929,7 @@ class StateStore(object):
             seen = item.get("last_seen", 0)
             if not isinstance(seen, (int, float)) or isinstance(seen, bool):
                 raise ValueError("bad last_seen {!r}".format(seen))
-            allocs[n] = {"runner_id": n, "runner_name": name, "physical_ip": ip,
-                         "last_seen": float(seen)}
+            allocs[n] = new_allocation(n, name, ip, float(seen))
         names = [a["runner_name"] for a in allocs.values() if a["runner_name"]]
         if len(names) != len(set(names)):
             raise ValueError("a runner name appears twice")
@@ -894,7 +947,7 @@ class StateStore(object):
         try:
             return self._validate(json.loads(raw.decode("utf-8"))), None
         except (ValueError, UnicodeDecodeError, TypeError) as exc:
-            if not move_aside:
+            if not move_aside or self.read_only:
                 return None, None
             aside = "{}.corrupt-{}".format(self.path, time.strftime("%Y%m%dT%H%M%S"))
             os.rename(self.path, aside)
@@ -928,18 +981,25 @@ class StateStore(object):
             os.close(dfd)
         self.writes += 1
 
+    def _changed(self, change, fallback):
+        allocs = self.read()[0]
+        if allocs is None:
+            allocs = dict((n, dict(a)) for n, a in (fallback or {}).items())
+        change(allocs)
+        return allocs
+
     def update(self, change, fallback=None):
         """Read, apply change(allocs) in place, write; all under the lock. Returns allocs.
 
         fallback: the allocations to start from when the file is missing or corrupt.
+        Read-only (--dry-run): the change is made on a copy and nothing is written.
         """
+        if self.read_only:
+            return self._changed(change, fallback)
         fd = self._open_lock(self.lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            allocs, _ = self.read()
-            if allocs is None:
-                allocs = dict((n, dict(a)) for n, a in (fallback or {}).items())
-            change(allocs)
+            allocs = self._changed(change, fallback)
             self._write(allocs)
             return allocs
         finally:
@@ -983,9 +1043,14 @@ def allocate(allocs, max_id, name, physical_ip, previous_id, is_active):
             log.warning("evicting inactive runner %s (id %d, last seen %s) for %s",
                         evicted["runner_name"] or "(recovered)", n,
                         _when(evicted["last_seen"]), name)
-    allocs[n] = {"runner_id": n, "runner_name": name, "physical_ip": physical_ip,
-                 "last_seen": time.time()}
+    allocs[n] = new_allocation(n, name, physical_ip, time.time())
     return n, evicted
+
+
+def new_allocation(n, name, physical_ip, last_seen):
+    """The one shape of an allocation, in memory and in the state file (StateStore.FIELDS)."""
+    return {"runner_id": n, "runner_name": name, "physical_ip": physical_ip,
+            "last_seen": last_seen}
 
 
 def _when(stamp):
@@ -998,14 +1063,18 @@ def _when(stamp):
 
 
 class Job(object):
-    """A change to the allocations, applied by the writer thread in a group commit."""
+    """A change to the allocations, applied by the writer thread in a group commit.
+
+    decide() fills in the outcome (status and answer, or the runner id a registration got);
+    Hub.answer() is the one place that hands it back to the waiting request.
+    """
 
     def __init__(self, kind, **args):
         self.kind, self.args = kind, args
         self.done = threading.Event()
         self.status, self.answer = 500, {"error": "the request was not processed"}
-        self.new = False       # register: the allocation did not exist before
         self.runner_id = None
+        self.evicted = None
 
     def finish(self, status, answer):
         self.status, self.answer = status, answer
@@ -1088,13 +1157,12 @@ class Hub(object):
             except ValueError:
                 usable = False
             if usable:
-                found[n] = {"runner_id": n, "runner_name": None, "physical_ip": link.remote,
-                            "last_seen": 0.0}
+                found[n] = new_allocation(n, None, link.remote, 0.0)
         return found
 
     def load(self):
         """Read the state file, or rebuild it from the devices when it is missing or corrupt."""
-        allocs, aside = self.store.read(move_aside=not DRY_RUN)
+        allocs, aside = self.store.read()
         links = self.kernel.refresh()
         if allocs is None:
             found = self.recovered(links)
@@ -1102,9 +1170,14 @@ class Hub(object):
                 log.warning("recovered %d allocation(s) from vxkr* devices: %s", len(found),
                             ", ".join("{} -> {}".format(self.layout.device(n), a["physical_ip"])
                                       for n, a in sorted(found.items())) or "none")
-            allocs = found if DRY_RUN else self.store.update(lambda a: None, fallback=found)
+            allocs = self.store.update(lambda a: None, fallback=found)
         self.allocs = allocs
         log.info("%d allocation(s) loaded from %s", len(allocs), self.store.path)
+
+    @staticmethod
+    def remotes(allocs):
+        """{id: physical IP}: what the tunnels must point at."""
+        return dict((n, a["physical_ip"]) for n, a in allocs.items())
 
     def reconcile(self, startup=False):
         """Make the kernel match the allocations: devices, forwarding, rules, firewalld zone.
@@ -1120,8 +1193,7 @@ class Hub(object):
             repairs.append(HOST_DEVICE)
         with self.lock:
             allocs = dict(self.allocs)
-        wanted = dict((n, a["physical_ip"]) for n, a in allocs.items())
-        errors, lines = self.kernel.sync_tunnels(wanted, prune=True)
+        errors, lines = self.kernel.sync_tunnels(self.remotes(allocs), prune=True)
         repairs += sorted(set(line.split()[2] if line.startswith("link") else line.split()[-1]
                               for line in lines))
         for n, err in sorted(errors.items()):
@@ -1138,12 +1210,35 @@ class Hub(object):
             log.warning("repaired drift: %s", ", ".join(repairs))
         elif repairs:
             log.info("start-up reconcile put in place: %s", ", ".join(repairs))
-        if self.seen and not DRY_RUN:
-            self._save(lambda allocs: None)
+        if self.seen:
+            self.persist(lambda allocs: None)
         return repairs
 
-    # -- the writer ---------------------------------------------------------------------------
-    def _save(self, change):
+    # -- the write path: decide -> persist -> converge -> answer -------------------------------
+    def decide(self, job, allocs):
+        """One job's change to allocs (in place) and its outcome; no I/O, no answer yet."""
+        kind, args = job.kind, job.args
+        try:
+            if kind == "register":
+                job.runner_id, job.evicted = allocate(
+                    allocs, self.layout.max_id, args["runner_name"], args["physical_ip"],
+                    args.get("previous_runner_id"), self.is_active)
+                job.status = 200
+            elif kind == "release":
+                n = next((i for i, a in allocs.items() if a["runner_name"] == args["name"]), None)
+                if n is None:
+                    raise ApiError(404, "runner {} has no allocation".format(args["name"]))
+                del allocs[n]
+                job.status, job.answer = 200, {"released": True}
+            elif kind == "cleanup":
+                idle = [n for n, a in allocs.items() if not self.is_active(a)]
+                for n in idle:
+                    del allocs[n]
+                job.status, job.answer = 200, {"released": len(idle)}
+        except ApiError as exc:
+            job.status, job.answer = exc.status, {"error": exc.message}
+
+    def persist(self, change):
         """One read-modify-write of the state file, merging the heartbeats seen since the last."""
         with self.lock:
             seen, self.seen = self.seen, {}
@@ -1166,109 +1261,75 @@ class Hub(object):
             self.allocs = allocs
         return allocs
 
-    def _apply(self, job, allocs):
-        kind, args = job.kind, job.args
-        try:
-            if kind == "register":
-                name = args["runner_name"]
-                existed = any(a["runner_name"] == name for a in allocs.values())
-                n, evicted = allocate(allocs, self.layout.max_id, name, args["physical_ip"],
-                                      args.get("previous_runner_id"), self.is_active)
-                job.runner_id, job.new = n, not existed
-                if evicted is not None:
-                    self.beats.pop(evicted["runner_name"], None)
-            elif kind == "release":
-                n = next((i for i, a in allocs.items() if a["runner_name"] == args["name"]), None)
-                if n is None:
-                    raise ApiError(404, "runner {} has no allocation".format(args["name"]))
-                del allocs[n]
-                job.status, job.answer = 200, {"released": True}
-            elif kind == "cleanup":
-                idle = [n for n, a in allocs.items() if not self.is_active(a)]
-                for n in idle:
-                    del allocs[n]
-                job.status, job.answer = 200, {"released": len(idle)}
-        except ApiError as exc:
-            job.finish(exc.status, {"error": exc.message})
+    def converge(self, before, allocs):
+        """One Kernel.apply for the group: the tunnels, the filter when the runners' addresses
+        changed, the zone for new devices. Returns {id: error or None} of the tunnels."""
+        wanted = self.remotes(allocs)
+        act = self.kernel.tunnel_actions(wanted, prune=True)
+        ips = self.runner_ips(allocs)
+        if ips != self.runner_ips(before):
+            act += self.kernel.filter_actions(ips)
+        act += Actions(trust=[self.layout.device(n) for n in set(allocs) - set(before)])
+        return self.kernel.tunnel_errors(wanted, self.kernel.apply(act, "commit", tolerate=True))
+
+    def answer(self, jobs, errors=None, failure=None):
+        """Hand every job its outcome: the one place a job is answered."""
+        now = time.monotonic()
+        for job in jobs:
+            if failure is not None:
+                job.finish(*failure)
+                continue
+            if job.kind != "register" or job.status != 200:
+                if job.kind == "release" and job.status == 200:
+                    log.info("released runner %s", job.args["name"])
+                job.finish(job.status, job.answer)
+                continue
+            name, n = job.args["runner_name"], job.runner_id
+            with self.lock:
+                if job.evicted is not None:
+                    self.beats.pop(job.evicted["runner_name"], None)
+                if not errors.get(n):
+                    self.beats[name] = now
+            if errors.get(n):
+                job.finish(500, {"error": "the host could not build {}: {}".format(
+                    self.layout.device(n), errors[n])})
+                continue
+            answer = {"runner_name": name}
+            answer.update(self.layout.allocation(n, self.cfg))
+            log.info("registered %s as runner %d (%s) from %s", name, n, answer["subnet"],
+                     job.args["physical_ip"])
+            job.finish(200, answer)
 
     def commit(self, jobs):
-        """Apply a group of jobs: one state write, one `ip` batch, one filter update."""
-        before_ips = self.runner_ips()
-        before_ids = set(self.allocs)
+        """A group of jobs: decide and persist in one state write, converge in one
+        Kernel.apply (one `ip` batch, one filter update), then answer each job."""
+        before = self.allocs
         failpoint("commit:before-save")
         try:
-            allocs = self._save(lambda allocs: [self._apply(j, allocs) for j in jobs])
+            allocs = self.persist(lambda allocs: [self.decide(j, allocs) for j in jobs])
         except Exception as exc:  # a failed write answers everyone; nothing was applied
             log.error("cannot save the state: %s", exc)
-            for job in jobs:
-                if not job.done.is_set():
-                    job.finish(500, {"error": "the host cannot save its state: {}".format(exc)})
+            self.answer(jobs, failure=(500, {
+                "error": "the host cannot save its state: {}".format(exc)}))
             return
         failpoint("commit:after-save")
-        wanted = dict((n, a["physical_ip"]) for n, a in allocs.items())
-        errors, _ = self.kernel.sync_tunnels(wanted, prune=True)
-        failpoint("commit:after-device")
-        failed = [j for j in jobs if j.kind == "register" and not j.done.is_set()
-                  and errors.get(j.runner_id)]
-        if failed:
-            new = [j for j in failed if j.new]
-            if new:
-                allocs = self._save(lambda allocs: [allocs.pop(j.runner_id, None) for j in new])
-            for j in failed:
-                j.finish(500, {"error": "the host could not build {}: {}".format(
-                    self.layout.device(j.runner_id), errors[j.runner_id])})
-        ips = self.runner_ips(allocs)
-        if ips != before_ips:
-            try:
-                self.kernel.set_source_filter(ips)
-            except OverlayError as exc:
-                log.error("cannot update the VXLAN source filter: %s", exc)
-        added = [self.layout.device(n) for n in set(allocs) - before_ids]
-        try:
-            self.kernel.trust(added)
-        except OverlayError as exc:
-            log.error("cannot add %s to the firewalld zone %s: %s", " ".join(added),
-                      TRUSTED_ZONE, exc)
+        errors = self.converge(before, allocs)
         failpoint("commit:before-answer")
-        now = time.monotonic()
-        for j in jobs:
-            if j.kind == "register" and not j.done.is_set():
-                name = j.args["runner_name"]
-                with self.lock:
-                    self.beats[name] = now
-                answer = {"runner_name": name}
-                answer.update(self.layout.allocation(j.runner_id, self.cfg))
-                log.info("registered %s as runner %d (%s) from %s", name, j.runner_id,
-                         answer["subnet"], j.args["physical_ip"])
-                j.finish(200, answer)
-            elif not j.done.is_set():  # release and cleanup: answered once the state is saved
-                if j.kind == "release" and j.status == 200:
-                    log.info("released runner %s", j.args["name"])
-                j.finish(j.status, j.answer)
+        self.answer(jobs, errors)
 
     def writer(self):
         """The only thread that changes the state file or the kernel while serving."""
         interval = self.cfg["OVERLAY_REPAIR_INTERVAL"]
         next_pass = time.monotonic() + interval
         while not self.stop.is_set():
-            try:
-                jobs = [self.jobs.get(timeout=max(0.0, next_pass - time.monotonic()))]
-            except queue.Empty:
-                jobs = []
-            while True:
-                try:
-                    jobs.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            jobs = [j for j in jobs if j is not None]
+            jobs = self._next_group(max(0.0, next_pass - time.monotonic()))
             if jobs:
                 try:
                     self.commit(jobs)
                 except Exception as exc:
                     log.exception("internal error while applying changes: %r", exc)
-                    for job in jobs:
-                        if not job.done.is_set():
-                            job.finish(500, {"error": "internal error: {}".format(exc)})
+                    self.answer([j for j in jobs if not j.done.is_set()],
+                                failure=(500, {"error": "internal error: {}".format(exc)}))
             if time.monotonic() >= next_pass and not self.stop.is_set():
                 try:
                     self.reconcile()
@@ -1277,13 +1338,22 @@ class Hub(object):
                 except Exception as exc:
                     log.exception("internal error in the repair pass: %r", exc)
                 next_pass = time.monotonic() + interval
+        self.answer(self._next_group(None),
+                    failure=(503, {"error": "the host is shutting down: try again"}))
+
+    def _next_group(self, timeout):
+        """The jobs queued now (waiting up to timeout for a first one; None: do not wait)."""
+        jobs = []
+        if timeout is not None:
+            try:
+                jobs.append(self.jobs.get(timeout=timeout))
+            except queue.Empty:
+                pass
         while True:
             try:
-                job = self.jobs.get_nowait()
+                jobs.append(self.jobs.get_nowait())
             except queue.Empty:
-                return
-            if job is not None:
-                job.finish(503, {"error": "the host is shutting down: try again"})
+                return [j for j in jobs if j is not None]
 
 
 def _physical_ip_problem(value, layout, host_address=None):
@@ -1793,13 +1863,13 @@ def confirm(question, yes):
 def cmd_serve(args, cfg, layout):
     global DRY_RUN
     DRY_RUN = args.dry_run
-    store = StateStore(cfg["OVERLAY_STATE_FILE"])
+    store = StateStore(cfg["OVERLAY_STATE_FILE"], read_only=args.dry_run)
     kernel = Kernel(cfg, layout)
     hub = Hub(cfg, layout, store, kernel)
     enabled = cfg["OVERLAY_ENABLED"]
     if enabled:
-        check_reachable_address(cfg, wait=0 if DRY_RUN else ADDRESS_WAIT)
-    if DRY_RUN:
+        check_reachable_address(cfg, wait=0 if args.dry_run else ADDRESS_WAIT)
+    if args.dry_run:
         if enabled:
             hub.load()
             hub.reconcile(startup=True)
@@ -1888,16 +1958,14 @@ def cmd_down(args, cfg, layout):
     names = sorted(n for n, l in links.items() if n == HOST_DEVICE or (
         l.kind == "vxlan" and layout.id_of_device(n) is not None))
     if kernel.detect_firewalld():
-        listed = set(run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--list-interfaces"],
-                         mutates=False).stdout.split())
-        ours = sorted(set(names) & listed)
+        ours = sorted(set(names) & kernel.trusted_interfaces())
         if ours:
             run(["firewall-cmd", "--zone=" + TRUSTED_ZONE] +
                 ["--remove-interface=" + n for n in ours])
-    run_ip_batch(["link del " + n for n in names])
+    kernel.apply(Actions(ip=["link del " + n for n in names]), check=True)
     rules = kernel.removal_plan(kernel.read_rules())
-    kernel.restore(rules)
-    what = "would remove" if DRY_RUN else "removed"
+    kernel.apply(Actions(rules=rules))
+    what = "would remove" if args.dry_run else "removed"
     print("{} {} device(s) and {} rule change(s); allocations kept in {}".format(
         what, len(names), len(rules), store.path))
     return 0

@@ -393,15 +393,16 @@ def test_run_dry_run_prints_mutations_and_runs_only_probes(monkeypatch, tmp_path
     assert capsys.readouterr().out == "[#] touch {}\n".format(target)
 
 
-def test_run_ip_batch_is_one_process_and_logs_each_line(fake, caplog):
+def test_kernel_apply_runs_a_batch_in_one_process_and_logs_each_line(tmp_path, popen, caplog):
     caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
-    host.run_ip_batch(["link set vxkr1 up", "addr replace 10.1.0.254/16 dev vxkr1"])
-    assert fake.calls == [BATCH]
-    assert fake.inputs == ["link set vxkr1 up\naddr replace 10.1.0.254/16 dev vxkr1\n"]
+    k = host.Kernel(make_cfg(tmp_path), host.Layout())
+    k.apply(host.Actions(ip=["link set vxkr1 up", "addr replace 10.1.0.254/16 dev vxkr1"]))
+    assert popen.calls == [BATCH]
+    assert popen.inputs == ["link set vxkr1 up\naddr replace 10.1.0.254/16 dev vxkr1\n"]
     assert [r.getMessage() for r in caplog.records] == [
         "[#] ip link set vxkr1 up", "[#] ip addr replace 10.1.0.254/16 dev vxkr1"]
-    host.run_ip_batch([])
-    assert fake.calls == [BATCH]
+    k.apply(host.Actions(ip=[]))
+    assert popen.calls == [BATCH]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1071,6 +1072,7 @@ class FakePopen(object):
 
     script = {}
     calls = []
+    inputs = []
 
     def __init__(self, argv, **kwargs):
         FakePopen.calls.append(list(argv))
@@ -1078,6 +1080,7 @@ class FakePopen(object):
         self.out = FakePopen.script.get(tuple(argv), "")
 
     def communicate(self, input=None, timeout=None):
+        FakePopen.inputs.append(input)
         return self.out, ""
 
     def kill(self):
@@ -1086,7 +1089,7 @@ class FakePopen(object):
 
 @pytest.fixture
 def popen(mocker):
-    FakePopen.script, FakePopen.calls = {}, []
+    FakePopen.script, FakePopen.calls, FakePopen.inputs = {}, [], []
     mocker.patch.object(host.subprocess, "Popen", FakePopen)
     return FakePopen
 
@@ -1125,9 +1128,12 @@ def test_rules_plan_clean_table(tmp_path):
     assert k.filter_chains == set()
 
 
-def test_rules_plan_already_correct_is_empty(tmp_path):
+def test_rules_plan_already_correct_is_empty(tmp_path, fake):
     k = kernel(tmp_path)
     assert k.rules_plan(CAPTURED_RULES_OK, IPS_2) == []
+    assert k.filter_chains == set()             # a plan writes nothing, not even a cache
+    fake.answer(IPT_S, (0, CAPTURED_RULES_OK, ""))
+    assert k.rules_actions(IPS_2).rules == []   # the probe does
     assert k.filter_chains == {"KOHAKU-VXLAN"}
 
 
@@ -1243,7 +1249,7 @@ def test_set_source_filter_deletes_the_sub_chains_a_shrunk_cluster_no_longer_nee
     assert k.filter_chains == {"KOHAKU-VXLAN"}
 
 
-def test_rules_plan_and_down_see_the_sub_chains(tmp_path):
+def test_rules_plan_and_down_see_the_sub_chains(tmp_path, fake):
     k = kernel(tmp_path)
     many = ["198.51.100.%d" % i for i in range(2, 40)]
     tree = host.Kernel.filter_tree(many)
@@ -1253,6 +1259,8 @@ def test_rules_plan_and_down_see_the_sub_chains(tmp_path):
         "-j ACCEPT\n-A KOHAKU-VXLAN -j DROP\n",
         "".join("-A %s %s\n" % (c, r) for c, rules in tree.items() for r in rules))
     assert k.rules_plan(text, many) == []
+    fake.answer(IPT_S, (0, text, ""))
+    assert k.rules_actions(many).rules == []
     assert k.filter_chains == set(tree)
     down = k.removal_plan(text)
     assert down[-2 * len(tree):] == ["-F " + c for c in sorted(tree)] + [
@@ -1651,7 +1659,10 @@ def test_group_commit_of_many_registrations_is_one_write_and_one_batch(tmp_path,
     assert hub.store.writes == 1
 
 
-def test_failed_tunnel_undoes_the_new_allocation(tmp_path, fake):
+def test_failed_tunnel_answers_500_and_keeps_the_one_save(tmp_path, fake):
+    """Issue 10.1: a failed new registration is no longer saved and then un-saved. The state
+    keeps what was decided (one write); the runner is not active, so the id is evictable and
+    `cleanup` frees it; its retry gets the same id and the tunnel is built then."""
     hub = make_hub(tmp_path)
     fake.answer(BATCH, (2, "", "Error: argument \"vxkr1\" is wrong: Unknown device\n"))
     fake.answer(IP_SHOW, (0, "[]", ""))
@@ -1661,7 +1672,14 @@ def test_failed_tunnel_undoes_the_new_allocation(tmp_path, fake):
     assert job.status == 500
     assert job.answer == {"error": "the host could not build vxkr1: Error: argument \"vxkr1\" is "
                                    "wrong: Unknown device"}
-    assert hub.allocs == {} and hub.store.read()[0] == {}
+    assert hub.store.writes == 1
+    assert sorted(hub.store.read()[0]) == [1] and not hub.is_active(hub.allocs[1])
+    fake.script = [e for e in fake.script if e[0] != BATCH]      # the kernel works again
+    retry = host.Job("register", runner_name="r1", physical_ip="198.51.100.11",
+                     previous_runner_id=None)
+    hub.commit([retry])
+    assert (retry.status, retry.answer["runner_id"]) == (200, 1)
+    assert fake.batches()[-1] == ADD_VXKR1 and hub.is_active(hub.allocs[1])
 
 
 def test_failed_state_write_answers_500_and_changes_nothing(tmp_path, fake, mocker):
