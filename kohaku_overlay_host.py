@@ -205,32 +205,8 @@ def tool_exists(name):
 # ---------------------------------------------------------------------------------------------
 
 
-def _describe_node(node):
-    names = {ast.Import: "an import", ast.ImportFrom: "an import", ast.FunctionDef: "a function",
-             ast.ClassDef: "a class", ast.Expr: "an expression", ast.If: "an if statement",
-             ast.For: "a loop", ast.While: "a loop", ast.With: "a with statement",
-             ast.AugAssign: "an augmented assignment"}
-    return names.get(type(node), "a {} statement".format(type(node).__name__))
-
-
 # what ast and literal_eval raise on hostile input: unhashable set members, deep nesting
 LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
-
-
-def _is_string(node):
-    try:
-        return isinstance(ast.literal_eval(node), str)
-    except LITERAL_ERRORS:
-        return False
-
-
-def _short(value):
-    """repr() for messages: bounded, and safe for ints too long to print."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return "a number too long to print"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_config(path, keys, explicit):
@@ -289,19 +265,33 @@ def read_config(path, keys, explicit):
     return values
 
 
+def _describe_node(node):
+    names = {ast.Import: "an import", ast.ImportFrom: "an import", ast.FunctionDef: "a function",
+             ast.ClassDef: "a class", ast.Expr: "an expression", ast.If: "an if statement",
+             ast.For: "a loop", ast.While: "a loop", ast.With: "a with statement",
+             ast.AugAssign: "an augmented assignment"}
+    return names.get(type(node), "a {} statement".format(type(node).__name__))
+
+
+def _is_string(node):
+    try:
+        return isinstance(ast.literal_eval(node), str)
+    except LITERAL_ERRORS:
+        return False
+
+
+def _short(value):
+    """repr() for messages: bounded, and safe for ints too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number too long to print"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # ---------------------------------------------------------------------------------------------
 # Addressing: every overlay address comes from here
 # ---------------------------------------------------------------------------------------------
-
-
-def base36(n):
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if not n:
-            return out
 
 
 class Layout(object):
@@ -395,6 +385,16 @@ class Layout(object):
         }
 
 
+def base36(n):
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
 def load_settings(path, explicit):
     """Config plus layout, validated together; ConfigError on anything wrong."""
     cfg = read_config(path, CONFIG_KEYS, explicit)
@@ -452,11 +452,6 @@ def parse_rules(text):
             _, chain, spec = line.split(" ", 2)
             rules[chain].append(spec)
     return chains, rules
-
-
-def local_addresses():
-    out = run(["ip", "-j", "addr", "show"], mutates=False).stdout
-    return set(a["local"] for item in json.loads(out or "[]") for a in item.get("addr_info", []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,9 +643,6 @@ class Kernel(object):
         return Actions(rules=self.chain_lines(tree, self.filter_chains - set(tree)),
                        chains=set(tree))
 
-    def set_source_filter(self, ips):
-        self.apply(self.filter_actions(ips))
-
     def ensure_rules(self, ips):
         """Probe once, then repair in one iptables-restore. Returns the lines applied."""
         act = self.rules_actions(ips)
@@ -778,15 +770,11 @@ class Kernel(object):
         return set(run(["firewall-cmd", "--zone=" + TRUSTED_ZONE, "--list-interfaces"],
                        mutates=False).stdout.split())
 
-    def trust(self, names):
-        """Runtime-only trusted zone for the given interfaces (one firewall-cmd call)."""
-        self.apply(Actions(trust=names))
-
     def ensure_trusted(self, names):
         if not self.detect_firewalld():
             return []
         missing = sorted(set(names) - self.trusted_interfaces())
-        self.trust(missing)
+        self.apply(Actions(trust=missing))  # runtime only: one firewall-cmd call
         return missing
 
 
@@ -1356,23 +1344,6 @@ class Hub(object):
                 return [j for j in jobs if j is not None]
 
 
-def _physical_ip_problem(value, layout, host_address=None):
-    """Why an address cannot be a runner's physical IP, or None."""
-    ip = ipaddress.IPv4Address(value)
-    for flag, what in ((ip.is_loopback, "a loopback address"),
-                       (ip.is_unspecified, "the unspecified address"),
-                       (ip.is_multicast, "a multicast address"),
-                       (ip.is_link_local, "a link-local address"),
-                       (ip == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address"),
-                       (ip.is_reserved, "a reserved address"),
-                       (ip in layout.network, "inside the overlay {}".format(layout.cidr)),
-                       (host_address is not None and value == host_address,
-                        "the host's own address")):
-        if flag:
-            return what
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # The API: a pure dispatch() behind a small selectors-based HTTP/1.1 server
 # ---------------------------------------------------------------------------------------------
@@ -1427,9 +1398,8 @@ class Api(object):
             return self.hub.submit("cleanup")
         if verb in ("heartbeat", "release") and arg is not None:
             self._method(method, "PUT" if verb == "heartbeat" else "POST")
-            if not NAME_RE.match(arg):
-                raise ApiError(400, "bad runner name {!r}: use 1-63 of A-Za-z0-9._- starting "
-                                    "with a letter or digit".format(arg[:80]))
+            if bad_name(arg):
+                raise ApiError(400, bad_name(arg))
             self._enabled()
             if verb == "release":
                 return self.hub.submit("release", name=arg)
@@ -1466,9 +1436,8 @@ class Api(object):
         if prev is not None and type(prev) is not int:
             raise ApiError(400, "field previous_runner_id must be an integer or null")
         name, ip = req["runner_name"], req["physical_ip"]
-        if not NAME_RE.match(name):
-            raise ApiError(400, "bad runner_name {!r}: use 1-63 of A-Za-z0-9._- starting with "
-                                "a letter or digit".format(name[:80]))
+        if bad_name(name, "runner_name"):
+            raise ApiError(400, bad_name(name, "runner_name"))
         try:
             problem = _physical_ip_problem(ip, self.hub.layout,
                                            self.hub.cfg["HOST_REACHABLE_ADDRESS"])
@@ -1491,62 +1460,37 @@ class Api(object):
                                previous_runner_id=prev)
 
 
+def _physical_ip_problem(value, layout, host_address=None):
+    """Why an address cannot be a runner's physical IP, or None."""
+    ip = ipaddress.IPv4Address(value)
+    for flag, what in ((ip.is_loopback, "a loopback address"),
+                       (ip.is_unspecified, "the unspecified address"),
+                       (ip.is_multicast, "a multicast address"),
+                       (ip.is_link_local, "a link-local address"),
+                       (ip == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address"),
+                       (ip.is_reserved, "a reserved address"),
+                       (ip in layout.network, "inside the overlay {}".format(layout.cidr)),
+                       (host_address is not None and value == host_address,
+                        "the host's own address")):
+        if flag:
+            return what
+    return None
+
+
+def bad_name(value, what="runner name"):
+    """The one sentence for a runner name that NAME_RE refuses, or None."""
+    if NAME_RE.match(value):
+        return None
+    return "bad {} {!r}: use 1-63 of A-Za-z0-9._- starting with a letter or digit".format(
+        what, value[:80])
+
+
 class _Conn(object):
     __slots__ = ("sock", "peer", "deadline", "buf", "draining")
 
     def __init__(self, sock, peer, deadline):
         self.sock, self.peer, self.deadline, self.buf = sock, peer, deadline, b""
         self.draining = False
-
-
-def parse_request(buf):
-    """Bytes received so far -> None (need more) or (method, path, headers, body or None).
-
-    Raises ApiError for a request that can never be valid (too large, chunked, malformed).
-    """
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buf) > MAX_HEADER:
-            raise ApiError(431, "request headers over {} bytes".format(MAX_HEADER))
-        return None
-    lines = buf[:end].decode("latin-1").split("\r\n")
-    request = lines[0].split(" ")
-    if len(request) != 3 or not request[2].startswith("HTTP/1."):
-        raise ApiError(400, "malformed request line")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ApiError(400, "malformed header line")
-        name, value = name.lower(), value.strip()
-        if name in headers and name == "content-length" and headers[name] != value:
-            raise ApiError(400, "conflicting Content-Length headers")
-        headers[name] = value
-    if "transfer-encoding" in headers:
-        raise ApiError(400, "chunked or encoded request bodies are not accepted: send "
-                            "Content-Length")
-    if "content-length" not in headers:
-        return request[0], request[1], headers, None
-    length = headers["content-length"]
-    if not re.match(r"\A[0-9]{1,12}\Z", length):
-        raise ApiError(400, "Content-Length must be a non-negative integer")
-    if int(length) > MAX_BODY:
-        raise ApiError(413, "request body over {} bytes".format(MAX_BODY))
-    body = buf[end + 4:end + 4 + int(length)]
-    if len(body) < int(length):
-        return None
-    return request[0], request[1], headers, body
-
-
-def http_response(status, obj):
-    body = (json.dumps(obj, sort_keys=True) + "\n").encode()
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    head = "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n" \
-           "Connection: close\r\nCache-Control: no-store\r\n\r\n".format(status, phrase, len(body))
-    return head.encode() + body
 
 
 class ApiServer(object):
@@ -1714,21 +1658,54 @@ class ApiServer(object):
                 pass
 
 
-def notify_systemd(message):
-    """sd_notify without libsystemd: a datagram to $NOTIFY_SOCKET, if set."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+def parse_request(buf):
+    """Bytes received so far -> None (need more) or (method, path, headers, body or None).
+
+    Raises ApiError for a request that can never be valid (too large, chunked, malformed).
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEADER:
+            raise ApiError(431, "request headers over {} bytes".format(MAX_HEADER))
+        return None
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    request = lines[0].split(" ")
+    if len(request) != 3 or not request[2].startswith("HTTP/1."):
+        raise ApiError(400, "malformed request line")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ApiError(400, "malformed header line")
+        name, value = name.lower(), value.strip()
+        if name in headers and name == "content-length" and headers[name] != value:
+            raise ApiError(400, "conflicting Content-Length headers")
+        headers[name] = value
+    if "transfer-encoding" in headers:
+        raise ApiError(400, "chunked or encoded request bodies are not accepted: send "
+                            "Content-Length")
+    if "content-length" not in headers:
+        return request[0], request[1], headers, None
+    length = headers["content-length"]
+    if not re.match(r"\A[0-9]{1,12}\Z", length):
+        raise ApiError(400, "Content-Length must be a non-negative integer")
+    if int(length) > MAX_BODY:
+        raise ApiError(413, "request body over {} bytes".format(MAX_BODY))
+    body = buf[end + 4:end + 4 + int(length)]
+    if len(body) < int(length):
+        return None
+    return request[0], request[1], headers, body
+
+
+def http_response(status, obj):
+    body = (json.dumps(obj, sort_keys=True) + "\n").encode()
     try:
-        sock.connect(path)
-        sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd: %s", exc)
-    finally:
-        sock.close()
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    head = "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n" \
+           "Connection: close\r\nCache-Control: no-store\r\n\r\n".format(status, phrase, len(body))
+    return head.encode() + body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1796,68 +1773,33 @@ def can_print_unicode(stream):
 # ---------------------------------------------------------------------------------------------
 
 
-def api_call(cfg, method, path):
-    """Talk to the running host's API (127.0.0.1 when it binds every address)."""
-    import http.client  # only the one-shot commands need it; serve starts faster without
-    address = "127.0.0.1" if cfg["HOST_BIND_IP"] == "0.0.0.0" else cfg["HOST_BIND_IP"]
-    where = "http://{}:{}".format(address, cfg["HOST_PORT"])
-    headers = {"Content-Length": "0"}
-    if cfg["OVERLAY_TOKEN"]:
-        headers["Authorization"] = "Bearer " + cfg["OVERLAY_TOKEN"]
-    conn = http.client.HTTPConnection(address, cfg["HOST_PORT"], timeout=10)
-    try:
-        conn.request(method, path, body=b"", headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise OverlayError("cannot reach the host API at {}: {}; is `kohaku_overlay_host.py "
-                           "serve` running? (systemctl status kohakuriver-overlay-host)".format(
-                               where, getattr(exc, "strerror", None) or exc))
-    finally:
-        conn.close()
-    try:
-        answer = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        raise OverlayError("the host API at {} answered {} with something that is not "
-                           "JSON".format(where, resp.status))
-    if resp.status != 200:
-        raise OverlayError("the host API answered {}: {}".format(resp.status, answer.get("error")))
-    return answer
+def build_parser():
+    p = argparse.ArgumentParser(prog="kohaku_overlay_host.py",
+                                description="kohaku-overlay host: the VXLAN hub.")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
 
+    def add(name, helptext, func):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--config", default=None, help="config file (default {})".format(
+            DEFAULT_CONFIG))
+        sp.set_defaults(func=func)
+        return sp
 
-def check_reachable_address(cfg, wait=0):
-    value = cfg["HOST_REACHABLE_ADDRESS"]
-    if not value:
-        raise ConfigError("HOST_REACHABLE_ADDRESS is not set: set it in host_config.py to this "
-                          "host's underlay IP that runners can reach")
-    try:
-        ip = ipaddress.IPv4Address(value)
-    except ValueError:
-        raise ConfigError("HOST_REACHABLE_ADDRESS {!r} is not an IPv4 address: set it to this "
-                          "host's underlay IP".format(value))
-    if ip.is_loopback or ip.is_unspecified:
-        raise ConfigError("HOST_REACHABLE_ADDRESS is {}, which runners cannot reach (VXLAN "
-                          "tunnels would fail): set it to the Host's actual IP".format(value))
-    deadline = time.monotonic() + wait
-    while value not in local_addresses():
-        if time.monotonic() >= deadline:
-            raise ConfigError("HOST_REACHABLE_ADDRESS {} is not an address of this machine: set "
-                              "it to one of this host's own IPs (see `ip -br addr`)".format(value))
-        if wait:  # at boot the address may come a little after us (DHCP, slow links)
-            log.warning("HOST_REACHABLE_ADDRESS %s is not on any interface yet; waiting up to "
-                        "%d s", value, wait)
-            wait = 0
-        time.sleep(1)
-
-
-def confirm(question, yes):
-    if yes or not sys.stdin.isatty():
-        return True
-    try:
-        answer = input(question + " [y/N] ")
-    except EOFError:
-        return False
-    return answer.strip().lower() in ("y", "yes")
+    add("serve", "run the hub (foreground; systemd ExecStart)", cmd_serve).add_argument(
+        "--dry-run", action="store_true", help="print the commands it would run, change nothing")
+    sp = add("status", "print the allocation table from the running hub", cmd_status)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--ascii", action="store_true", help="plain ASCII borders")
+    sp = add("release", "release one runner's allocation and tunnel", cmd_release)
+    sp.add_argument("name")
+    sp.add_argument("--yes", action="store_true", help="do not ask")
+    add("cleanup", "release every inactive allocation", cmd_cleanup).add_argument(
+        "--yes", action="store_true", help="do not ask")
+    add("down", "remove kohaku-host, every vxkr* and the rules", cmd_down).add_argument(
+        "--dry-run", action="store_true", help="print the commands it would run, change nothing")
+    return p
 
 
 def cmd_serve(args, cfg, layout):
@@ -1915,6 +1857,53 @@ def cmd_serve(args, cfg, layout):
     return 0
 
 
+def notify_systemd(message):
+    """sd_notify without libsystemd: a datagram to $NOTIFY_SOCKET, if set."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect(path)
+        sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+    finally:
+        sock.close()
+
+
+def check_reachable_address(cfg, wait=0):
+    value = cfg["HOST_REACHABLE_ADDRESS"]
+    if not value:
+        raise ConfigError("HOST_REACHABLE_ADDRESS is not set: set it in host_config.py to this "
+                          "host's underlay IP that runners can reach")
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ConfigError("HOST_REACHABLE_ADDRESS {!r} is not an IPv4 address: set it to this "
+                          "host's underlay IP".format(value))
+    if ip.is_loopback or ip.is_unspecified:
+        raise ConfigError("HOST_REACHABLE_ADDRESS is {}, which runners cannot reach (VXLAN "
+                          "tunnels would fail): set it to the Host's actual IP".format(value))
+    deadline = time.monotonic() + wait
+    while value not in local_addresses():
+        if time.monotonic() >= deadline:
+            raise ConfigError("HOST_REACHABLE_ADDRESS {} is not an address of this machine: set "
+                              "it to one of this host's own IPs (see `ip -br addr`)".format(value))
+        if wait:  # at boot the address may come a little after us (DHCP, slow links)
+            log.warning("HOST_REACHABLE_ADDRESS %s is not on any interface yet; waiting up to "
+                        "%d s", value, wait)
+            wait = 0
+        time.sleep(1)
+
+
+def local_addresses():
+    out = run(["ip", "-j", "addr", "show"], mutates=False).stdout
+    return set(a["local"] for item in json.loads(out or "[]") for a in item.get("addr_info", []))
+
+
 def cmd_status(args, cfg, layout):
     st = api_call(cfg, "GET", "/api/overlay/status")
     if args.json:
@@ -1925,8 +1914,8 @@ def cmd_status(args, cfg, layout):
 
 
 def cmd_release(args, cfg, layout):
-    if not NAME_RE.match(args.name):
-        raise ConfigError("bad runner name {!r}: use 1-63 of A-Za-z0-9._-".format(args.name))
+    if bad_name(args.name):
+        raise ConfigError(bad_name(args.name))
     if not confirm("Release runner {}? Its id and tunnel are freed; a runner that still runs "
                    "registers again at its next heartbeat.".format(args.name), args.yes):
         print("nothing released")
@@ -1943,6 +1932,45 @@ def cmd_cleanup(args, cfg, layout):
     answer = api_call(cfg, "POST", "/api/overlay/cleanup")
     print("released {} inactive allocation(s)".format(answer["released"]))
     return 0
+
+
+def confirm(question, yes):
+    if yes or not sys.stdin.isatty():
+        return True
+    try:
+        answer = input(question + " [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def api_call(cfg, method, path):
+    """Talk to the running host's API (127.0.0.1 when it binds every address)."""
+    import http.client  # only the one-shot commands need it; serve starts faster without
+    address = "127.0.0.1" if cfg["HOST_BIND_IP"] == "0.0.0.0" else cfg["HOST_BIND_IP"]
+    where = "http://{}:{}".format(address, cfg["HOST_PORT"])
+    headers = {"Content-Length": "0"}
+    if cfg["OVERLAY_TOKEN"]:
+        headers["Authorization"] = "Bearer " + cfg["OVERLAY_TOKEN"]
+    conn = http.client.HTTPConnection(address, cfg["HOST_PORT"], timeout=10)
+    try:
+        conn.request(method, path, body=b"", headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise OverlayError("cannot reach the host API at {}: {}; is `kohaku_overlay_host.py "
+                           "serve` running? (systemctl status kohakuriver-overlay-host)".format(
+                               where, getattr(exc, "strerror", None) or exc))
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        raise OverlayError("the host API at {} answered {} with something that is not "
+                           "JSON".format(where, resp.status))
+    if resp.status != 200:
+        raise OverlayError("the host API answered {}: {}".format(resp.status, answer.get("error")))
+    return answer
 
 
 def cmd_down(args, cfg, layout):
@@ -1969,35 +1997,6 @@ def cmd_down(args, cfg, layout):
     print("{} {} device(s) and {} rule change(s); allocations kept in {}".format(
         what, len(names), len(rules), store.path))
     return 0
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog="kohaku_overlay_host.py",
-                                description="kohaku-overlay host: the VXLAN hub.")
-    p.add_argument("--version", action="version", version=__version__)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    def add(name, helptext, func):
-        sp = sub.add_parser(name, help=helptext)
-        sp.add_argument("--config", default=None, help="config file (default {})".format(
-            DEFAULT_CONFIG))
-        sp.set_defaults(func=func)
-        return sp
-
-    add("serve", "run the hub (foreground; systemd ExecStart)", cmd_serve).add_argument(
-        "--dry-run", action="store_true", help="print the commands it would run, change nothing")
-    sp = add("status", "print the allocation table from the running hub", cmd_status)
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--ascii", action="store_true", help="plain ASCII borders")
-    sp = add("release", "release one runner's allocation and tunnel", cmd_release)
-    sp.add_argument("name")
-    sp.add_argument("--yes", action="store_true", help="do not ask")
-    add("cleanup", "release every inactive allocation", cmd_cleanup).add_argument(
-        "--yes", action="store_true", help="do not ask")
-    add("down", "remove kohaku-host, every vxkr* and the rules", cmd_down).add_argument(
-        "--dry-run", action="store_true", help="print the commands it would run, change nothing")
-    return p
 
 
 def main(argv=None):

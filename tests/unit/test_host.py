@@ -1182,7 +1182,7 @@ def test_ensure_rules_probes_once_and_restores_once(tmp_path, fake):
 def test_set_source_filter_rewrites_only_the_chain(tmp_path, fake):
     k = kernel(tmp_path)
     k.filter_chains = {"KOHAKU-VXLAN"}
-    k.set_source_filter(IPS_2)
+    k.apply(k.filter_actions(IPS_2))
     assert fake.calls == [RESTORE]
     assert fake.inputs == ["*filter\n" + "\n".join(CHAIN_2) + "\nCOMMIT\n"]
 
@@ -1190,7 +1190,7 @@ def test_set_source_filter_rewrites_only_the_chain(tmp_path, fake):
 def test_set_source_filter_without_chain_does_the_full_repair(tmp_path, fake):
     k = kernel(tmp_path)
     k.filter_chains = set()
-    k.set_source_filter(IPS_2)
+    k.apply(k.filter_actions(IPS_2))
     assert fake.calls == [IPT_S, RESTORE]
     assert k.filter_chains == {"KOHAKU-VXLAN"}
 
@@ -1238,11 +1238,11 @@ def test_set_source_filter_deletes_the_sub_chains_a_shrunk_cluster_no_longer_nee
     k = kernel(tmp_path)
     many = ["198.51.100.%d" % i for i in range(2, 40)]
     k.filter_chains = {"KOHAKU-VXLAN"}
-    k.set_source_filter(many)
+    k.apply(k.filter_actions(many))
     grown = set(host.Kernel.filter_tree(many))
     assert len(grown) > 1 and k.filter_chains == grown
     fake.inputs[:] = []
-    k.set_source_filter(IPS_2)
+    k.apply(k.filter_actions(IPS_2))
     stale = sorted(grown - {"KOHAKU-VXLAN"})
     assert fake.inputs[-1] == "*filter\n" + "\n".join(
         CHAIN_2 + ["-F " + c for c in stale] + ["-X " + c for c in stale]) + "\nCOMMIT\n"
@@ -1268,7 +1268,8 @@ def test_rules_plan_and_down_see_the_sub_chains(tmp_path, fake):
 
 
 def test_set_source_filter_disabled_runs_nothing(tmp_path, fake):
-    kernel(tmp_path, OVERLAY_VXLAN_SOURCE_FILTER=False).set_source_filter(IPS_2)
+    k = kernel(tmp_path, OVERLAY_VXLAN_SOURCE_FILTER=False)
+    k.apply(k.filter_actions(IPS_2))
     assert fake.calls == []
 
 
@@ -2525,7 +2526,7 @@ def test_cli_release_bad_name_is_usage(cli, capsys):
     path, hub, port = cli
     assert host.main(["release", "../etc", "--yes", "--config", path]) == 2
     assert capsys.readouterr().err == ("error: bad runner name '../etc': use 1-63 of "
-                                       "A-Za-z0-9._-\n")
+                                       "A-Za-z0-9._- starting with a letter or digit\n")
 
 
 def test_cli_release_asks_on_a_terminal(cli, capsys, monkeypatch):
