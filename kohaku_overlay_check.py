@@ -110,10 +110,12 @@ RUNNER_KEYS = {
     "DOCKER_NETWORK_GATEWAY": (STR, "172.30.0.1", False),
 }
 ROLE_KEYS = {"host": HOST_KEYS, "runner": RUNNER_KEYS}
-# numeric keys -> (lowest, highest) accepted, as the daemons bound them
-RANGES = {"HOST_PORT": (1, 65535), "OVERLAY_VXLAN_PORT": (1, 65535), "OVERLAY_MTU": (68, 65535),
-          "OVERLAY_VXLAN_ID": (0, 2 ** 24 - 256), "OVERLAY_HOST_PREFIX": (1, 31),
-          "OVERLAY_INACTIVE_AFTER": (1, 10 ** 6), "OVERLAY_REPAIR_INTERVAL": (1, 3600),
+# numeric keys -> (lowest, highest) accepted, as the daemons bound them (OVERLAY_VXLAN_ID: the
+# runner's bound, the host's for the default 255 runners; OVERLAY_HOST_PREFIX: the Layout also
+# wants at least NETWORK_PREFIX, as the host does)
+RANGES = {"HOST_PORT": (1, 65535), "OVERLAY_VXLAN_PORT": (1, 65535), "OVERLAY_MTU": (576, 9000),
+          "OVERLAY_VXLAN_ID": (1, 2 ** 24 - 256), "OVERLAY_HOST_PREFIX": (1, 32),
+          "OVERLAY_INACTIVE_AFTER": (1, 86400), "OVERLAY_REPAIR_INTERVAL": (1, 3600),
           "HEARTBEAT_INTERVAL": (0.001, 3600)}
 
 PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "firewall-cmd": "firewalld",
@@ -276,6 +278,9 @@ class Layout(object):
         self.max_id = 2 ** node_bits - 1
         self.cidr = str(self.network)
         self.host_prefix = net_prefix if host_prefix is None else host_prefix
+        if not net_prefix <= self.host_prefix <= 32:
+            raise ConfigError("OVERLAY_HOST_PREFIX %d must be between %d and 32" % (
+                self.host_prefix, net_prefix))
         try:
             self.host_ip = ipaddress.IPv4Address(host_ip)
         except ValueError:
@@ -858,6 +863,9 @@ def gather(snap, links, links_text=""):
     if host:
         snap.layout = Layout(cfg["OVERLAY_SUBNET"], cfg["OVERLAY_HOST_IP"],
                              cfg["OVERLAY_HOST_PREFIX"])
+        if cfg["OVERLAY_VXLAN_ID"] + snap.layout.max_id > 2 ** 24 - 1:
+            raise ConfigError("OVERLAY_VXLAN_ID = %d leaves no room for %d VNIs below 16777216" % (
+                cfg["OVERLAY_VXLAN_ID"], snap.layout.max_id))
         snap.state = read_state_file(snap, cfg["OVERLAY_STATE_FILE"])
     else:
         snap.state = read_state_file(snap, cfg["OVERLAY_STATE_FILE"])

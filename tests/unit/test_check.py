@@ -1441,7 +1441,7 @@ HOSTILE = [
     (b"OVERLAY_ENABLED = True\n#\xff\n",
      "error: /cfg/host_config.py is not UTF-8 text (byte 0xff at offset 24); save it as UTF-8\n"),
     (b"OVERLAY_MTU = 0x" + b"f" * 5000 + b"\n",
-     "error: host_config.py: OVERLAY_MTU must be 68..65535, got an int of 20000 bits; fix that "
+     "error: host_config.py: OVERLAY_MTU must be 576..9000, got an int of 20000 bits; fix that "
      "line\n"),
     (b"OVERLAY_VXLAN_PORT = 0\n",
      "error: host_config.py: OVERLAY_VXLAN_PORT must be 1..65535, got 0; fix that line\n"),
@@ -1453,6 +1453,52 @@ HOSTILE = [
     (b"X = " + b"[" * 100000 + b"]" * 100000 + b"\n", None),
     (b"X = 1\0\n", None),
 ]
+
+
+# (role, key, value, accepted): the daemons' own bounds (issue 11.12), at both edges
+DAEMON_RANGES = [
+    ("host", "OVERLAY_MTU", 576, True), ("host", "OVERLAY_MTU", 575, False),
+    ("host", "OVERLAY_MTU", 9000, True), ("runner", "OVERLAY_MTU", 9001, False),
+    ("host", "OVERLAY_VXLAN_ID", 1, True), ("runner", "OVERLAY_VXLAN_ID", 0, False),
+    ("runner", "OVERLAY_VXLAN_ID", 16776960, True), ("host", "OVERLAY_VXLAN_ID", 16776961, False),
+    ("host", "OVERLAY_INACTIVE_AFTER", 86400, True),
+    ("host", "OVERLAY_INACTIVE_AFTER", 86401, False),
+    ("host", "OVERLAY_REPAIR_INTERVAL", 3600, True),
+    ("host", "OVERLAY_REPAIR_INTERVAL", 3601, False),
+    ("runner", "HOST_PORT", 65535, True), ("runner", "HOST_PORT", 0, False),
+    ("host", "OVERLAY_HOST_PREFIX", 32, True), ("runner", "HEARTBEAT_INTERVAL", 3600, True),
+    ("runner", "HEARTBEAT_INTERVAL", 3601, False),
+]
+
+
+@pytest.mark.parametrize("role,key,value,accepted", DAEMON_RANGES)
+def test_config_ranges_are_the_daemons(role, key, value, accepted):
+    text = "%s = %r\n" % (key, value)
+    if accepted:
+        values, _w, _i = chk.parse_config(text, "/cfg/x_config.py", role)
+        assert values == {key: value}
+    else:
+        with pytest.raises(chk.ConfigError) as e:
+            chk.parse_config(text, "/cfg/x_config.py", role)
+        low, high = chk.RANGES[key]
+        assert str(e.value) == "x_config.py: %s must be %s..%s, got %s; fix that line" % (
+            key, low, high, value)
+
+
+def test_layout_bounds_are_the_hosts(fake, capsys):
+    """The host also bounds OVERLAY_HOST_PREFIX by NETWORK_PREFIX and the VNI range by the
+    layout's runner count (issue 11.12)."""
+    node = healthy_host()
+    node.config("OVERLAY_HOST_PREFIX = 7\n")
+    rc, _results, _ = check_run(fake, node)
+    assert rc == 2
+    assert capsys.readouterr().err == "error: OVERLAY_HOST_PREFIX 7 must be between 8 and 32\n"
+    node = healthy_host()
+    node.config('OVERLAY_SUBNET = "10.0.0.0/8/10/14"\nOVERLAY_VXLAN_ID = 16776500\n')
+    rc, _results, _ = check_run(fake, node)
+    assert rc == 2
+    assert capsys.readouterr().err == "error: OVERLAY_VXLAN_ID = 16776500 leaves no room for " \
+        "1023 VNIs below 16777216\n"
 
 
 @pytest.mark.parametrize("data,message", HOSTILE, ids=["not-utf8", "huge-int", "port-0",
