@@ -40,9 +40,11 @@ import logging
 import os
 import random
 import re
+import select
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -61,6 +63,11 @@ REPAIR_EVERY = 3                    # serve re-checks the local build every N he
 HTTP_TIMEOUT = 10.0
 STATE_VERSION = 1
 HEARTBEAT_RECORD_EVERY = 30.0       # seconds between writes of last_heartbeat to the state file
+DIRECT_DEV = "vxdirect0"            # direct routing: VXLAN to every peer, VNI OVERLAY_VXLAN_ID
+PROBE_EVERY = 1.0                   # seconds between probe rounds of the direct paths
+PROBE_WAIT = 0.5                    # how long a round waits for the echo replies
+FALL_AFTER = 3                      # rounds without a reply before a peer goes through the Host
+RISE_AFTER = 2                      # rounds with a reply before a relayed peer goes direct again
 
 # key -> (accepted types, default). A default of None is computed at load time.
 RUNNER_KEYS = [
@@ -504,6 +511,7 @@ def parse_allocation(obj):
     alloc = {k: obj[k] for k in ALLOCATION_KEYS}
     alloc["prefixlen"] = subnet.prefixlen
     alloc["overlay_cidr"] = str(cidr)
+    alloc["settings"] = parse_settings(obj)
     return alloc
 
 
@@ -562,6 +570,7 @@ def save_state(path, alloc, **extra):
         return
     state = {k: alloc[k] for k in ALLOCATION_KEYS}
     state.update(version=STATE_VERSION, saved_at=time.time())
+    state.update(alloc.get("settings") or {})
     state.update(extra)
     try:
         write_json_atomic(path, state)
@@ -855,10 +864,12 @@ def plan_links(cfg, alloc, address, links, route):
     return lines, changes, created
 
 
-def ensure_links(cfg, alloc, address, stack):
+def ensure_links(cfg, alloc, address, stack, direct=False):
     links = probe_links()
     route = probe_route(alloc["overlay_cidr"])
     lines, changes, created = plan_links(cfg, alloc, address, links, route)
+    more = plan_direct_link(cfg, alloc, address, links, direct)
+    lines, changes, created = lines + more[0], changes + more[1], created + more[2]
     if not lines:
         return []
     for name in created:
@@ -869,32 +880,38 @@ def ensure_links(cfg, alloc, address, stack):
 
 def ip_batch(lines):
     """All ip work of a pass in one process; a failure names the line that failed."""
+    tool_batch("ip", lines)
+
+
+def tool_batch(tool, lines):
+    """`ip -batch -` or `bridge -batch -`: many changes in one process, echoed line by line."""
     try:
-        run(["ip", "-batch", "-"], input="\n".join(lines) + "\n",
-            echo=["ip " + line for line in lines])
+        run([tool, "-batch", "-"], input="\n".join(lines) + "\n",
+            echo=[tool + " " + line for line in lines])
     except CommandError as e:
         m = re.search(r"Command failed -:(\d+)", e.stderr or "")
         if not m or not 0 < int(m.group(1)) <= len(lines):
             raise
-        raise CommandError("`ip %s` failed: %s" % (lines[int(m.group(1)) - 1],
+        raise CommandError("`%s %s` failed: %s" % (tool, lines[int(m.group(1)) - 1],
                                                    first_line(e.stderr)), e.argv, e.rc, e.stderr)
 
 
-def plan_rules(cidr, forward, nat):
+def plan_rules(cidr, forward, nat, extra_forward=()):
     """iptables-restore input that puts our FORWARD rules first and our NAT rule in place.
 
+    extra_forward: more marked FORWARD rules right after ours (direct routing's pair).
     Pure: returns (restore_text, echo_lines, changes, undo_text). Stale or misplaced marked rules
     are deleted in the same transaction (no window without them).
     """
-    want_fwd, want_nat = forward_rules(cidr), nat_rule(cidr)
+    want_fwd, want_nat = forward_rules(cidr) + list(extra_forward), nat_rule(cidr)
     filt, natl, changes = [], [], []
     undo_filt, undo_nat = [], []
-    if forward[:2] != want_fwd:
-        marked = [r for r in forward if is_marked(r)]
+    marked = [r for r in forward if is_marked(r)]
+    if forward[:len(want_fwd)] != want_fwd or len(marked) != len(want_fwd):
         for r in marked:
             filt.append(delete_rule(r))
-        filt.append("-I FORWARD 1" + want_fwd[0][len("-A FORWARD"):])
-        filt.append("-I FORWARD 2" + want_fwd[1][len("-A FORWARD"):])
+        for i, r in enumerate(want_fwd):
+            filt.append("-I FORWARD %d%s" % (i + 1, r[len("-A FORWARD"):]))
         changes.append("FORWARD accept rules for %s %s" % (
             cidr, "moved to the top" if marked else "added"))
         if not marked:
@@ -926,9 +943,9 @@ def restore_echo(filt, nat):
     return ["iptables -t filter " + r for r in filt] + ["iptables -t nat " + r for r in nat]
 
 
-def ensure_rules(cidr, stack):
+def ensure_rules(cidr, stack, extra_forward=()):
     text, echo, changes, undo_text = plan_rules(cidr, probe_rules("filter", "FORWARD"),
-                                                probe_rules("nat", "POSTROUTING"))
+                                                probe_rules("nat", "POSTROUTING"), extra_forward)
     if not text:
         return []
     run(["iptables-restore", "--noflush"], input=text, echo=echo)    # atomic: all or nothing
@@ -1020,16 +1037,406 @@ def ensure_default_network(cfg):
     return True
 
 
+# ---- direct routing: the peer table, its plan, the path probes --------------------------------
+#
+# With OVERLAY_DIRECT_ROUTING on the Host, a runner also has vxdirect0 (VNI OVERLAY_VXLAN_ID, no
+# remote: one FDB entry per peer) holding its subnet's network address (10.N.0.0/32), and reaches
+# peer M's subnet by `10.M.0.0/16 via 10.M.0.0 dev vxdirect0 onlink` beside a permanent neighbour
+# entry. A /32 route to 10.M.0.0 stays while M is relayed, so the probe (an ICMP echo to
+# 10.M.0.0) always tests the direct path; taking away only the /16 hands M's traffic to the
+# overlay route via the Host. The peer table is data: a plain dict per peer as the Host served it,
+# so keys added by other capabilities (WireGuard's) pass through.
+
+PEER_KEYS = ("runner_name", "runner_id", "subnet", "physical_ip", "vtep_mac")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+NO_PEERS = {"version": 0, "peers": []}
+ATF_PERM = 0x4                      # /proc/net/arp: a permanent neighbour entry
+RTF_GATEWAY = 0x2                   # /proc/net/route: the route has a gateway
+
+
+def parse_settings(obj):
+    """What the Host decides for every runner, from a registration or heartbeat answer (or the
+    state file that keeps them): absent keys mean off."""
+    direct = isinstance(obj, dict) and obj.get("direct_routing") is True
+    version = obj.get("peers_version") if direct else 0
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        version = 0
+    return {"direct_routing": direct, "peers_version": version}
+
+
+def vtep_mac(runner_id):
+    """vxdirect0's MAC, fixed by the runner id (locally administered; 6b:6f is "ko")."""
+    return "02:6b:6f:%02x:%02x:%02x" % ((runner_id >> 16) & 0xff, (runner_id >> 8) & 0xff,
+                                        runner_id & 0xff)
+
+
+def net_address(subnet):
+    """A runner's address on vxdirect0: its subnet's network address (10.N.0.0)."""
+    return str(ipaddress.IPv4Network(subnet).network_address)
+
+
+def parse_peers(obj, own_name):
+    """`GET /api/overlay/peers` -> {"version", "peers"} without this runner, sorted by id.
+
+    A malformed table is refused whole (the caller keeps its last good one).
+    """
+    def bad(why):
+        return OverlayError("the host's peer table is malformed (%s): update the host script"
+                            % why)
+    if not isinstance(obj, dict) or not isinstance(obj.get("peers"), list):
+        raise bad("no list of peers")
+    version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise bad("version %s" % shown(version))
+    peers = []
+    for p in obj["peers"]:
+        if not isinstance(p, dict) or any(k not in p for k in PEER_KEYS):
+            raise bad("a peer lacks one of %s" % ", ".join(PEER_KEYS))
+        rid = p["runner_id"]
+        if isinstance(rid, bool) or not isinstance(rid, int) or rid < 1:
+            raise bad("runner_id %s" % shown(rid))
+        if not isinstance(p["runner_name"], str) or not NAME_RE.match(p["runner_name"]):
+            raise bad("runner_name %s" % shown(p["runner_name"]))
+        if not isinstance(p["vtep_mac"], str) or not MAC_RE.match(p["vtep_mac"]):
+            raise bad("vtep_mac %s" % shown(p["vtep_mac"]))
+        try:
+            ipaddress.IPv4Network(p["subnet"])
+            ipaddress.IPv4Address(p["physical_ip"])
+        except (ValueError, TypeError) as e:
+            raise bad(str(e))
+        if p["runner_name"] != own_name:
+            peers.append(dict(p))
+    peers.sort(key=lambda p: p["runner_id"])
+    return {"version": version, "peers": peers}
+
+
+def peers_wanted(peers, relayed=()):
+    """What vxdirect0 must hold for this table: {"routes": {dst: gateway or None}, "neigh":
+    {ip: mac}, "fdb": {mac: physical ip}}. A relayed peer keeps all but its subnet route."""
+    wanted = {"routes": {}, "neigh": {}, "fdb": {}}
+    for p in peers:
+        addr = net_address(p["subnet"])
+        wanted["routes"][addr + "/32"] = None
+        if p["runner_name"] not in relayed:
+            wanted["routes"][str(ipaddress.IPv4Network(p["subnet"]))] = addr
+        wanted["neigh"][addr] = p["vtep_mac"]
+        wanted["fdb"][p["vtep_mac"]] = p["physical_ip"]
+    return wanted
+
+
+def proc_hex_ip(text):
+    return str(ipaddress.IPv4Address(int.from_bytes(bytes.fromhex(text), "little")))
+
+
+def proc_rows(text, dev, column, width):
+    """The fields of each row of a /proc/net table (header skipped) whose column is dev."""
+    for line in (text or "").splitlines()[1:]:
+        f = line.split()
+        if len(f) >= width and f[column] == dev:
+            yield f
+
+
+def parse_proc_routes(text, dev):
+    """/proc/net/route (the main table) -> {dst/prefix: gateway or None} of dev's routes."""
+    routes = {}
+    for f in proc_rows(text, dev, 0, 8):
+        try:
+            mask = bin(int(f[7], 16)).count("1")
+            gateway = proc_hex_ip(f[2]) if int(f[3], 16) & RTF_GATEWAY else None
+            routes["%s/%d" % (proc_hex_ip(f[1]), mask)] = gateway
+        except ValueError:
+            continue
+    return routes
+
+
+def parse_proc_arp(text, dev):
+    """/proc/net/arp -> {ip: mac} of dev's neighbours (mac None when not permanent)."""
+    neigh = {}
+    for f in proc_rows(text, dev, 5, 6):
+        try:
+            neigh[f[0]] = f[3].lower() if int(f[2], 16) & ATF_PERM else None
+        except ValueError:
+            continue
+    return neigh
+
+
+def parse_fdb(text):
+    """`bridge -j fdb show dev vxdirect0` -> {mac: dst} of the entries that have a remote."""
+    return {e["mac"].lower(): e["dst"] for e in parse_json(text, "bridge -j fdb show")
+            if isinstance(e, dict) and e.get("mac") and e.get("dst")}
+
+
+def plan_peers(wanted, have):
+    """Pure: the actions that turn have into wanted, as (verb, table, key, value) tuples,
+    deletions first (same layout as peers_wanted)."""
+    actions = []
+    for table in ("routes", "neigh", "fdb"):
+        for key in sorted(have[table]):
+            if key not in wanted[table]:
+                actions.append(("del", table, key, have[table][key]))
+    for table in ("neigh", "fdb", "routes"):
+        for key in sorted(wanted[table]):
+            if key not in have[table] or have[table][key] != wanted[table][key]:
+                actions.append(("replace", table, key, wanted[table][key]))
+    return actions
+
+
+def render_peer_actions(actions, dev=DIRECT_DEV):
+    """Pure: actions -> (ip batch lines, bridge batch lines)."""
+    ip_lines, bridge_lines = [], []
+    for verb, table, key, value in actions:
+        if table == "routes":
+            ip_lines.append("route del %s dev %s" % (key, dev) if verb == "del" else
+                            "route replace %s dev %s scope link" % (key, dev) if value is None
+                            else "route replace %s via %s dev %s onlink" % (key, value, dev))
+        elif table == "neigh":
+            ip_lines.append("neigh del %s dev %s" % (key, dev) if verb == "del" else
+                            "neigh replace %s lladdr %s dev %s nud permanent" % (key, value, dev))
+        else:
+            bridge_lines.append("fdb del %s dev %s dst %s self" % (key, dev, value)
+                                if verb == "del" else
+                                "fdb replace %s dev %s dst %s self permanent" % (key, dev, value))
+    return ip_lines, bridge_lines
+
+
+def describe_peer_actions(actions):
+    counts = {}
+    for verb, table, _, _ in actions:
+        counts[(verb, table)] = counts.get((verb, table), 0) + 1
+    words = {"routes": "route(s)", "neigh": "neighbour(s)", "fdb": "FDB entr(ies)"}
+    return ["%s: %d %s %s" % (DIRECT_DEV, n, words[table], "set" if verb == "replace" else
+                              "removed") for (verb, table), n in sorted(counts.items())]
+
+
+def plan_direct_link(cfg, alloc, address, links, want):
+    """The `ip -batch` lines that bring vxdirect0 to the wanted state (want False: gone).
+
+    Pure: returns (lines, changes, created) like plan_links.
+    """
+    dev = links.get(DIRECT_DEV)
+    if dev is not None and link_kind(dev) != "vxlan":
+        raise ConfigError("%s exists and is a %s, not a VXLAN device: remove it (ip link del %s)"
+                          % (DIRECT_DEV, link_kind(dev) or "device", DIRECT_DEV))
+    if not want:
+        if dev is None:
+            return [], [], []
+        return ["link del %s" % DIRECT_DEV], ["%s removed (direct routing off)" % DIRECT_DEV], []
+    mtu, mac = alloc["mtu"], vtep_mac(alloc["runner_id"])
+    addr = net_address(alloc["subnet"]) + "/32"
+    spec = {"id": cfg["OVERLAY_VXLAN_ID"], "local": address, "remote": None,
+            "port": alloc["vxlan_port"]}
+    diff = vxlan_mismatch(dev, spec) if dev is not None else []
+    if dev is not None and (dev.get("address") or "").lower() != mac:
+        diff.append("mac %s (want %s)" % (dev.get("address"), mac))
+    lines, changes, created = [], [], []
+    if diff:
+        lines.append("link del %s" % DIRECT_DEV)
+        dev = None
+    if dev is None:
+        lines.append("link add %s address %s mtu %d type vxlan id %d local %s dstport %d "
+                     "nolearning" % (DIRECT_DEV, mac, mtu, spec["id"], address, spec["port"]))
+        changes.append("%s recreated (%s)" % (DIRECT_DEV, ", ".join(diff)) if diff else
+                       "%s created (vni %d)" % (DIRECT_DEV, spec["id"]))
+        created.append(DIRECT_DEV)
+        addrs = []
+    else:
+        addrs = ipv4_addrs(dev)
+        if dev.get("mtu") != mtu:
+            lines.append("link set dev %s mtu %d" % (DIRECT_DEV, mtu))
+            changes.append("%s mtu %s -> %d" % (DIRECT_DEV, dev.get("mtu"), mtu))
+    for a in addrs:
+        if a != addr:
+            lines.append("addr del %s dev %s" % (a, DIRECT_DEV))
+            changes.append("stale address %s removed from %s" % (a, DIRECT_DEV))
+    if addr not in addrs:
+        lines.append("addr add %s dev %s" % (addr, DIRECT_DEV))
+        if dev is not None:
+            changes.append("address %s added to %s" % (addr, DIRECT_DEV))
+    if dev is None or not link_up(dev):
+        lines.append("link set dev %s up" % DIRECT_DEV)
+        if dev is not None:
+            changes.append("%s set up" % DIRECT_DEV)
+    return lines, changes, created
+
+
+def direct_forward_rules(cidr, bridge):
+    """The FORWARD pair direct routing adds after the bridge's own accept rule."""
+    return ["-A FORWARD -s %s -d %s -i %s -o %s -m comment --comment %s -j ACCEPT"
+            % (cidr, cidr, i, o, MARKER) for i, o in ((bridge, DIRECT_DEV), (DIRECT_DEV, bridge))]
+
+
+def direct_vxlan_accepts(peers, vxlan_id):
+    """(source IP, VNI) pairs the VXLAN filter accepts for direct routing: each peer, on the
+    node-0 VNI that vxdirect0 uses."""
+    return [(p["physical_ip"], vxlan_id) for p in peers]
+
+
+def read_proc_net(name):
+    """/proc/net/NAME of this process's network namespace ("" when unreadable)."""
+    try:
+        with open("/proc/net/" + name) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def probe_fdb():
+    """vxdirect0's FDB, or None when the device does not exist."""
+    res = run(["bridge", "-j", "fdb", "show", "dev", DIRECT_DEV], check=False, mutates=False)
+    if res.rc != 0:
+        if "does not exist" in res.err or "Cannot find device" in res.err:
+            return None
+        raise CommandError("`bridge fdb show dev %s` failed: %s" % (DIRECT_DEV,
+                                                                    first_line(res.err)),
+                           ["bridge", "fdb", "show"], res.rc, res.err)
+    return parse_fdb(res.out)
+
+
+def ensure_peers(direct):
+    """vxdirect0's routes, neighbours and FDB to the table: routes and neighbours are read from
+    /proc, so a pass costs one probe and at most one bridge and one ip batch."""
+    fdb = probe_fdb()
+    if fdb is None and not DRY_RUN:
+        raise OverlayError("%s does not exist, so the direct routes cannot be set: the next "
+                           "repair rebuilds it" % DIRECT_DEV)
+    have = {"routes": parse_proc_routes(read_proc_net("route"), DIRECT_DEV),
+            "neigh": parse_proc_arp(read_proc_net("arp"), DIRECT_DEV), "fdb": fdb or {}}
+    actions = plan_peers(peers_wanted(direct["peers"], direct.get("relayed", ())), have)
+    ip_lines, bridge_lines = render_peer_actions(actions)
+    if bridge_lines:
+        tool_batch("bridge", bridge_lines)
+    if ip_lines:
+        ip_batch(ip_lines)
+    return describe_peer_actions(actions)
+
+
+def ensure_no_redirects(bridge):
+    """Containers must not cache an ICMP redirect to the Host (their traffic enters and leaves
+    the bridge), or they would not follow a path change: send_redirects 0 on `all` and bridge."""
+    names = ["net.ipv4.conf.all.send_redirects", "net.ipv4.conf.%s.send_redirects" % bridge]
+    off = [n for n in names if read_sysctl(n) not in ("0", None)]
+    if not off:
+        return []
+    run(["sysctl", "-w"] + ["%s=0" % n for n in off])
+    return ["%s set to 0" % n for n in off]
+
+
+def icmp_checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xffff)
+    total += total >> 16
+    return ~total & 0xffff
+
+
+def echo_request(ident, seq):
+    body = b"kohaku-overlay direct probe"
+    head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    return struct.pack("!BBHHH", 8, 0, icmp_checksum(head + body), ident, seq) + body
+
+
+def parse_echo_reply(packet, ident, seq):
+    """A raw IPv4 packet -> the source address when it is our echo reply, else None."""
+    if len(packet) < 20:
+        return None
+    ihl = (packet[0] & 0x0f) * 4
+    if len(packet) < ihl + 8:
+        return None
+    kind, code, _, rid, rseq = struct.unpack("!BBHHH", packet[ihl:ihl + 8])
+    if kind != 0 or code != 0 or rid != ident or rseq != seq:
+        return None
+    return socket.inet_ntoa(packet[12:16])
+
+
+def probe_paths(targets, wait=PROBE_WAIT, sock=None, seq=None):
+    """One probe round of the direct paths: an ICMP echo to every target from this process (a raw
+    socket, CAP_NET_RAW; no process per peer) -> the set of targets that answered within wait."""
+    targets = set(targets)
+    if not targets:
+        return set()
+    own = sock is None
+    if own:
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except OSError as e:
+            raise OverlayError("cannot open a raw ICMP socket to probe the direct paths (%s): "
+                               "run the runner as root or with CAP_NET_RAW" % describe_oserror(e))
+    ident = os.getpid() & 0xffff
+    seq = random.randint(0, 0xffff) if seq is None else seq
+    answered = set()
+    try:
+        packet = echo_request(ident, seq)
+        for t in sorted(targets):
+            try:
+                sock.sendto(packet, (t, 0))
+            except OSError:
+                pass                      # no route or no buffer: that path did not answer
+        deadline = time.monotonic() + wait
+        while answered != targets:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([sock], [], [], left)[0]:
+                break
+            src = parse_echo_reply(sock.recv(2048), ident, seq)
+            if src in targets:
+                answered.add(src)
+    finally:
+        if own:
+            sock.close()
+    return answered
+
+
+def track_paths(paths, names, answered, now, fall_after=FALL_AFTER, rise_after=RISE_AFTER):
+    """Pure: the per-peer fallback state machine, one probe round.
+
+    paths: {name: {"path": "direct"|"relayed", "since", "fails", "oks"}}; names: the peers in the
+    table now (a new peer starts direct); answered: the names whose probe came back.
+    Returns (new paths, [(name, old path, new path)]) for the peers that changed path.
+    """
+    new, changed = {}, []
+    for name in names:
+        old = paths.get(name) or {"path": "direct", "since": now, "fails": 0, "oks": 0}
+        ok = name in answered
+        p = {"path": old["path"], "since": old["since"],
+             "fails": 0 if ok else old["fails"] + 1, "oks": old["oks"] + 1 if ok else 0}
+        flip = (p["path"] == "direct" and p["fails"] >= fall_after) or \
+            (p["path"] == "relayed" and p["oks"] >= rise_after)
+        if flip:
+            p["path"] = "relayed" if p["path"] == "direct" else "direct"
+            p["since"] = now
+            changed.append((name, old["path"], p["path"]))
+        new[name] = p
+    return new, changed
+
+
+def saved_direct(state):
+    """The peer table and paths kept in the state file: (table, paths)."""
+    peers = state.get("peers")
+    try:
+        table = parse_peers(peers, state.get("runner_name"))
+    except OverlayError:
+        table = dict(NO_PEERS)
+    paths = {}
+    for name, p in (state.get("paths") or {}).items():
+        if isinstance(p, dict) and p.get("path") in ("direct", "relayed"):
+            paths[name] = {"path": p["path"], "since": p.get("since") or 0.0, "fails": 0,
+                           "oks": 0}
+    return table, paths
+
+
 # ---- the domain: runner build and teardown ----------------------------------------------------
 
 
-def build(cfg, alloc, address, errors=None):
+def build(cfg, alloc, address, errors=None, direct=None):
     """Bring the runner end to the allocation: probe, compare, act. Returns the changes made.
 
     Without errors (up): a failing step raises, and everything this call created is undone.
     With an errors list (serve's repairs): every step runs, what got fixed stays, failures are
     appended to errors. Either way a Docker network with containers is never removed.
+    direct: None (direct routing off: vxdirect0 and its rules go) or {"peers": [...],
+    "relayed": names of the peers reached through the Host}.
     """
+    br = cfg["OVERLAY_BRIDGE_NAME"]
     try:
         net, diff = check_docker_network(cfg, alloc)
     except CommandError as e:
@@ -1041,13 +1448,19 @@ def build(cfg, alloc, address, errors=None):
         # Order: a mismatched network goes before the bridge changes under it; the network is
         # created before the rules because `docker network create` puts Docker's own FORWARD
         # jumps back on top, and ours must end up first.
-        steps = [ensure_ip_forward, lambda: ensure_links(cfg, alloc, address, stack)]
+        steps = [ensure_ip_forward,
+                 lambda: ensure_links(cfg, alloc, address, stack, direct is not None)]
+        if direct is not None:
+            steps += [lambda: ensure_no_redirects(br), lambda: ensure_peers(direct)]
         if diff:
             steps.insert(0, lambda: remove_mismatched_network(cfg, diff))
         if diff or (net is None and diff is not None):
             steps.append(lambda: create_docker_network(cfg, alloc, stack))
-        steps += [lambda: ensure_rules(alloc["overlay_cidr"], stack),
-                  lambda: ensure_firewalld([cfg["OVERLAY_BRIDGE_NAME"], VXLAN_DEV], stack)]
+        cidr = alloc["overlay_cidr"]
+        extra = direct_forward_rules(cidr, br) if direct is not None else []
+        zone = [br, VXLAN_DEV] + ([DIRECT_DEV] if direct is not None else [])
+        steps += [lambda: ensure_rules(cidr, stack, extra),
+                  lambda: ensure_firewalld(zone, stack)]
         changes = []
         for step in steps:
             try:
@@ -1067,9 +1480,10 @@ def plan_teardown(cfg, links, route, forward_all, nat_all):
     if route is not None and route.get("dev") == br:
         lines.append("route del %s dev %s" % (route["dst"], br))
         changes.append("route %s removed" % route["dst"])
-    if link_kind(links.get(VXLAN_DEV) or {}) == "vxlan":
-        lines.append("link del %s" % VXLAN_DEV)
-        changes.append("%s removed" % VXLAN_DEV)
+    for dev in (DIRECT_DEV, VXLAN_DEV):     # vxdirect0 takes its routes, neighbours, FDB along
+        if link_kind(links.get(dev) or {}) == "vxlan":
+            lines.append("link del %s" % dev)
+            changes.append("%s removed" % dev)
     if link_kind(links.get(br) or {}) == "bridge":
         lines.append("link del %s" % br)
         changes.append("bridge %s removed" % br)
@@ -1100,7 +1514,7 @@ def teardown(cfg, force=False):
         changes.append("Docker network %s removed" % name)
     if firewalld_running():
         have = trusted_interfaces()
-        for iface in (br, VXLAN_DEV):
+        for iface in (br, VXLAN_DEV, DIRECT_DEV):
             if iface in have:
                 run(untrust_argv(iface), timeout=15)
                 changes.append("%s taken out of the trusted zone" % iface)
@@ -1382,6 +1796,15 @@ def heartbeat(cfg):
                            timeout=min(HTTP_TIMEOUT, max(2.0, cfg["HEARTBEAT_INTERVAL"])))
     if status != 200:
         raise host_error(cfg, status, obj)
+    return obj
+
+
+def fetch_peers(cfg):
+    """The Host's peer table (GET /api/overlay/peers), without this runner."""
+    status, obj = api_call(cfg, "GET", "/api/overlay/peers")
+    if status != 200:
+        raise host_error(cfg, status, obj)
+    return parse_peers(obj, cfg["RUNNER_NAME"])
 
 
 def backoff_delays(start=BACKOFF_START, cap=BACKOFF_MAX, rng=None):
@@ -1446,6 +1869,9 @@ class Agent(object):
         self.heartbeat_recorded = 0.0
         self.last = {}
         self.metrics = RunnerMetrics()
+        self.peers = dict(NO_PEERS)   # direct routing: the Host's peer table, as last fetched
+        self.paths = {}               # peer name -> its path (track_paths)
+        self.next_probe = 0.0
 
     def say(self, key, level, message):
         """Log message unless it repeats the last one logged under key."""
@@ -1466,14 +1892,17 @@ class Agent(object):
         if self.address is None:
             return False
         state = load_state(cfg["OVERLAY_STATE_FILE"])
+        if parse_settings(state)["direct_routing"]:
+            self.peers, self.paths = saved_direct(state)
         alloc = register_with_retry(cfg, self.address, state.get("runner_id"), self.stop,
                                     retry_full=True)
         if alloc is None:
             return False
         self.metrics.inc("registrations", "first")
         self.adopt(alloc)
+        self.sync_peers()
         self.repair(first=True)
-        self.metrics.write(cfg, self.alloc)
+        self.metrics.write(cfg, self.alloc, self.metric_peers())
         return True
 
     def adopt(self, alloc):
@@ -1482,13 +1911,16 @@ class Agent(object):
                      alloc["runner_id"], alloc["subnet"], alloc["vni"])
         self.alloc = alloc
         self.registered_at = time.time()
-        save_state(self.cfg["OVERLAY_STATE_FILE"], alloc, registered_at=self.registered_at)
+        if not alloc["settings"]["direct_routing"]:
+            self.peers, self.paths = dict(NO_PEERS), {}
+        save_state(self.cfg["OVERLAY_STATE_FILE"], alloc, registered_at=self.registered_at,
+                   **self.direct_state())
 
     def repair(self, first=False):
         """Build (first: with rollback) or repair; log each change and each new failure."""
         errors = None if first else []
         try:
-            changes = build(self.cfg, self.alloc, self.address, errors)
+            changes = build(self.cfg, self.alloc, self.address, errors, self.direct())
         except OverlayError as e:
             self.say("build", logging.ERROR, "build failed: %s" % e)
             self.metrics.inc("repair_failures")
@@ -1516,10 +1948,11 @@ class Agent(object):
         cfg = self.cfg
         sent = time.monotonic()
         try:
-            heartbeat(cfg)
+            answer = heartbeat(cfg)
             self.metrics.heartbeat("ok", time.monotonic() - sent)
             self.say("host", logging.INFO, "host %s answers heartbeats" % host_where(cfg))
             self.record_heartbeat()
+            self.learn(answer)
         except NotRegistered:
             self.metrics.heartbeat("not_registered")
             self.say("host", logging.WARNING, "the host does not know %s (restarted without "
@@ -1535,7 +1968,7 @@ class Agent(object):
         self.beats += 1
         if not self.built or self.beats % REPAIR_EVERY == 0:
             self.repair()
-        self.metrics.write(cfg, self.alloc)
+        self.metrics.write(cfg, self.alloc, self.metric_peers())
 
     def reregister(self):
         try:
@@ -1549,6 +1982,7 @@ class Agent(object):
         self.say("register", logging.INFO, "registered again as runner %d" % alloc["runner_id"])
         if changed:
             self.built = False
+            self.sync_peers()
             self.repair()
 
     def record_heartbeat(self):
@@ -1559,14 +1993,133 @@ class Agent(object):
         self.heartbeat_recorded = now
         try:
             save_state(self.cfg["OVERLAY_STATE_FILE"], self.alloc, last_heartbeat=now,
-                       registered_at=self.registered_at)
+                       registered_at=self.registered_at, **self.direct_state())
         except OverlayError as e:
             self.say("state", logging.WARNING, str(e))
 
+    # -- direct routing: the peer table and the per-peer path, kept by the same loop
+
+    def direct_on(self):
+        return bool(self.alloc and self.alloc["settings"]["direct_routing"])
+
+    def direct(self):
+        """build()'s direct argument: None while direct routing is off."""
+        if not self.direct_on():
+            return None
+        return {"peers": self.peers["peers"],
+                "relayed": {n for n, p in self.paths.items() if p["path"] == "relayed"}}
+
+    def metric_peers(self):
+        """The peer_direct series of the metrics file: None while direct routing is off."""
+        if not self.direct_on():
+            return None
+        return [({"peer": p["runner_name"], "peer_id": p["runner_id"]},
+                 0 if (self.paths.get(p["runner_name"]) or {}).get("path") == "relayed" else 1)
+                for p in self.peers["peers"]]
+
+    def direct_state(self):
+        """What the state file keeps of direct routing, so a start without the Host rebuilds it."""
+        return {"peers": self.peers, "paths": {n: {"path": p["path"], "since": p["since"]}
+                                               for n, p in self.paths.items()}}
+
+    def save(self):
+        try:
+            save_state(self.cfg["OVERLAY_STATE_FILE"], self.alloc,
+                       registered_at=self.registered_at,
+                       last_heartbeat=self.heartbeat_recorded or None, **self.direct_state())
+        except OverlayError as e:
+            self.say("state", logging.WARNING, str(e))
+
+    def learn(self, answer):
+        """The Host's settings from a heartbeat answer: direct routing switched on or off, or a
+        new peer table version to fetch."""
+        if not isinstance(answer, dict) or self.alloc is None:
+            return
+        settings, was = parse_settings(answer), self.alloc["settings"]
+        self.alloc["settings"] = settings
+        if settings["direct_routing"] != was["direct_routing"]:
+            log.info("the host turned direct routing %s",
+                     "on" if settings["direct_routing"] else "off: peers go through the host")
+            if not settings["direct_routing"]:
+                self.peers, self.paths = dict(NO_PEERS), {}
+            self.sync_peers()
+            self.save()
+            self.repair()
+        elif self.sync_peers():             # a peer came, went or moved: its filter rule too
+            self.repair()
+
+    def sync_peers(self):
+        """Fetch the peer table when the Host announces another version; True when it changed."""
+        if not self.direct_on() or self.peers["version"] == \
+                self.alloc["settings"]["peers_version"]:
+            return False
+        try:
+            table = fetch_peers(self.cfg)
+        except OverlayError as e:
+            self.say("peers", logging.WARNING, "cannot fetch the peer table (%s); keeping the "
+                     "last one" % e)
+            return False
+        self.say("peers", logging.INFO, "")
+        old = {p["runner_name"] for p in self.peers["peers"]}
+        new = {p["runner_name"] for p in table["peers"]}
+        log.info("peer table version %d: %d peer(s)%s%s", table["version"], len(new),
+                 ", new: " + " ".join(sorted(new - old)) if new - old else "",
+                 ", gone: " + " ".join(sorted(old - new)) if old - new else "")
+        self.peers = table
+        self.paths = {n: p for n, p in self.paths.items() if n in new}
+        self.save()
+        return True
+
+    def apply_peers(self):
+        """Routes, neighbours and FDB after a path change: at most three processes."""
+        try:
+            changes = ensure_peers(self.direct())
+        except OverlayError as e:
+            self.say("direct", logging.ERROR, "direct routes not applied: %s" % e)
+            return
+        self.say("direct", logging.INFO, "")
+        for c in changes:
+            log.info("direct routing: %s", c)
+
+    def probe_round(self):
+        """Probe every peer's direct path once; move the peers that changed path."""
+        if not self.direct_on() or not self.built or not self.peers["peers"]:
+            return
+        by_addr = {net_address(p["subnet"]): p["runner_name"] for p in self.peers["peers"]}
+        try:
+            answered = probe_paths(by_addr)
+        except OverlayError as e:
+            self.say("probe", logging.ERROR, str(e))
+            return
+        self.paths, changed = track_paths(self.paths, sorted(by_addr.values()),
+                                          {by_addr[a] for a in answered}, time.time())
+        for name, _, path in changed:
+            if path == "relayed":
+                log.warning("peer %s: direct path lost (no answer over %s for %d probes): "
+                            "through the host now", name, DIRECT_DEV, FALL_AFTER)
+            else:
+                log.info("peer %s: direct path answers again: direct now", name)
+        if changed:
+            self.save()
+            self.apply_peers()
+
     def loop(self):
+        """Heartbeat every HEARTBEAT_INTERVAL; with direct routing, a probe round every
+        PROBE_EVERY seconds in between (the same loop, no second thread)."""
         interval = float(self.cfg["HEARTBEAT_INTERVAL"])
-        while not self.stop.wait(interval):
-            self.beat()
+        next_beat = time.monotonic() + interval
+        while True:
+            wait = next_beat - time.monotonic()
+            if self.direct_on():
+                wait = min(wait, self.next_probe - time.monotonic())
+            if self.stop.wait(max(0.0, wait)):
+                return
+            if self.direct_on() and time.monotonic() >= self.next_probe:
+                self.next_probe = time.monotonic() + PROBE_EVERY
+                self.probe_round()
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + interval
+                self.beat()
 
 
 def sd_notify(message):
@@ -1643,13 +2196,33 @@ def cmd_up(args):
         deadline = time.monotonic() + args.timeout if args.timeout else None
         alloc = register_with_retry(cfg, address, state.get("runner_id"), threading.Event(),
                                     deadline)
-        save_state(cfg["OVERLAY_STATE_FILE"], alloc, registered_at=time.time())
-    changes = build(cfg, alloc, address)
+    direct = up_direct(cfg, alloc, state)
+    if not DRY_RUN:
+        save_state(cfg["OVERLAY_STATE_FILE"], alloc, registered_at=time.time(),
+                   **({"peers": direct["table"], "paths": direct["paths"]} if direct else {}))
+    changes = build(cfg, alloc, address, direct=direct)
     verb = "would change" if DRY_RUN else "changed"
     print("%s: runner %d, subnet %s, network %s: %s" % (
         cfg["RUNNER_NAME"], alloc["runner_id"], alloc["subnet"], cfg["OVERLAY_NETWORK_NAME"],
         "%s %d thing(s)" % (verb, len(changes)) if changes else "already up, nothing to change"))
     return 0
+
+
+def up_direct(cfg, alloc, state):
+    """`up`'s direct argument to build(): the Host's peer table (the saved one when it cannot be
+    fetched, or under --dry-run), with the saved paths (up does not probe)."""
+    if not alloc["settings"]["direct_routing"]:
+        return None
+    table, paths = saved_direct(state)
+    if not DRY_RUN and table["version"] != alloc["settings"]["peers_version"]:
+        try:
+            table = fetch_peers(cfg)
+        except HostUnreachable as e:
+            log.warning("cannot fetch the peer table (%s): using the saved one", e)
+    paths = {n: p for n, p in paths.items()
+             if n in {peer["runner_name"] for peer in table["peers"]}}
+    return {"peers": table["peers"], "table": table, "paths": paths,
+            "relayed": {n for n, p in paths.items() if p["path"] == "relayed"}}
 
 
 def cmd_serve(args):
@@ -1725,7 +2298,9 @@ def gather_status(cfg):
     alloc = saved_allocation(state)
     links = probe_links()
     devices = {}
-    for name in (VXLAN_DEV, cfg["OVERLAY_BRIDGE_NAME"]):
+    direct = direct_status(state)
+    for name in (VXLAN_DEV, cfg["OVERLAY_BRIDGE_NAME"]) + (
+            (DIRECT_DEV,) if direct["enabled"] or DIRECT_DEV in links else ()):
         link = links.get(name)
         info = {"present": link is not None, "up": bool(link and link_up(link))}
         if link is not None:
@@ -1750,7 +2325,20 @@ def gather_status(cfg):
             "last_heartbeat": state.get("last_heartbeat"), "devices": devices,
             "route": {"present": route is not None, "via": (route or {}).get("gateway"),
                       "dev": (route or {}).get("dev")},
-            "network": network}
+            "network": network, "direct": direct}
+
+
+def direct_status(state):
+    """Direct routing as the state file last saw it: each peer, its path and since when."""
+    table, paths = saved_direct(state)
+    settings = parse_settings(state)
+    peers = []
+    for p in table["peers"]:
+        path = paths.get(p["runner_name"]) or {"path": "direct", "since": None}
+        peers.append({"runner_name": p["runner_name"], "runner_id": p["runner_id"],
+                      "subnet": p["subnet"], "physical_ip": p["physical_ip"],
+                      "path": path["path"], "since": path["since"]})
+    return {"enabled": settings["direct_routing"], "version": table["version"], "peers": peers}
 
 
 def fmt_time(t):
@@ -1775,7 +2363,8 @@ def format_status(st):
             continue
         words = ["present", "up" if d["up"] else "DOWN", "mtu %s" % d["mtu"]]
         if d.get("vni") is not None:
-            words.append("vni %s local %s remote %s" % (d["vni"], d["local"], d["remote"]))
+            remote = " remote %s" % d["remote"] if d["remote"] else ""
+            words.append("vni %s local %s%s" % (d["vni"], d["local"], remote))
         words += d["addresses"]
         rows.append((name, ", ".join(words)))
     r = st["route"]
@@ -1786,6 +2375,16 @@ def format_status(st):
     rows.append(("Docker network", "%s: %s" % (
         n["name"], "unknown (%s)" % n.get("error") if n["present"] is None else
         ("present, %d container(s)" % len(n["containers"])) if n["present"] else "absent")))
+    d = st["direct"]
+    if d["enabled"]:
+        relayed = sum(1 for p in d["peers"] if p["path"] == "relayed")
+        rows.append(("Direct routing", "on, peer table version %d, %d peer(s), %d relayed "
+                     "through the host" % (d["version"], len(d["peers"]), relayed)))
+        for p in d["peers"]:
+            rows.append(("  " + p["runner_name"], "%s%s (id %d, %s at %s)" % (
+                "direct" if p["path"] == "direct" else "RELAYED through the host",
+                " since " + fmt_time(p["since"]) if p["since"] else ", not probed yet",
+                p["runner_id"], p["subnet"], p["physical_ip"])))
     rows += [("Registered", fmt_time(st["registered_at"])),
              ("Last heartbeat", fmt_time(st["last_heartbeat"]))]
     width = max(len(k) for k, _ in rows) + 2
