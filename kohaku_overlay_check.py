@@ -6,13 +6,16 @@ the guide does not list) on the Host or on a Runner, and prints for every proble
 config line that fixes it. It only reads: nothing on the node is changed.
 
 Usage:
-    kohaku_overlay_check.py [--role host|runner] [--config F] [--json]
+    kohaku_overlay_check.py [--role host|runner] [--config F] [--json | --prometheus]
                             [--bundle FILE.tar.gz] [--only ID,...] [--ignore ID,...] [--list]
 
     --role      host or runner; default: the config file present (~/.kohakuriver/host_config.py
                 or runner_config.py), else the devices present (kohaku-host/vxkr* or vxlan0)
     --config    the daemon's config file (read, never executed)
     --json      print the results as JSON
+    --prometheus  print the results in the Prometheus text format (node_exporter's textfile
+                collector): kohaku_overlay_check_status{role,check,status} 1, one series per
+                check with its status (PASS, WARN, FAIL, SKIP) as a label, and per-status counts
     --only      run only these checks (ids or id prefixes, comma separated)
     --ignore    report a FAIL of these checks as WARN (kubeadm's --ignore-preflight-errors)
     --bundle    also write the "Getting Help" diagnostics into FILE.tar.gz (token redacted)
@@ -2250,6 +2253,39 @@ def format_report(snap, results):
     return "\n".join(lines) + "\n"
 
 
+def escape_label_value(value):
+    """A label value in the text exposition format: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(families):
+    """[(name, type, help, [(labels dict, value)])] -> Prometheus text exposition format."""
+    lines = []
+    for name, kind, text, samples in families:
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+        for labels, value in samples:
+            pairs = ",".join('%s="%s"' % (k, escape_label_value(v))
+                             for k, v in sorted(labels.items()))
+            lines.append("%s{%s} %s" % (name, pairs, repr(value)))
+    return "".join(line + "\n" for line in lines)
+
+
+def format_prometheus(snap, results, now=None):
+    """One series per check, its status as a label (value always 1), and counts per status."""
+    role, counts = {"role": snap.role}, summary(results)
+    words = {PASS: "passed", WARN: "warnings", FAIL: "failed", SKIP: "skipped"}
+    return render_metrics([
+        ("kohaku_overlay_check_status", "gauge",
+         "1 for each check with its status (PASS, WARN, FAIL, SKIP) as the status label.",
+         [(dict(role, check=r.id, status=r.status), 1) for r in results]),
+        ("kohaku_overlay_check_results", "gauge", "Checks by status in the last run.",
+         [(dict(role, status=st), counts[words[st]]) for st in (PASS, WARN, FAIL, SKIP)]),
+        ("kohaku_overlay_check_last_run_timestamp_seconds", "gauge",
+         "Unix time the checks ran.", [(role, round(time.time() if now is None else now, 3))]),
+        ("kohaku_overlay_check_info", "gauge", "The check script's version (always 1).",
+         [(dict(role, version=__version__), 1)])])
+
+
 def format_json(snap, results):
     s = summary(results)
     return json.dumps({"version": __version__, "role": snap.role, "config": snap.cfg_path,
@@ -2327,7 +2363,11 @@ def build_parser():
         description="Check a kohaku-overlay Host or Runner and print the fix for each problem.")
     p.add_argument("--role", choices=("host", "runner"))
     p.add_argument("--config", metavar="F", help="the daemon's config file")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--prometheus", action="store_true",
+                     help="print the Prometheus text format (for node_exporter's textfile "
+                     "collector)")
     p.add_argument("--bundle", metavar="FILE.tar.gz", help="write a diagnostics archive")
     p.add_argument("--only", metavar="ID,...", default="", help="run only these checks")
     p.add_argument("--ignore", metavar="ID,...", default="", help="report these FAILs as WARN")
@@ -2439,7 +2479,8 @@ def main(argv=None):
         gather(snap, links, links_text)
         results = run_checks(snap, only, ignore)
         report, report_json = format_report(snap, results), format_json(snap, results)
-        sys.stdout.write(report_json if args.json else report)
+        sys.stdout.write(report_json if args.json else
+                         format_prometheus(snap, results) if args.prometheus else report)
         if args.bundle:
             write_bundle(args.bundle, snap, report, report_json)
             sys.stderr.write("bundle written to %s\n" % args.bundle)

@@ -81,3 +81,15 @@ def test_a_repair_is_counted_under_its_kind(cluster):
     fams = textfile(c, r2)
     assert promkit.value(fams, "kohaku_overlay_runner_overlay_up", **me) == 1
     assert promkit.value(fams, repairs, kind="rules", **me) == 0
+
+
+def test_check_prometheus_output_on_a_real_runner_is_promtool_valid(cluster):
+    c = cluster
+    res = c.script(1, "check", "--prometheus", timeout=120)
+    promkit.promtool_check(res.stdout)
+    fams = promkit.parse(res.stdout)
+    status = dict((d["check"], d["status"]) for d, _ in promkit.samples(
+        fams, "kohaku_overlay_check_status", role="runner"))
+    assert status["runner.ping"] == "PASS"
+    failed = sorted(k for k, v in status.items() if v == "FAIL")
+    assert res.returncode == (1 if failed else 0), res.stderr

@@ -1,8 +1,10 @@
-"""Unit tests of the Prometheus figures: the runner's textfile (this file), checked line by line
-with promkit's strict reader and with `promtool check metrics` (Debian's prometheus package,
-always installed in CI)."""
+"""Unit tests of the Prometheus figures: the runner's textfile and the check script's
+--prometheus, checked line by line with promkit's strict reader and with `promtool check metrics`
+(Debian's prometheus package, always installed in CI)."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -11,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import kohaku_overlay_check as chk        # the module test_check's fake patches
 import promkit
+import test_check
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -288,3 +292,58 @@ def test_dry_run_writes_no_metrics(cfg, mocker):
     mocker.patch.object(runner, "DRY_RUN", True)
     assert runner.RunnerMetrics().write(cfg, runner.parse_allocation(ALLOC)) is False
     assert links.calls == [] and not os.path.exists(cfg["OVERLAY_METRICS_FILE"])
+
+
+# ---- the check script's --prometheus ----------------------------------------------------------
+
+fake = test_check.fake                  # the check tests' scripted node (patches chk's doors)
+HOST_CFG, healthy_host, f_host_ip_forward = (test_check.HOST_CFG, test_check.healthy_host,
+                                             test_check.f_host_ip_forward)
+
+
+def check_prometheus(fake, node, *extra):
+    fake.node = node
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = chk.main(["--role", node.role, "--config", HOST_CFG, "--prometheus"] + list(extra))
+    return rc, out.getvalue()
+
+
+def test_check_prometheus_output_is_one_series_per_check_with_its_status(fake):
+    rc, text = check_prometheus(fake, healthy_host())
+    assert rc == 0
+    promkit.promtool_check(text)
+    fams = promkit.parse(text)
+    status = promkit.samples(fams, "kohaku_overlay_check_status", role="host")
+    ids = [c.id("host") for c in chk.checks_for("host")]
+    assert sorted(d["check"] for d, _ in status) == sorted(ids)      # each check exactly once
+    assert all(v == 1 for _, v in status)
+    by_id = dict((d["check"], d["status"]) for d, _ in status)
+    assert by_id["host.ip_forward"] == "PASS"
+    assert by_id["host.firewalld.trusted"] == "SKIP"
+    counts = dict((d["status"], v)
+                  for d, v in promkit.samples(fams, "kohaku_overlay_check_results"))
+    assert counts == {"PASS": len(ids) - 2, "WARN": 0, "FAIL": 0, "SKIP": 2}
+    assert promkit.samples(fams, "kohaku_overlay_check_info") == [
+        ({"role": "host", "version": chk.__version__}, 1)]
+
+
+def test_check_prometheus_shows_a_failure_and_keeps_the_exit_code(fake):
+    node = healthy_host()
+    f_host_ip_forward(node)
+    rc, text = check_prometheus(fake, node)
+    assert rc == 1
+    fams = promkit.parse(text)
+    assert promkit.value(fams, "kohaku_overlay_check_status", role="host",
+                         check="host.ip_forward", status="FAIL") == 1
+    assert promkit.value(fams, "kohaku_overlay_check_results", role="host", status="FAIL") >= 1
+
+
+def test_check_json_and_prometheus_together_are_bad_usage(fake, capsys):
+    fake.node = healthy_host()
+    assert chk.main(["--role", "host", "--config", HOST_CFG, "--json", "--prometheus"]) == 2
+
+
+def test_check_label_values_are_escaped():
+    text = chk.render_metrics([("x", "gauge", "h", [({"check": 'a"b\\c\nd'}, 1)])])
+    assert promkit.samples(promkit.parse(text), "x") == [({"check": 'a"b\\c\nd'}, 1)]
