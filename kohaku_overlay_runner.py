@@ -55,6 +55,11 @@ from collections import namedtuple
 
 DEFAULT_CONFIG = "~/.kohakuriver/runner_config.py"
 VXLAN_DEV = "vxlan0"
+WG_DEV = "kohaku-wg"                # the WireGuard interface that carries VXLAN when encrypted
+WG_KEEPALIVE = 25                   # seconds: keeps a NAT mapping towards the Host open
+VXLAN_OVERHEAD = 50                 # outer IPv4 + UDP + VXLAN + inner Ethernet
+WG_OVERHEAD = 60                    # IPv4 + UDP + WireGuard header and tag
+WG_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 MARKER = "kohaku-overlay"           # iptables comment on every rule we add
 TRUSTED_ZONE = "trusted"
 BACKOFF_START = 0.5                 # seconds before the first registration retry
@@ -95,9 +100,12 @@ KEY_DEFAULTS = {k: d for k, _, d in RUNNER_KEYS}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
 PACKAGES = {"ip": "iproute2", "iptables": "iptables", "iptables-restore": "iptables",
-            "docker": "docker.io (or docker-ce)", "firewall-cmd": "firewalld", "sysctl": "procps"}
+            "docker": "docker.io (or docker-ce)", "firewall-cmd": "firewalld", "sysctl": "procps",
+            "wg": "wireguard-tools", "wireguard-go": "wireguard-go"}
 ALLOCATION_KEYS = ("runner_name", "runner_id", "subnet", "gateway", "host_overlay_ip",
                    "host_vxlan_ip", "host_physical_ip", "vni", "vxlan_port", "mtu", "overlay_cidr")
+# the encryption settings learnt from the Host (registration and heartbeat answers)
+WG_KEYS = ("encryption", "wg_port", "host_wg_public_key", "host_wg_ip", "wg_ip", "wg_subnet")
 
 log = logging.getLogger("kohaku-overlay-runner")
 
@@ -505,14 +513,95 @@ def parse_allocation(obj):
         if any(isinstance(obj[k], bool) or not isinstance(obj[k], int)
                for k in ("runner_id", "vni", "vxlan_port", "mtu")):
             raise ValueError("not an int")
-    except (ValueError, TypeError) as e:
+        wg = parse_wg_settings(obj)
+    except (ValueError, TypeError, KeyError) as e:
         raise OverlayError("the host's registration answer is malformed (%s): update the host "
                            "script" % e)
     alloc = {k: obj[k] for k in ALLOCATION_KEYS}
     alloc["prefixlen"] = subnet.prefixlen
     alloc["overlay_cidr"] = str(cidr)
     alloc["settings"] = parse_settings(obj)
+    alloc.update(wg)
     return alloc
+
+
+def parse_wg_settings(obj):
+    """The encryption settings of a host answer (or a saved state); a host that sends none (an
+    older one) means no encryption. Raises ValueError/KeyError on a malformed answer."""
+    mode = obj.get("encryption", "none")
+    if mode == "none":
+        return {"encryption": "none"}
+    if mode != "wireguard":
+        raise ValueError("encryption %r" % (mode,))
+    port = obj["wg_port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError("wg_port %r" % (port,))
+    if not WG_KEY_RE.match(str(obj["host_wg_public_key"])):
+        raise ValueError("host_wg_public_key is not a WireGuard key")
+    net = ipaddress.IPv4Network(obj["wg_subnet"])
+    for key in ("host_wg_ip", "wg_ip"):
+        if ipaddress.IPv4Address(obj[key]) not in net:
+            raise ValueError("%s outside wg_subnet" % key)
+    return {k: obj[k] for k in WG_KEYS}
+
+
+def wg_settings(obj):
+    """The encryption part of an answer or allocation, for comparison (malformed: None)."""
+    try:
+        return parse_wg_settings(obj)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def encrypted(alloc):
+    return alloc.get("encryption") == "wireguard"
+
+
+def vxlan_endpoints(alloc, address):
+    """(local, remote) of vxlan0: the WireGuard addresses when encrypted, else the physical ones."""
+    if encrypted(alloc):
+        return alloc["wg_ip"], alloc["host_wg_ip"]
+    return address, alloc["host_physical_ip"]
+
+
+def wg_mtu_error(overlay_mtu, underlay_mtu, dev):
+    """None when OVERLAY_MTU fits VXLAN over WireGuard on the underlay, else the sentence."""
+    fit = underlay_mtu - VXLAN_OVERHEAD - WG_OVERHEAD
+    if overlay_mtu <= fit:
+        return None
+    return ("OVERLAY_MTU %d does not fit VXLAN over WireGuard on %s (MTU %d - %d - %d): set "
+            "OVERLAY_MTU = %d on the Host and on every runner" % (
+                overlay_mtu, dev, underlay_mtu, VXLAN_OVERHEAD, WG_OVERHEAD, fit))
+
+
+def parse_wg_dump(text):
+    """`wg show IF dump` -> {"public_key", "listen_port", "peers": {key: {...}}}.
+
+    The first line also carries the private key: it is dropped here, never kept or logged.
+    """
+    lines = [line.split("\t") for line in (text or "").splitlines() if line.strip()]
+    if not lines or len(lines[0]) < 3:
+        return {"public_key": None, "listen_port": None, "peers": {}}
+    have = {"public_key": lines[0][1] if lines[0][1] != "(none)" else None,
+            "listen_port": int(lines[0][2]) if lines[0][2].isdigit() else None, "peers": {}}
+    for f in lines[1:]:
+        if len(f) < 8:
+            continue
+        have["peers"][f[0]] = {
+            "endpoint": None if f[2] == "(none)" else f[2],
+            "allowed_ips": sorted(x for x in f[3].split(",") if x and x != "(none)"),
+            "handshake": int(f[4]) if f[4].isdigit() else 0,
+            "rx": int(f[5]) if f[5].isdigit() else 0, "tx": int(f[6]) if f[6].isdigit() else 0,
+            "keepalive": int(f[7]) if f[7].isdigit() else 0}
+    return have
+
+
+def wg_impl(module_loaded, modules_text):
+    """"kernel" when this kernel has WireGuard (loaded, built in, or a module to load), else
+    "wireguard-go" (userspace), as wg-quick decides."""
+    if module_loaded or re.search(r"(^|/)wireguard\.ko", modules_text or "", re.M):
+        return "kernel"
+    return "wireguard-go"
 
 
 # ---- local state file -------------------------------------------------------------------------
@@ -568,7 +657,7 @@ def load_state(path):
 def save_state(path, alloc, **extra):
     if DRY_RUN:
         return
-    state = {k: alloc[k] for k in ALLOCATION_KEYS}
+    state = {k: alloc[k] for k in ALLOCATION_KEYS + WG_KEYS if k in alloc}
     state.update(version=STATE_VERSION, saved_at=time.time())
     state.update(alloc.get("settings") or {})
     state.update(extra)
@@ -584,6 +673,67 @@ def saved_allocation(state):
         return parse_allocation(state)
     except OverlayError:
         return None
+
+
+# WireGuard keys live in their own files beside the state file (mode 0600), never in the JSON,
+# never in a log line or argv: `wg set` reads the private key from its file.
+
+def wg_key_paths(cfg):
+    """(private key file, public key file) in the state folder."""
+    base = os.path.splitext(cfg["OVERLAY_STATE_FILE"])[0]
+    return base + "-wg.key", base + "-wg.pub"
+
+
+def read_wg_key(path):
+    """The key held in path, None when the file does not exist."""
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise OverlayError("cannot read %s (%s): fix its permissions" % (path, e))
+    if not WG_KEY_RE.match(key):
+        raise OverlayError("%s does not hold a WireGuard key: remove it (a new key pair is then "
+                           "made and registered)" % path)
+    return key
+
+
+def wg_public_key(cfg):
+    """This runner's public key, None before its key pair is made (encryption never seen)."""
+    priv, pub = wg_key_paths(cfg)
+    if not os.path.exists(priv):
+        return None
+    mode = os.stat(priv).st_mode & 0o777
+    if mode & 0o077 and not DRY_RUN:
+        os.chmod(priv, 0o600)
+        log.warning("%s was readable by others (mode %04o): set to 0600", priv, mode)
+    key = read_wg_key(pub)
+    if key is None:                     # the public half is derived again, on stdin
+        key = run(["wg", "pubkey"], input=read_wg_key(priv) + "\n", mutates=False).out.strip()
+        if not DRY_RUN:
+            write_file_atomic(pub, key + "\n")
+    return key
+
+
+def ensure_wg_key(cfg):
+    """The public key, making the key pair on first use: `wg genkey` into a 0600 file, then
+    `wg pubkey` with the private key on stdin. Under --dry-run nothing is made (None)."""
+    public = wg_public_key(cfg)
+    if public is not None:
+        return public
+    priv, pub = wg_key_paths(cfg)
+    res = run(["wg", "genkey"], echo=["wg genkey > %s  # mode 0600" % priv])
+    if DRY_RUN:
+        return None
+    private = res.out.strip()
+    if not WG_KEY_RE.match(private):
+        raise OverlayError("`wg genkey` printed no key: reinstall wireguard-tools")
+    write_file_atomic(priv, private + "\n")
+    public = run(["wg", "pubkey"], input=private + "\n", mutates=False).out.strip()
+    write_file_atomic(pub, public + "\n")
+    log.info("WireGuard key pair made in %s (public key %s)", priv, public)
+    return public
 
 
 def serve_lock_path(cfg):
@@ -645,6 +795,31 @@ def probe_rules(table, chain):
     argv = ["iptables", "-S", chain] if table == "filter" else \
         ["iptables", "-t", table, "-S", chain]
     return parse_rules(run(argv, mutates=False).out)
+
+
+def probe_wg_impl():
+    """kernel or wireguard-go: is the WireGuard module loaded, built in or installed here?"""
+    release = os.uname().release
+    text = ""
+    for name in ("modules.builtin", "modules.dep"):
+        try:
+            with open("/lib/modules/%s/%s" % (release, name)) as f:
+                text += f.read()
+        except OSError:
+            pass
+    return wg_impl(os.path.isdir("/sys/module/wireguard"), text)
+
+
+def probe_wg():
+    return parse_wg_dump(run(["wg", "show", WG_DEV, "dump"], mutates=False).out)
+
+
+def underlay_of(links, address):
+    """(device, MTU) of the link that holds address, the runner's physical address."""
+    for name, link in links.items():
+        if any(a.split("/")[0] == address for a in ipv4_addrs(link)):
+            return name, link.get("mtu") or 1500
+    return None, None
 
 
 def read_sysctl(name):
@@ -820,8 +995,9 @@ def plan_links(cfg, alloc, address, links, route):
         lines.append("addr add %s dev %s" % (gw_addr, br))
         changes.append("gateway %s added to %s" % (gw_addr, br))
 
-    want = {"id": alloc["vni"], "local": address, "remote": alloc["host_physical_ip"],
-            "port": alloc["vxlan_port"]}
+    local, remote = vxlan_endpoints(alloc, address)
+    lines, changes = plan_wg_links(alloc, links, address, lines, changes)
+    want = {"id": alloc["vni"], "local": local, "remote": remote, "port": alloc["vxlan_port"]}
     vx = links.get(VXLAN_DEV)
     if vx is not None and link_kind(vx) != "vxlan":
         raise ConfigError("%s exists and is a %s, not a VXLAN device: remove it (ip link del %s)"
@@ -864,14 +1040,167 @@ def plan_links(cfg, alloc, address, links, route):
     return lines, changes, created
 
 
+def plan_wg_links(alloc, links, address, lines, changes):
+    """Adds to (lines, changes) the `ip -batch` lines for kohaku-wg: MTU underlay - 60, its
+    tunnel address, up; its removal when encryption is off. Pure; refuses an OVERLAY_MTU that
+    does not fit VXLAN over WireGuard before anything is made."""
+    link = links.get(WG_DEV)
+    if not encrypted(alloc):
+        if link is not None and link_kind(link) in ("wireguard", "tun"):
+            lines.append("link del %s" % WG_DEV)
+            changes.append("%s removed (encryption off)" % WG_DEV)
+        return lines, changes
+    dev, under = underlay_of(links, address)
+    if under is None:               # address not found here: at least what VXLAN needs
+        dev, under = "the underlay", alloc["mtu"] + VXLAN_OVERHEAD + WG_OVERHEAD
+    error = wg_mtu_error(alloc["mtu"], under, dev)
+    if error:
+        raise ConfigError(error)
+    mtu = under - WG_OVERHEAD
+    link = link or {}               # made just before this batch: no MTU, address or UP yet
+    if link.get("mtu") != mtu:
+        lines.append("link set dev %s mtu %d" % (WG_DEV, mtu))
+        changes.append("%s mtu %d (%s %d - %d)" % (WG_DEV, mtu, dev, under, WG_OVERHEAD))
+    want = "%s/%d" % (alloc["wg_ip"], ipaddress.IPv4Network(alloc["wg_subnet"]).prefixlen)
+    have = ipv4_addrs(link)
+    for a in have:
+        if a != want:
+            lines.append("addr del %s dev %s" % (a, WG_DEV))
+            changes.append("stale address %s removed from %s" % (a, WG_DEV))
+    if want not in have:
+        lines.append("addr add %s dev %s" % (want, WG_DEV))
+        changes.append("tunnel address %s added to %s" % (want, WG_DEV))
+    if not link_up(link):
+        lines.append("link set dev %s up" % WG_DEV)
+    return lines, changes
+
+
+def wg_want(alloc, public_key):
+    """What kohaku-wg holds on a runner: its key and port, the Host as peer (keepalive: NAT)."""
+    return {"public_key": public_key, "listen_port": alloc["wg_port"],
+            "peers": {alloc["host_wg_public_key"]: {
+                "allowed_ips": ["%s/32" % alloc["host_wg_ip"]],
+                "endpoint": "%s:%d" % (alloc["host_physical_ip"], alloc["wg_port"]),
+                "keepalive": WG_KEEPALIVE}}}
+
+
+def plan_wg(want, have, key_file):
+    """(argv of one `wg set`, or None when kohaku-wg already matches; changes). Pure.
+
+    The private key is passed as its file name, so it is in no argv, log line or --dry-run.
+    A peer without a wanted endpoint keeps the one WireGuard learnt (NAT, roaming).
+    """
+    args, changes = [], []
+    if want["public_key"] is None or have.get("public_key") != want["public_key"]:
+        args += ["private-key", key_file]
+        changes.append("%s key pair %s" % (WG_DEV, want["public_key"] or "(new)"))
+    if have.get("listen_port") != want["listen_port"]:
+        args += ["listen-port", str(want["listen_port"])]
+        changes.append("%s listens on UDP %d" % (WG_DEV, want["listen_port"]))
+    peers = have.get("peers") or {}
+    for key in sorted(want["peers"]):
+        w, h = want["peers"][key], peers.get(key)
+        if h is not None and h["allowed_ips"] == sorted(w["allowed_ips"]) and \
+                h["keepalive"] == w["keepalive"] and w["endpoint"] in (None, h["endpoint"]):
+            continue
+        args += ["peer", key, "allowed-ips", ",".join(w["allowed_ips"])]
+        if w["endpoint"]:
+            args += ["endpoint", w["endpoint"]]
+        args += ["persistent-keepalive", str(w["keepalive"] or "off")]
+        changes.append("%s peer %s %s (%s)" % (WG_DEV, key, "fixed" if h else "added",
+                                               ", ".join(w["allowed_ips"])))
+    for key in sorted(set(peers) - set(want["peers"])):
+        args += ["peer", key, "remove"]
+        changes.append("%s stale peer %s removed" % (WG_DEV, key))
+    return (["wg", "set", WG_DEV] + args if args else None), changes
+
+
+def create_wg_link(stack):
+    """kohaku-wg: `ip link add ... type wireguard` where the kernel has it, else wireguard-go
+    (as wg-quick does); one log line says which."""
+    impl = probe_wg_impl()
+    if impl == "kernel":
+        try:
+            run(["ip", "link", "add", WG_DEV, "type", "wireguard"])
+        except CommandError as e:       # the module may be missing after all: as wg-quick
+            log.info("ip link add %s type wireguard failed (%s): trying wireguard-go", WG_DEV,
+                     first_line(e.stderr))
+            impl = "wireguard-go"
+    if impl == "wireguard-go":
+        run(["wireguard-go", WG_DEV])
+    undo(stack, "delete %s" % WG_DEV, ["ip", "link", "del", WG_DEV])
+    log.info("%s: %s", WG_DEV, "kernel WireGuard" if impl == "kernel" else
+             "userspace wireguard-go (this kernel has no WireGuard module)")
+    return impl
+
+
+def ensure_wg(cfg, alloc, links, stack):
+    """Encryption on: the key pair, kohaku-wg, and its key, port and peers in one `wg set`."""
+    public = ensure_wg_key(cfg)
+    link = links.get(WG_DEV)
+    if link is not None and link_kind(link) not in ("wireguard", "tun"):
+        raise ConfigError("%s exists and is a %s, not a WireGuard interface: remove it (ip link "
+                          "del %s)" % (WG_DEV, link_kind(link) or "device", WG_DEV))
+    changes = []
+    if link is None:
+        changes.append("%s created (%s)" % (WG_DEV, create_wg_link(stack)))
+        have = {}
+    else:
+        have = probe_wg()
+    argv, more = plan_wg(wg_want(alloc, public), have, wg_key_paths(cfg)[0])
+    if argv:
+        run(argv)
+    return changes + more
+
+
+def wg_guard_rule(alloc, vxlan_id):
+    """Encryption on: VXLAN of our VNI range is dropped unless it came out of kohaku-wg, so a
+    frame sent on the underlay with a forged source never reaches vxlan0. Written as
+    `iptables -S` prints it (u32 in hex), so that a probe compares equal."""
+    cidr = ipaddress.IPv4Network(alloc["overlay_cidr"])
+    hi = vxlan_id + (1 << (alloc["prefixlen"] - cidr.prefixlen)) - 1
+    u32 = "0x0>>0x16&0x3c@0xc>>0x8=0x%x:0x%x" % (vxlan_id, hi)
+    return ('-A INPUT ! -i %s -p udp -m udp --dport %d -m u32 --u32 "%s" -m comment --comment %s '
+            '-j DROP' % (WG_DEV, alloc["vxlan_port"], u32, MARKER))
+
+
+def plan_wg_guard(want, rules):
+    """(iptables-restore lines, changes): the guard once, first when added; none when off."""
+    marked = [r for r in rules if is_marked(r) and WG_DEV in r]
+    if marked == ([want] if want else []):
+        return [], []
+    lines = [delete_rule(r) for r in marked if r != want]
+    if want is not None and want not in marked:
+        lines.append("-I INPUT 1" + want[len("-A INPUT"):])
+    return lines, ["VXLAN accepted only through %s" % WG_DEV if want else
+                   "the %s-only VXLAN rule removed (encryption off)" % WG_DEV]
+
+
+def ensure_wg_guard(cfg, alloc, stack):
+    want = wg_guard_rule(alloc, cfg["OVERLAY_VXLAN_ID"]) if encrypted(alloc) else None
+    if want is None and not os.path.exists(wg_key_paths(cfg)[0]):
+        return []                   # never encrypted on this runner: nothing to look for
+    lines, changes = plan_wg_guard(want, probe_rules("filter", "INPUT"))
+    if lines:
+        run(["iptables-restore", "--noflush"], input=restore_text(lines, []),
+            echo=restore_echo(lines, []))
+        if want is not None:
+            undo(stack, "delete the %s-only VXLAN rule" % WG_DEV,
+                 ["iptables-restore", "--noflush"], input=restore_text([delete_rule(want)], []),
+                 echo=["iptables-restore --noflush  # undo"])
+    return changes
+
+
 def ensure_links(cfg, alloc, address, stack, direct=False):
     links = probe_links()
     route = probe_route(alloc["overlay_cidr"])
     lines, changes, created = plan_links(cfg, alloc, address, links, route)
     more = plan_direct_link(cfg, alloc, address, links, direct)
     lines, changes, created = lines + more[0], changes + more[1], created + more[2]
+    if encrypted(alloc):            # planned (and the MTU checked) first, then made
+        changes = ensure_wg(cfg, alloc, links, stack) + changes
     if not lines:
-        return []
+        return changes
     for name in created:
         undo(stack, "delete %s" % name, ["ip", "link", "del", name])
     ip_batch(lines)
@@ -1458,8 +1787,10 @@ def build(cfg, alloc, address, errors=None, direct=None):
             steps.append(lambda: create_docker_network(cfg, alloc, stack))
         cidr = alloc["overlay_cidr"]
         extra = direct_forward_rules(cidr, br) if direct is not None else []
-        zone = [br, VXLAN_DEV] + ([DIRECT_DEV] if direct is not None else [])
+        zone = [br, VXLAN_DEV] + ([DIRECT_DEV] if direct is not None else []) + \
+            ([WG_DEV] if encrypted(alloc) else [])
         steps += [lambda: ensure_rules(cidr, stack, extra),
+                  lambda: ensure_wg_guard(cfg, alloc, stack),
                   lambda: ensure_firewalld(zone, stack)]
         changes = []
         for step in steps:
@@ -1487,6 +1818,9 @@ def plan_teardown(cfg, links, route, forward_all, nat_all):
     if link_kind(links.get(br) or {}) == "bridge":
         lines.append("link del %s" % br)
         changes.append("bridge %s removed" % br)
+    if link_kind(links.get(WG_DEV) or {}) in ("wireguard", "tun"):
+        lines.append("link del %s" % WG_DEV)        # wireguard-go exits with its interface
+        changes.append("%s removed" % WG_DEV)
     filt = [delete_rule(r) for r in forward_all if is_marked(r)]
     nat = [delete_rule(r) for r in nat_all if is_marked(r)]
     if filt or nat:
@@ -1514,7 +1848,7 @@ def teardown(cfg, force=False):
         changes.append("Docker network %s removed" % name)
     if firewalld_running():
         have = trusted_interfaces()
-        for iface in (br, VXLAN_DEV, DIRECT_DEV):
+        for iface in (br, VXLAN_DEV, DIRECT_DEV, WG_DEV):
             if iface in have:
                 run(untrust_argv(iface), timeout=15)
                 changes.append("%s taken out of the trusted zone" % iface)
@@ -1785,10 +2119,17 @@ def register(cfg, address, previous_id=None):
             "mtu": cfg["OVERLAY_MTU"]}
     if previous_id is not None:
         body["previous_runner_id"] = previous_id
+    public = wg_public_key(cfg)
+    if public is not None:
+        body["wg_public_key"] = public
     status, obj = api_call(cfg, "POST", "/api/overlay/register", body)
     if status != 200:
         raise host_error(cfg, status, obj)
-    return parse_allocation(obj)
+    alloc = parse_allocation(obj)
+    if encrypted(alloc) and public is None:     # first time encrypted: make keys, register them
+        ensure_wg_key(cfg)
+        return register(cfg, address, alloc["runner_id"])
+    return alloc
 
 
 def heartbeat(cfg):
@@ -1953,6 +2294,10 @@ class Agent(object):
             self.say("host", logging.INFO, "host %s answers heartbeats" % host_where(cfg))
             self.record_heartbeat()
             self.learn(answer)
+            if isinstance(answer, dict) and wg_settings(answer) != wg_settings(self.alloc):
+                log.info("the host's encryption settings changed (now %s): registering again",
+                         answer.get("encryption", "none"))
+                self.reregister()
         except NotRegistered:
             self.metrics.heartbeat("not_registered")
             self.say("host", logging.WARNING, "the host does not know %s (restarted without "

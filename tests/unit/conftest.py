@@ -14,7 +14,8 @@ import pytest
 
 MUTATING_VERBS = {"add", "del", "delete", "replace", "set", "flush", "change", "append"}
 ALWAYS = {"iptables-restore", "ip6tables-restore", "iptables-legacy-restore",
-          "iptables-nft-restore", "firewall-cmd", "nsenter", "dockerd"}
+          "iptables-nft-restore", "firewall-cmd", "nsenter", "dockerd", "wireguard-go"}
+WG_WRITES = {"set", "setconf", "addconf", "syncconf"}
 IPTABLES_WRITES = {"-A", "-I", "-D", "-R", "-N", "-X", "-F", "-P", "-Z", "-E",
                    "--append", "--insert", "--delete", "--new-chain", "--flush", "--policy"}
 
@@ -33,6 +34,8 @@ def mutating(argv):
         return any(a in IPTABLES_WRITES for a in rest)
     if tool in ("ip", "bridge"):
         return "-batch" in rest or "-b" in rest or any(a in MUTATING_VERBS for a in rest)
+    if tool == "wg":
+        return any(a in WG_WRITES for a in rest[:1])
     if tool == "sysctl":
         return "-w" in rest or any("=" in a for a in rest)
     if tool == "docker":
