@@ -90,6 +90,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -370,6 +371,159 @@ def remove_stale(force=False, say=None):
     return removed
 
 
+# ---- D-Bus: the lab's private buses never touch the machine's ----
+
+# the machine's own system bus: no dbus-daemon of the lab may create (or leave) these
+SYSTEM_BUS_FILES = ("/run/dbus/system_bus_socket", "/run/dbus/pid")
+# elements of the machine's system.conf that belong to the machine's bus alone
+_MACHINE_ONLY = (r"<user>.*?</user>", r"<fork\s*/>", r"<pidfile>.*?</pidfile>", r"<syslog\s*/>",
+                 r"<servicehelper>.*?</servicehelper>", r"<standard_system_servicedirs\s*/>",
+                 r"<listen>.*?</listen>",
+                 # the legacy /etc/dbus-1/system.conf (kept on upgraded machines) and
+                 # system-local.conf bring the machine's <listen> and <pidfile> back
+                 r"<include\b[^>]*>[^<]*/etc/dbus-1/system(-local)?\.conf</include>")
+
+
+def bus_config(text, socket, confdir):
+    """The lab's dbus-daemon config, made from the machine's system.conf `text` (pure).
+
+    It listens on `socket` alone; it has no pid file, user switch, fork, syslog or service
+    activation, and none of the includes that carry the machine's own bus settings; relative
+    <includedir>s (the bus policies, FirewallD.conf among them) are made absolute to `confdir`.
+    """
+    for pat in _MACHINE_ONLY:
+        text = re.sub(pat, "", text, flags=re.S)
+    text = text.replace("</busconfig>", "<listen>unix:path=%s</listen>\n</busconfig>" % socket)
+    return text.replace("<includedir>system.d</includedir>",
+                        "<includedir>%s/system.d</includedir>" % confdir)
+
+
+def dbus_argv(conf, socket):
+    """The lab's dbus-daemon command line. --address overrides every <listen> the config (or a
+    file it includes) may still name, --nopidfile every <pidfile>: the machine's bus paths are
+    never created, whatever the machine's configuration holds."""
+    return ["dbus-daemon", "--config-file=%s" % conf, "--address=unix:path=%s" % socket,
+            "--nofork", "--nopidfile"]
+
+
+def _identities(paths):
+    """{path: (inode, mtime_ns)} of those of `paths` that exist."""
+    found = {}
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        found[path] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def _nobody_listens(path):
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return False
+
+
+def bus_leftovers(before, pids, paths=SYSTEM_BUS_FILES):
+    """Which of `paths` the lab's dbus-daemons (`pids`, all stopped by now) left behind.
+
+    Only files that appeared after `before` ({path: identity}, taken before the first of them
+    started): a pid file naming one of `pids`, or a socket nobody listens on. A file that was
+    there before, is someone else's pid, or a live bus is never the lab's to remove.
+    """
+    pids = set(str(p) for p in pids)
+    left = []
+    for path, ident in sorted(_identities(paths).items()):
+        if before.get(path) == ident:
+            continue
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode):
+            if _nobody_listens(path):
+                left.append(path)
+        elif stat.S_ISREG(st.st_mode):
+            try:
+                with open(path) as f:
+                    if f.read().strip() in pids:
+                        left.append(path)
+            except OSError:
+                pass
+    return left
+
+
+# ---- iptables drift, injected in one step ----
+
+def _drift_rule(rule):
+    """(table, rule line): a plain rule line is the filter table's."""
+    return rule if isinstance(rule, tuple) else ("filter", rule)
+
+
+def _drift_tables(delete=(), insert=(), flush=(), policy=None):
+    tables = [_drift_rule(r)[0] for r in list(delete) + list(insert)] + list(flush)
+    if policy:
+        tables.append("filter")
+    return sorted(set(tables))
+
+
+def edit_iptables_save(dump, delete=(), insert=(), flush=(), policy=None):
+    """The iptables-restore input that injects drift into an iptables-save `dump` (pure).
+
+    delete: rules as `iptables -S`/iptables-save print them ("-A FORWARD -s ... -j ACCEPT"),
+    of the filter table or as (table, rule); each must be there (LabError otherwise).
+    insert: rules put first in their chain in the order given (`iptables -I CHAIN 1`).
+    flush: tables whose every rule goes, their chains stay (`iptables -t TABLE -F`).
+    policy: {built-in chain of the filter table: "DROP"|"ACCEPT"}.
+    Only the tables it changes are in the result: iptables-restore leaves the others alone.
+    """
+    want = _drift_tables(delete, insert, flush, policy)
+    tables, order, table = {}, [], None
+    for line in dump.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            tables[table] = {"head": [], "rules": []}
+            order.append(table)
+        elif table is None or line.startswith("#") or not line.strip():
+            continue
+        elif line == "COMMIT":
+            table = None
+        elif line.startswith("-A "):
+            tables[table]["rules"].append(line)
+        else:
+            tables[table]["head"].append(line)
+    missing = [t for t in want if t not in tables]
+    if missing:
+        raise LabError("iptables-save has no table %s" % ", ".join(missing))
+    for t, rule in (_drift_rule(r) for r in delete):
+        if rule not in tables[t]["rules"]:
+            raise LabError("cannot delete %r from table %s: no such rule" % (rule, t))
+        tables[t]["rules"].remove(rule)
+    for t in flush:
+        tables[t]["rules"] = []
+    for t, rule in reversed([_drift_rule(r) for r in insert]):
+        chain = rule.split()[1]
+        rules = tables[t]["rules"]
+        first = next((i for i, r in enumerate(rules) if r.split()[1] == chain), len(rules))
+        rules.insert(first, rule)
+    for chain, target in sorted((policy or {}).items()):
+        head = tables["filter"]["head"]
+        i = next((i for i, h in enumerate(head) if h.split()[0] == ":" + chain), None)
+        if i is None:
+            raise LabError("the filter table has no chain %s" % chain)
+        head[i] = " ".join([":" + chain, target] + head[i].split()[2:])
+    out = []
+    for t in order:
+        if t in want:
+            out += ["*" + t] + tables[t]["head"] + tables[t]["rules"] + ["COMMIT"]
+    return "\n".join(out) + "\n"
+
+
 # ---- the cluster ----
 
 class Node(object):
@@ -447,6 +601,7 @@ class Lab(object):
         self.firewalld_nodes = (["host"] if firewalld is True else list(firewalld or ()))
         self.want_firewalld = bool(self.firewalld_nodes)
         self.dbus_addresses = {}    # node name -> its private system bus
+        self._bus_files_before = None   # SYSTEM_BUS_FILES before the first dbus-daemon started
         self.keep = keep
         self.verbose = verbose
         self.private_run = private_run
@@ -632,10 +787,7 @@ class Lab(object):
         return "dockerd-" + node.ns[len(self.prefix):]
 
     def _docker_ready(self, node, key):
-        popen = self._procs[key][0]
-        if popen.poll() is not None:
-            raise LabDied("dockerd of %s exited with %s:\n%s"
-                          % (node.name, popen.returncode, self.log_tail(key)))
+        self._raise_if_died(key, "dockerd of %s" % node.name)
         return _run(["docker", "version"], check=False, timeout=10,
                     env=self._docker_env(node)).returncode == 0
 
@@ -710,19 +862,13 @@ class Lab(object):
         conf = Path("/usr/share/dbus-1/system.conf")
         if not conf.exists():
             conf = Path("/etc/dbus-1/system.conf")
-        text = conf.read_text()
-        for pat in (r"<user>.*?</user>", r"<fork\s*/>", r"<pidfile>.*?</pidfile>", r"<syslog\s*/>",
-                    r"<servicehelper>.*?</servicehelper>", r"<standard_system_servicedirs\s*/>"):
-            text = re.sub(pat, "", text, flags=re.S)
-        text = re.sub(r"<listen>.*?</listen>", "<listen>unix:path=%s/dbus.sock</listen>" % w, text)
-        text = text.replace("<includedir>system.d</includedir>",
-                            "<includedir>%s/system.d</includedir>" % conf.parent)
-        (w / "dbus.conf").write_text(text)
+        (w / "dbus.conf").write_text(bus_config(conf.read_text(), w / "dbus.sock", conf.parent))
         dbus_key, fw_key = self._fw_key(node, "dbus"), self._fw_key(node, "firewalld")
-        self._spawn(dbus_key, w / "dbus.log",
-                    ["nsenter", "--net=" + node.netns_path, "dbus-daemon",
-                     "--config-file=%s" % (w / "dbus.conf"), "--nofork", "--nopidfile"],
-                    env=self._base_env())
+        if self._bus_files_before is None:
+            self._bus_files_before = _identities(SYSTEM_BUS_FILES)
+        argv = ["nsenter", "--net=" + node.netns_path] + dbus_argv(w / "dbus.conf",
+                                                                   w / "dbus.sock")
+        self._spawn(dbus_key, w / "dbus.log", argv, env=self._base_env())
         self.wait_for(lambda: (w / "dbus.sock").exists(), timeout=10, what="dbus-daemon socket",
                       log=[dbus_key])
         self.dbus_addresses[node.name] = "unix:path=%s/dbus.sock" % w
@@ -749,9 +895,7 @@ class Lab(object):
 
     def _firewalld_running(self, node):
         key = self._fw_key(node, "firewalld")
-        popen = self._procs[key][0]
-        if popen.poll() is not None:
-            raise LabDied("%s exited with %s:\n%s" % (key, popen.returncode, self.log_tail(key)))
+        self._raise_if_died(key, key)
         return self.firewall_cmd("--state", node=node).stdout.strip() == "running"
 
     def firewall_cmd(self, *args, check=False, timeout=60, node=None):
@@ -762,6 +906,19 @@ class Lab(object):
                            % (node.name, node.name))
         return _run(["ip", "netns", "exec", node.ns, "firewall-cmd"] + list(args),
                     check=check, timeout=timeout, env=self._env(node))
+
+    # -- drift --
+
+    def iptables_drift(self, node, delete=(), insert=(), flush=(), policy=None):
+        """Inject iptables drift into `node` ATOMICALLY: one iptables-restore of its own
+        iptables-save, edited by edit_iptables_save (same arguments). A daemon repairing while
+        the test changes rules one by one (`iptables -D`, `-F`, `-I`) races it: the test's
+        second -D finds the rule already gone, or a repair lands between two steps."""
+        node = self._node(node)
+        tables = _drift_tables(delete, insert, flush, policy)
+        dump = "".join(self.sh(node, "iptables-save", "-t", t).stdout for t in tables)
+        text = edit_iptables_save(dump, delete=delete, insert=insert, flush=flush, policy=policy)
+        return self.sh(node, "iptables-restore", input=text)
 
     # -- configs --
 
@@ -841,6 +998,13 @@ class Lab(object):
             self._procs[key] = (popen, log)
             return popen
 
+    def _raise_if_died(self, key, what):
+        """The guard of every wait for a daemon: LabDied (which ends the wait at once) quoting
+        its log when the process `key` has exited."""
+        popen = self._procs[key][0]
+        if popen.poll() is not None:
+            raise LabDied("%s exited with %s:\n%s" % (what, popen.returncode, self.log_tail(key)))
+
     def _stop(self, key, sig=signal.SIGTERM, grace=15):
         entry = self._procs.get(key)
         if not entry:
@@ -884,10 +1048,7 @@ class Lab(object):
         return popen
 
     def _host_healthy(self):
-        popen = self._procs["host"][0]
-        if popen.poll() is not None:
-            raise LabDied("host serve exited with %s:\n%s" % (popen.returncode,
-                                                              self.log_tail("host")))
+        self._raise_if_died("host", "host serve")
         values = self._config_of(self.host)[1]
         bind = values.get("HOST_BIND_IP") or "0.0.0.0"
         addr = HOST_IP if bind == "0.0.0.0" else bind
@@ -919,10 +1080,7 @@ class Lab(object):
         return popen
 
     def _runner_ready(self, node):
-        popen = self._procs[node.name][0]
-        if popen.poll() is not None:
-            raise LabDied("%s serve exited with %s:\n%s"
-                          % (node.name, popen.returncode, self.log_tail(node.name)))
+        self._raise_if_died(node.name, "%s serve" % node.name)
         if self.has_docker:
             return self.docker(node, "network", "inspect", OVERLAY_NETWORK,
                                check=False).returncode == 0
@@ -1129,6 +1287,7 @@ class Lab(object):
                     self._stop(key, signal.SIGTERM, grace=20)
                 for key in [k for k in self._procs if k.startswith("dbus")]:
                     self._stop(key, signal.SIGTERM, grace=5)
+                self._remove_bus_leftovers()
                 self._stop_dockerds()
                 self._save_logs()
                 destroy(self.prefix, self.workdir)
@@ -1138,6 +1297,19 @@ class Lab(object):
             finally:
                 if old is not None:
                     signal.signal(signal.SIGINT, old)
+
+    def _remove_bus_leftovers(self):
+        """Remove the machine-bus files (SYSTEM_BUS_FILES) that this lab's dbus-daemons left,
+        and nothing else (see bus_leftovers)."""
+        if self._bus_files_before is None:
+            return
+        pids = [popen.pid for key, (popen, _log) in self._procs.items() if key.startswith("dbus")]
+        for path in bus_leftovers(self._bus_files_before, pids, SYSTEM_BUS_FILES):
+            self.say("removing %s: left by this lab's dbus-daemon" % path)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _save_logs(self):
         """With $KOHAKU_LAB_LOGS set, copy every log of the lab there before it is deleted."""
@@ -1167,10 +1339,6 @@ class Lab(object):
 
     def _sh_ns(self, ns, *argv):
         return _run(["ip", "netns", "exec", ns] + list(argv))
-
-    @property
-    def nodes(self):
-        return [self.host] + self.runners + self.bare
 
 
 # ---- process-wide cleanup ----

@@ -136,10 +136,9 @@ def test_ip_forward_off_on_the_host(healthy):
 def test_forward_rules_deleted_with_policy_drop(healthy):
     c = healthy
     b1 = c.container_ip(c.runners[1], "b1")
-    for flag in ("-s", "-d"):
-        c.sh(c.host, "iptables", "-D", "FORWARD", flag, "10.0.0.0/8", "-m", "comment",
-             "--comment", "kohaku-overlay", "-j", "ACCEPT")
-    c.sh(c.host, "iptables", "-P", "FORWARD", "DROP")
+    c.iptables_drift(c.host, policy={"FORWARD": "DROP"}, delete=[
+        "-A FORWARD %s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT" % flag
+        for flag in ("-s", "-d")])
     try:
         assert not c.ping(c.runners[0], "a1", b1)      # the fault is real: the hub drops
         fix = assert_fault(c, c.host, "host.forward_rules",
@@ -159,7 +158,7 @@ def test_forward_rules_deleted_with_policy_drop(healthy):
 def test_forward_rules_buried_below_a_drop_on_a_runner(healthy):
     c = healthy
     r1 = c.runners[0]
-    c.sh(r1, "iptables", "-I", "FORWARD", "1", "-i", "eth9", "-j", "DROP")
+    c.iptables_drift(r1, insert=["-A FORWARD -i eth9 -j DROP"])
     try:
         fix = assert_fault(c, r1, "runner.forward_rules",
                            "at bottom: below rule 1 `-A FORWARD -i eth9 -j DROP`",
@@ -168,7 +167,7 @@ def test_forward_rules_buried_below_a_drop_on_a_runner(healthy):
         rc, results = check(c, r1, "--only", "runner.forward_rules")
         assert (rc, results["runner.forward_rules"]["status"]) == (0, "PASS")
     finally:
-        c.sh(r1, "iptables", "-D", "FORWARD", "-i", "eth9", "-j", "DROP")
+        c.iptables_drift(r1, delete=["-A FORWARD -i eth9 -j DROP"])
 
 
 def test_vxkr1_recreated_with_remote_loopback(healthy):

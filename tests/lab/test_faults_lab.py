@@ -363,9 +363,8 @@ def test_drift_is_repaired_by_serve_on_both_sides(c):
                         and extra())
             return ok
 
-        def drift(node, key, what, argvs, extra=lambda: True, timeout=12):
-            for argv in argvs:
-                c.sh(node, *argv)
+        def drift(node, key, what, inject, extra=lambda: True, timeout=12):
+            inject()          # one step: the serve loop may repair at any moment
             c.wait_for(repaired(node, key, extra), timeout=timeout, interval=0.3,
                        what="%s: serve to repair %s" % (node.name, what),
                        log=["host", "runner1"])
@@ -374,11 +373,10 @@ def test_drift_is_repaired_by_serve_on_both_sides(c):
 
         for node, key in ((c.host, "host"), (r1, "runner1")):
             drift(node, key, "FORWARD rules deleted under a DROP policy",
-                  [["iptables", "-P", "FORWARD", "DROP"]] +
-                  [["iptables", "-D"] + rule.split()[1:] for rule in MARKED])
+                  lambda: c.iptables_drift(node, delete=MARKED, policy={"FORWARD": "DROP"}))
             c.sh(node, "iptables", "-P", "FORWARD", "ACCEPT")
             drift(node, key, "iptables flushed",
-                  [["iptables", "-F"], ["iptables", "-t", "nat", "-F"]])
+                  lambda: c.iptables_drift(node, flush=("filter", "nat")))
 
         def link(node, name):
             return json.loads(c.sh(node, "ip", "-j", "-d", "link", "show", "dev", name).stdout)[0]
@@ -388,14 +386,14 @@ def test_drift_is_repaired_by_serve_on_both_sides(c):
             return [(r.get("gateway"), r.get("dev")) for r in json.loads(out)] == \
                 [("10.1.0.254", labkit.OVERLAY_BRIDGE)]
 
-        drift(r1, "runner1", "the overlay route", [["ip", "route", "del", "10.0.0.0/8"]],
-              extra=route_ok)
-        drift(r1, "runner1", "vxlan0 down", [["ip", "link", "set", "vxlan0", "down"]],
+        drift(r1, "runner1", "the overlay route",
+              lambda: c.sh(r1, "ip", "route", "del", "10.0.0.0/8"), extra=route_ok)
+        drift(r1, "runner1", "vxlan0 down", lambda: c.sh(r1, "ip", "link", "set", "vxlan0", "down"),
               extra=lambda: "UP" in link(r1, "vxlan0")["flags"])
         drift(r1, "runner1", "vxlan0 detached from the bridge",
-              [["ip", "link", "set", "vxlan0", "nomaster"]],
+              lambda: c.sh(r1, "ip", "link", "set", "vxlan0", "nomaster"),
               extra=lambda: link(r1, "vxlan0").get("master") == labkit.OVERLAY_BRIDGE)
-        drift(c.host, "host", "vxkr1 deleted", [["ip", "link", "del", "vxkr1"]],
+        drift(c.host, "host", "vxkr1 deleted", lambda: c.sh(c.host, "ip", "link", "del", "vxkr1"),
               extra=lambda: devices(c).get("vxkr1") == r1.ip)
         assert "repaired drift" in (c.host.workdir / "host.log").read_text()
     finally:

@@ -143,8 +143,8 @@ def test_restart_repairs_drift_and_removes_orphans(host):
     c.sh(c.host, "ip", "link", "set", "vxkr1", "mtu", "1300")
     c.sh(c.host, "ip", "link", "add", "vxkr9", "type", "vxlan", "id", "109", "local",
          labkit.HOST_IP, "remote", "198.51.100.99", "dstport", "4789")
-    c.sh(c.host, "iptables", "-D", "FORWARD", "-s", "10.0.0.0/8", "-m", "comment",
-         "--comment", "kohaku-overlay", "-j", "ACCEPT")
+    c.iptables_drift(c.host, delete=[
+        "-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"])
     c.start_host()
     assert vxkr(c) == ["vxkr1"]
     assert links(c)["vxkr1"]["mtu"] == 1450
