@@ -5,9 +5,11 @@
   ``CI=true``: there a lab that cannot run is a failure, never a silent skip.
 - When the session ends, nothing of this run may be left: no namespace, no dockerd or other
   process of a lab workdir, and the root namespace's links, addresses, routes, iptables/nftables
-  rules and ip_forward must be what they were before. A difference is reported as an error.
+  rules, ip_forward and the machine's D-Bus files must be what they were before. A difference
+  is reported as an error.
 """
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -53,6 +55,8 @@ def _root_snapshot():
         snap["ip_forward"] = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     except OSError:
         snap["ip_forward"] = "?"
+    # the machine's D-Bus files (labkit.SYSTEM_BUS_FILES): a lab's dbus-daemon never makes them
+    snap["system bus files"] = " ".join(p for p in labkit.SYSTEM_BUS_FILES if os.path.lexists(p))
     return snap
 
 
