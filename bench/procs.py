@@ -1,4 +1,5 @@
-"""Count the processes a script spawns, by wrapping its PATH with counting shims.
+"""The cost phase's instruments: count the processes a script spawns, by wrapping its PATH with
+counting shims, and the state-file writes it makes, with strace.
 
 `Shims(folder)` writes one tiny /bin/sh script per tool the scripts call (ip, iptables, ...): it
 appends `<tag> <parent pid> <tool> <args>` to a log and execs the real binary (resolved once, by
@@ -9,8 +10,13 @@ counted; everything else the lab runs is tagged "-" and ignored. A shim costs on
 """
 
 import os
+import re
 import shlex
 import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 TOOLS = ("ip", "bridge", "iptables", "iptables-save", "iptables-restore", "ip6tables",
          "iptables-legacy", "iptables-nft", "firewall-cmd", "sysctl", "docker", "nsenter", "ping",
@@ -84,3 +90,52 @@ class Env(object):
         else:
             os.environ[TAG_VAR] = tag
         return False
+
+
+def summarize(spawned):
+    """'ip x2, iptables-restore x1' from [(tool, args)]."""
+    counts = {}
+    for tool, args in spawned:
+        first = args.split()[:1]
+        key = tool + (" " + first[0] if first else "")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join("%s x%d" % (k, v) for k, v in sorted(counts.items())) or "none"
+
+
+def settle(shims, pid, quiet=0.5, timeout=15):
+    """Wait until the host has spawned nothing for `quiet` seconds: a release is answered
+    before its tunnel is removed, and that work must not be counted as the next step's."""
+    deadline = time.monotonic() + timeout
+    mark, last_change = shims.mark(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = shims.mark()
+        if now != mark:
+            mark, last_change = now, time.monotonic()
+        elif time.monotonic() - last_change >= quiet:
+            return
+
+
+def strace_start(pid, out):
+    """strace every thread of `pid` for execve and rename* into the file `out`."""
+    p = subprocess.Popen(["strace", "-f", "-qq", "-o", str(out), "-e",
+                          "trace=execve,rename,renameat,renameat2", "-p", str(pid)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)     # attached to every thread
+    return p
+
+
+def strace_stop(p, out, state_path):
+    """Stop strace_start's strace -> (renames onto state_path, execve not through a shim)."""
+    time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    text = Path(out).read_text() if Path(out).exists() else ""
+    writes = len(re.findall(r"rename\w*\(.*%s\"" % re.escape(os.path.basename(state_path)),
+                            text))
+    execs = len(re.findall(r"execve\(\"(?![^\"]*/shims/)", text))
+    return writes, execs
