@@ -944,6 +944,15 @@ class StateStore(object):
             return None, aside
 
     def _write(self, allocs):
+        started = time.monotonic()
+        try:
+            self._write_file(allocs)
+        except BaseException:
+            METRICS.inc("state_write_failures")
+            raise
+        METRICS.observe_write(time.monotonic() - started)
+
+    def _write_file(self, allocs):
         self._ensure_folder()
         body = json.dumps({"version": STATE_VERSION, "allocations": [
             dict((f, allocs[n][f]) for f in self.FIELDS) for n in sorted(allocs)]},
@@ -1046,6 +1055,166 @@ def _when(stamp):
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics: the counters of this process, and the Prometheus text of GET /metrics
+# ---------------------------------------------------------------------------------------------
+
+# One family: name, type ("counter", "gauge", "histogram"), help text, samples
+# [(labels dict, value)] (a histogram's samples carry their own suffix: (suffix, labels, value)).
+Family = collections.namedtuple("Family", "name type help samples")
+METRIC_PREFIX = "kohaku_overlay_"
+REPAIR_KINDS = ("device", "rules", "zone", "sysctl")
+RELEASE_KINDS = ("release", "cleanup")
+WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+REFUSALS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "wrong_method",
+            408: "timeout", 409: "settings_mismatch", 411: "length_required", 413: "too_large",
+            431: "headers_too_large", 500: "internal_error"}
+LINK_STATS = (("bytes", "bytes", "bytes"), ("packets", "packets", "packets"),
+              ("drops", "dropped", "packets dropped"), ("errors", "errors", "errors"))
+TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def refusal_reason(status, answer):
+    """The reason label of a refused request (an answer of 400 or more)."""
+    if status == 503:
+        text = answer.get("error", "") if isinstance(answer, dict) else ""
+        if text.startswith("no free runner id"):
+            return "no_free_id"
+        return "disabled" if "is disabled" in text else "busy"
+    return REFUSALS.get(status, "http_{}".format(status))
+
+
+class Counters(object):
+    """Every counter of this process, in one registry (METRICS), incremented where the events
+    happen. Module-level on purpose: a Hub or an ApiServer made again inside the same process
+    (as the tests do) never makes a counter go down; a new process starts them all at 0."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.values = collections.Counter()
+        self.buckets = [0] * (len(WRITE_BUCKETS) + 1)   # per bucket, the last one is +Inf
+        self.write_seconds = 0.0
+        self.started = time.time()
+
+    def inc(self, name, label=None, by=1):
+        with self.lock:
+            self.values[(name, label)] += by
+
+    def observe_write(self, seconds):
+        with self.lock:
+            i = next((i for i, le in enumerate(WRITE_BUCKETS) if seconds <= le),
+                     len(WRITE_BUCKETS))
+            self.buckets[i] += 1
+            self.write_seconds += seconds
+
+    def snapshot(self):
+        with self.lock:
+            return dict(self.values), list(self.buckets), self.write_seconds
+
+
+METRICS = Counters()
+
+
+def counter_families(values, buckets, write_seconds):
+    """The counter families from a Counters.snapshot(); every label of a kind is shown, 0 too."""
+    p = METRIC_PREFIX
+
+    def one(name):
+        return [({}, values.get((name, None), 0))]
+
+    refused = sorted(set(REFUSALS.values()) | {"no_free_id", "disabled", "busy"} |
+                     set(label for name, label in values if name == "refused"))
+    cumulative, total = [], 0
+    for le, n in zip([repr(b) for b in WRITE_BUCKETS] + ["+Inf"], buckets):
+        total += n
+        cumulative.append(("_bucket", {"le": le}, total))
+    return [
+        Family(p + "registrations_total", "counter", "Registrations answered with an allocation.",
+               one("registrations")),
+        Family(p + "heartbeats_total", "counter", "Heartbeats accepted.", one("heartbeats")),
+        Family(p + "releases_total", "counter", "Allocations released, by how.",
+               [({"how": k}, values.get(("releases", k), 0)) for k in RELEASE_KINDS]),
+        Family(p + "evictions_total", "counter",
+               "Inactive allocations evicted for a new runner (no free id).", one("evictions")),
+        Family(p + "refused_requests_total", "counter", "API requests refused, by reason.",
+               [({"reason": r}, values.get(("refused", r), 0)) for r in refused]),
+        Family(p + "repairs_total", "counter", "Drift repaired by the periodic pass, by kind.",
+               [({"kind": k}, values.get(("repairs", k), 0)) for k in REPAIR_KINDS]),
+        Family(p + "state_write_failures_total", "counter", "State-file writes that failed.",
+               one("state_write_failures")),
+        Family(p + "state_write_duration_seconds", "histogram",
+               "Time to write the state file (temp file, fsync, rename, fsync of the folder).",
+               cumulative + [("_sum", {}, round(write_seconds, 6)), ("_count", {}, total)])]
+
+
+def escape_label_value(value):
+    """A label value in the text exposition format: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def sample_value(value):
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def render_metrics(families):
+    """Families -> Prometheus text exposition format: HELP and TYPE once, then the samples."""
+    lines = []
+    for fam in families:
+        lines.append("# HELP {} {}".format(fam.name, fam.help.replace("\\", "\\\\").replace(
+            "\n", "\\n")))
+        lines.append("# TYPE {} {}".format(fam.name, fam.type))
+        for sample in fam.samples:
+            suffix, labels, value = sample if len(sample) == 3 else ("",) + tuple(sample)
+            text = ",".join('{}="{}"'.format(k, escape_label_value(v))
+                            for k, v in sorted(labels.items()))
+            lines.append("{}{}{} {}".format(fam.name, suffix, "{" + text + "}" if text else "",
+                                            sample_value(value)))
+    return "".join(line + "\n" for line in lines)
+
+
+def parse_link_stats(text):
+    """`ip -s -j link show` -> {ifname: {"rx": {...}, "tx": {...}}} (stats64, else stats)."""
+    out = {}
+    for link in json.loads(text or "[]"):
+        stats = link.get("stats64") or link.get("stats") or {}
+        if "ifname" in link and stats:
+            out[link["ifname"]] = stats
+    return out
+
+
+def link_stat_families(prefix, what, stats, labels_of):
+    """rx/tx bytes, packets, drops and errors counters of the links in stats, one family each.
+
+    labels_of(ifname) -> the labels of that link's samples, or None to leave it out.
+    """
+    families = []
+    for direction, word, verb in (("rx", "receive", "Received"), ("tx", "transmit", "Sent")):
+        for suffix, key, noun in LINK_STATS:
+            samples = []
+            for ifname in sorted(stats):
+                labels = labels_of(ifname)
+                if labels is not None:
+                    samples.append((labels, int((stats[ifname].get(direction) or {}).get(key, 0))))
+            families.append(Family("{}{}_{}_total".format(prefix, word, suffix), "counter",
+                                   "{} {} of {} (kernel counter).".format(verb, noun, what),
+                                   samples))
+    return families
+
+
+class MetricsText(str):
+    """An answer that is Prometheus text, not JSON (http_response sends it as it is)."""
+    content_type = TEXT_TYPE
+
+
+# ---------------------------------------------------------------------------------------------
 # The hub: allocations in memory (a mirror of the state file), one writer thread
 # ---------------------------------------------------------------------------------------------
 
@@ -1123,6 +1292,59 @@ class Hub(object):
                                     "again".format(name, alloc["physical_ip"], peer))
             self.beats[name] = time.monotonic()
             self.seen[name] = time.time()
+        METRICS.inc("heartbeats")
+
+    def metrics(self):
+        """GET /metrics: the hub's figures and METRICS. Holds the hub's lock only to copy the
+        allocations (never waits on the writer thread); reads every tunnel's counters with one
+        `ip -s -j link show`."""
+        with self.lock:
+            allocs = dict((n, dict(a)) for n, a in self.allocs.items())
+            beats, seen = dict(self.beats), dict(self.seen)
+        stats = parse_link_stats(run(["ip", "-s", "-j", "link", "show"], mutates=False).stdout)
+        return MetricsText(render_metrics(self.metric_families(allocs, beats, seen, stats)))
+
+    def metric_families(self, allocs, beats, seen, stats, now=None, wall=None):
+        """Everything /metrics shows, from copies of the hub's state (pure but for METRICS)."""
+        p = METRIC_PREFIX
+        now = time.monotonic() if now is None else now
+        wall = time.time() if wall is None else wall
+        inactive_after = self.cfg["OVERLAY_INACTIVE_AFTER"]
+        runners, ages, by_device = [], [], {}
+        for n in sorted(allocs):
+            a = allocs[n]
+            who = {"runner_name": a["runner_name"] or "", "runner_id": n}
+            beat = beats.get(a["runner_name"])
+            active = beat is not None and now - beat <= inactive_after
+            runners.append((who, active))
+            last = seen.get(a["runner_name"], a["last_seen"])
+            if beat is not None:
+                ages.append((who, round(now - beat, 3)))
+            elif last:
+                ages.append((who, round(max(0.0, wall - last), 3)))
+            by_device[self.layout.device(n)] = dict(who, device=self.layout.device(n))
+        active = sum(1 for _, up in runners if up)
+        build = {"version": __version__,
+                 "mode": "direct" if self.cfg.get("OVERLAY_DIRECT_ROUTING") else "hub",
+                 "encryption": self.cfg.get("OVERLAY_ENCRYPTION") or "none"}
+        return [
+            Family(p + "build_info", "gauge", "Host version, routing mode and encryption "
+                   "(always 1).", [(build, 1)]),
+            Family(p + "start_time_seconds", "gauge",
+                   "Unix time this host process started (its counters start at 0 then).",
+                   [({}, round(METRICS.started, 3))]),
+            Family(p + "runners", "gauge", "Allocations by state.",
+                   [({"state": "active"}, active), ({"state": "inactive"}, len(runners) - active)]),
+            Family(p + "free_ids", "gauge", "Runner ids free for a new runner.",
+                   [({}, self.layout.max_id - len(allocs))]),
+            Family(p + "max_ids", "gauge", "Runner ids this layout has.",
+                   [({}, self.layout.max_id)]),
+            Family(p + "runner_active", "gauge",
+                   "1 when the runner heartbeated within OVERLAY_INACTIVE_AFTER.", runners),
+            Family(p + "runner_heartbeat_age_seconds", "gauge",
+                   "Seconds since the runner's last heartbeat.", ages),
+        ] + counter_families(*METRICS.snapshot()) + link_stat_families(
+            p + "tunnel_", "the runner's tunnel device", stats, by_device.get)
 
     def submit(self, kind, timeout=30, **args):
         """Queue a change for the writer thread and wait for its answer."""
@@ -1172,28 +1394,37 @@ class Hub(object):
 
         Reads the kernel with a constant number of commands, whatever the number of runners.
         """
-        repairs = []
+        repairs, kinds = [], collections.Counter()
         if self.kernel.ensure_forwarding():
             repairs.append("net.ipv4.ip_forward=1")
+            kinds["sysctl"] += 1
         if not startup:
             self.kernel.refresh()
         if self.kernel.ensure_host_device():
             repairs.append(HOST_DEVICE)
+            kinds["device"] += 1
         with self.lock:
             allocs = dict(self.allocs)
         errors, lines = self.kernel.sync_tunnels(self.remotes(allocs), prune=True)
-        repairs += sorted(set(line.split()[2] if line.startswith("link") else line.split()[-1]
-                              for line in lines))
+        devices = sorted(set(line.split()[2] if line.startswith("link") else line.split()[-1]
+                             for line in lines))
+        repairs += devices
+        kinds["device"] += len(devices)
         for n, err in sorted(errors.items()):
             if err:
                 log.error("cannot build %s for %s: %s", self.layout.device(n),
                           allocs[n]["runner_name"] or "(recovered)", err)
         if self.kernel.ensure_rules(self.runner_ips(allocs)):
             repairs.append("iptables rules")
+            kinds["rules"] += 1
         trusted = self.kernel.ensure_trusted(
             [HOST_DEVICE] + [self.layout.device(n) for n in allocs])
         if trusted:
             repairs.append("firewalld zone {} for {}".format(TRUSTED_ZONE, " ".join(trusted)))
+            kinds["zone"] += len(trusted)
+        for kind, count in kinds.items():
+            if not startup:                  # at start-up it is building, not repairing
+                METRICS.inc("repairs", kind, count)
         if repairs and not startup:
             log.warning("repaired drift: %s", ", ".join(repairs))
         elif repairs:
@@ -1270,6 +1501,9 @@ class Hub(object):
             if job.kind != "register" or job.status != 200:
                 if job.kind == "release" and job.status == 200:
                     log.info("released runner %s", job.args["name"])
+                    METRICS.inc("releases", "release")
+                elif job.kind == "cleanup" and job.status == 200:
+                    METRICS.inc("releases", "cleanup", job.answer["released"])
                 job.finish(job.status, job.answer)
                 continue
             name, n = job.args["runner_name"], job.runner_id
@@ -1286,6 +1520,9 @@ class Hub(object):
             answer.update(self.layout.allocation(n, self.cfg))
             log.info("registered %s as runner %d (%s) from %s", name, n, answer["subnet"],
                      job.args["physical_ip"])
+            METRICS.inc("registrations")
+            if job.evicted is not None:
+                METRICS.inc("evictions")
             job.finish(200, answer)
 
     def commit(self, jobs):
@@ -1379,6 +1616,12 @@ class Api(object):
         if path == "/healthz":
             self._method(method, "GET")
             return 200, {"ok": True}
+        if path == "/metrics":
+            self._method(method, "GET")
+            if not self._authorized(headers):
+                raise ApiError(401, "missing or wrong bearer token: send Authorization: Bearer "
+                                    "<OVERLAY_TOKEN> (Prometheus: authorization: credentials)")
+            return 200, self.hub.metrics()
         if not path.startswith("/api/overlay/"):
             raise ApiError(404, "no such endpoint: {} {}".format(method, path[:100]))
         if not self._authorized(headers):
@@ -1698,13 +1941,20 @@ def parse_request(buf):
 
 
 def http_response(status, obj):
-    body = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    """The bytes of an answer (JSON, or the text of a MetricsText). Every answer the server
+    sends comes through here, so this is where a refused request (400 and up) is counted."""
+    if status >= 400:
+        METRICS.inc("refused", refusal_reason(status, obj))
+    if isinstance(obj, MetricsText):
+        body, kind = obj.encode("utf-8"), obj.content_type
+    else:
+        body, kind = (json.dumps(obj, sort_keys=True) + "\n").encode(), "application/json"
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Error"
-    head = "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n" \
-           "Connection: close\r\nCache-Control: no-store\r\n\r\n".format(status, phrase, len(body))
+    head = "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n" \
+           "Cache-Control: no-store\r\n\r\n".format(status, phrase, kind, len(body))
     return head.encode() + body
 
 

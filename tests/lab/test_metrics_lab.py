@@ -93,3 +93,47 @@ def test_check_prometheus_output_on_a_real_runner_is_promtool_valid(cluster):
     assert status["runner.ping"] == "PASS"
     failed = sorted(k for k, v in status.items() if v == "FAIL")
     assert res.returncode == (1 if failed else 0), res.stderr
+
+
+FETCH = r"""
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
+print(urllib.request.urlopen(req, timeout=10).read().decode(), end="")
+"""
+
+
+def test_the_host_endpoint_is_promtool_valid(cluster):
+    c = cluster
+    res = c.sh(c.host, c.python, "-c", FETCH, "http://%s:8000/metrics" % labkit.HOST_IP,
+               labkit.TOKEN)
+    promkit.promtool_check(res.stdout)
+    fams = promkit.parse(res.stdout)
+    assert promkit.value(fams, "kohaku_overlay_runners", state="active") == 2
+    assert [d["device"] for d, _ in promkit.samples(
+        fams, "kohaku_overlay_tunnel_receive_bytes_total")] == ["vxkr1", "vxkr2"]
+
+
+def test_a_real_prometheus_scrapes_the_host_with_the_token(cluster):
+    c = cluster
+    with promkit.Prometheus(c, c.host, targets=["%s:8000" % labkit.HOST_IP],
+                            token=labkit.TOKEN) as prom:
+        prom.wait_up()
+        rows = prom.query('kohaku_overlay_runners{state="active"}')
+        assert [v for _, v in rows] == [2]
+        assert rows[0][0]["job"] == "kohaku-overlay-host"
+        series = 'kohaku_overlay_tunnel_transmit_bytes_total{runner_name="runner2"}'
+        first = prom.query(series)
+        assert [(r["device"], r["runner_id"]) for r, _ in first] == [("vxkr2", "2")]
+        stream = c.ping_stream(1, "c1", c.container_ip(2, "c2"), interval=0.2)
+        try:
+            # the host forwards c1's echo requests to runner2 through vxkr2
+            grown = prom.wait_for_query(series, lambda rows: rows and rows[0][1] >=
+                                        first[0][1] + 10 * 84, timeout=30,
+                                        what="vxkr2's transmit bytes to grow in prometheus")
+            rate = prom.wait_for_query(
+                'rate(kohaku_overlay_tunnel_receive_packets_total{device="vxkr1"}[5s])',
+                lambda rows: rows and rows[0][1] > 0, timeout=15)
+        finally:
+            sent, received = stream.stop()
+        assert received > 0 and grown[0][1] > first[0][1] and rate[0][1] > 0
+        assert prom.query("kohaku_overlay_heartbeats_total")[0][1] > 0

@@ -1,6 +1,6 @@
-"""Unit tests of the Prometheus figures: the runner's textfile and the check script's
---prometheus, checked line by line with promkit's strict reader and with `promtool check metrics`
-(Debian's prometheus package, always installed in CI)."""
+"""Unit tests of the Prometheus figures: the Host's GET /metrics, the runner's textfile and the
+check script's --prometheus, checked line by line with promkit's strict reader and with
+`promtool check metrics` (Debian's prometheus package, always installed in CI)."""
 
 import contextlib
 import importlib.util
@@ -9,6 +9,10 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ import pytest
 import kohaku_overlay_check as chk        # the module test_check's fake patches
 import promkit
 import test_check
+import test_host
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -347,3 +352,253 @@ def test_check_json_and_prometheus_together_are_bad_usage(fake, capsys):
 def test_check_label_values_are_escaped():
     text = chk.render_metrics([("x", "gauge", "h", [({"check": 'a"b\\c\nd'}, 1)])])
     assert promkit.samples(promkit.parse(text), "x") == [({"check": 'a"b\\c\nd'}, 1)]
+
+
+# ---- the Host's GET /metrics ------------------------------------------------------------------
+
+host = test_host.host                   # the module test_host's helpers build hubs of
+isolated = test_host.isolated           # autouse: no dry-run, no firewalld, ip_forward 1
+AUTH = test_host.AUTH
+HOST_LINKS = ["ip", "-s", "-j", "link", "show"]
+
+
+def host_links(n, extra=()):
+    """`ip -s -j link show` of a Host with vxkr1..vxkrN (runner k: rx k*1000, tx k*2000)."""
+    links = [stats_link("lo", 1, 1), stats_link("eth0", 9, 9), stats_link("kohaku-host")]
+    links += [stats_link(host.Layout.device(k), k * 1000, k * 2000, k, 2 * k)
+              for k in range(1, n + 1)]
+    return json.dumps(links + list(extra))
+
+
+@pytest.fixture
+def served(tmp_path, mocker):
+    fake = test_host.FakeRun()
+    mocker.patch.object(host, "run", fake)
+    fake.answer(HOST_LINKS, (0, host_links(3), ""))
+    hub = test_host.make_hub(tmp_path, chain=False)
+    with test_host.writer_running(hub):
+        yield host.Api(hub), hub, fake
+
+
+def scrape(api, headers=AUTH):
+    status, text = api.dispatch("GET", "/metrics", headers, None, "198.51.100.200")
+    assert status == 200 and isinstance(text, host.MetricsText)
+    return text, promkit.parse(text)
+
+
+def counter_values(fams):
+    """The process's own counters (not the kernel's tunnel counters, which follow devices)."""
+    return dict(((name, key), v) for name, fam in fams.items()
+                if fam.type in ("counter", "histogram") and "_tunnel_" not in name
+                for key, v in fam.samples.items())
+
+
+def test_host_metrics_show_the_hub_and_pass_promtool(served):
+    api, hub, fake = served
+    for k in (1, 2, 3):
+        assert test_host.register(api, "runner%d" % k, "198.51.100.1%d" % k)[0] == 200
+    assert api.dispatch("PUT", "/api/overlay/heartbeat/runner2", AUTH, b"", "198.51.100.12") \
+        == (200, {"ok": True})
+    with hub.lock:
+        hub.beats["runner3"] -= 3600            # runner3 went quiet an hour ago
+    before = len(fake.calls)
+    text, fams = scrape(api)
+    assert fake.calls[before:] == [HOST_LINKS]          # one process for every tunnel
+    promkit.promtool_check(text)
+    assert promkit.value(fams, "kohaku_overlay_runners", state="active") == 2
+    assert promkit.value(fams, "kohaku_overlay_runners", state="inactive") == 1
+    assert promkit.value(fams, "kohaku_overlay_free_ids") == 252
+    assert promkit.value(fams, "kohaku_overlay_max_ids") == 255
+    assert promkit.value(fams, "kohaku_overlay_runner_active", runner_name="runner3",
+                         runner_id=3) == 0
+    assert 3599 < promkit.value(fams, "kohaku_overlay_runner_heartbeat_age_seconds",
+                                runner_name="runner3", runner_id=3) < 3700
+    assert promkit.value(fams, "kohaku_overlay_runner_heartbeat_age_seconds",
+                         runner_name="runner2", runner_id=2) < 60
+    who = {"device": "vxkr2", "runner_name": "runner2", "runner_id": 2}
+    assert promkit.value(fams, "kohaku_overlay_tunnel_receive_bytes_total", **who) == 2000
+    assert promkit.value(fams, "kohaku_overlay_tunnel_transmit_bytes_total", **who) == 4000
+    assert promkit.value(fams, "kohaku_overlay_tunnel_receive_packets_total", **who) == 2
+    assert promkit.value(fams, "kohaku_overlay_tunnel_transmit_drops_total", **who) == 4
+    assert promkit.value(fams, "kohaku_overlay_tunnel_receive_errors_total", **who) == 1
+    devices = [d["device"] for d, _ in promkit.samples(
+        fams, "kohaku_overlay_tunnel_transmit_bytes_total")]
+    assert devices == ["vxkr1", "vxkr2", "vxkr3"]       # tunnels only, not lo/eth0/kohaku-host
+    assert promkit.samples(fams, "kohaku_overlay_build_info") == [
+        ({"encryption": "none", "mode": "hub", "version": host.__version__}, 1)]
+    assert promkit.value(fams, "kohaku_overlay_state_write_duration_seconds",
+                         "kohaku_overlay_state_write_duration_seconds_bucket", le="+Inf") >= 3
+
+
+def test_host_counters_follow_the_events_and_never_go_down(served, tmp_path):
+    api, hub, fake = served
+    seen = [counter_values(scrape(api)[1])]
+
+    def delta(name, **labels):
+        key = (name, (name, tuple(sorted((k, str(v)) for k, v in labels.items()))))
+        return seen[-1][key] - seen[0][key]
+
+    test_host.register(api, "runner1", "198.51.100.11")
+    seen.append(counter_values(scrape(api)[1]))
+    api.dispatch("PUT", "/api/overlay/heartbeat/runner1", AUTH, b"", "198.51.100.11")
+    api.dispatch("PUT", "/api/overlay/heartbeat/ghost", AUTH, b"", "198.51.100.11")   # 404
+    test_host.register(api, "runner2", "198.51.100.12", mtu=1400)                      # 409
+    test_host.register(api, "runner2", "198.51.100.12")
+    api.dispatch("POST", "/api/overlay/release/runner2", AUTH, b"", "127.0.0.1")
+    assert test_host.wait_for(lambda: 2 not in hub.allocs)
+    seen.append(counter_values(scrape(api)[1]))
+    status, _ = api.dispatch("GET", "/metrics", {"authorization": "Bearer wrong"}, None, "x")
+    assert status == 401
+    # a second hub in the same process (serve started again in it): nothing goes down
+    hub2 = test_host.make_hub(tmp_path / "again", chain=False)
+    seen.append(counter_values(scrape(host.Api(hub2))[1]))
+    for earlier, later in zip(seen, seen[1:]):
+        for key, v in earlier.items():
+            assert later.get(key, 0) >= v, key
+    assert delta("kohaku_overlay_registrations_total") == 2
+    assert delta("kohaku_overlay_heartbeats_total") == 1
+    assert delta("kohaku_overlay_releases_total", how="release") == 1
+    # refusals reach the counter where the answer is sent (http_response), by reason
+    for status, answer in ((404, {"error": "x"}), (409, {"error": "x"}), (401, {"error": "x"}),
+                           (503, {"error": "no free runner id: all 255 are held"})):
+        host.http_response(status, answer)
+    last = counter_values(scrape(api)[1])
+    refused = "kohaku_overlay_refused_requests_total"
+    for reason in ("not_found", "settings_mismatch", "unauthorized", "no_free_id"):
+        key = (refused, (refused, (("reason", reason),)))
+        assert last[key] >= seen[0][key] + 1, reason
+
+
+def test_a_new_host_process_starts_every_counter_at_zero(tmp_path):
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('h', sys.argv[1])\n"
+            "h = importlib.util.module_from_spec(spec); spec.loader.exec_module(h)\n"
+            "print(h.render_metrics(h.counter_families(*h.METRICS.snapshot())), end='')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "kohaku_overlay_host.py")],
+                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    promkit.promtool_check(out)
+    values = counter_values(promkit.parse(out))
+    assert len(values) > 10 and set(values.values()) == {0}
+
+
+def test_metrics_need_the_token_and_come_as_prometheus_text(served):
+    api, hub, fake = served
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic x"}):
+        status, answer = api.dispatch("GET", "/metrics", headers, None, "198.51.100.200")
+        assert status == 401 and "bearer token" in answer["error"]
+    assert api.dispatch("POST", "/metrics", AUTH, b"", "x")[0] == 405
+    with test_host.api_server(api.dispatch) as srv:
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        conn.request("GET", "/metrics", headers={"Authorization": AUTH["authorization"]})
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        conn.close()
+        assert resp.status == 200
+        assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+        promkit.parse(body)
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 401
+        conn.close()
+
+
+def test_without_a_token_metrics_are_open_like_every_endpoint(tmp_path, mocker):
+    fake = test_host.FakeRun()
+    mocker.patch.object(host, "run", fake)
+    fake.answer(HOST_LINKS, (0, host_links(0), ""))
+    hub = test_host.make_hub(tmp_path, OVERLAY_TOKEN="")
+    assert host.Api(hub).dispatch("GET", "/metrics", {}, None, "x")[0] == 200
+
+
+def test_a_slow_scrape_does_not_hold_up_registrations(served):
+    api, hub, fake = served
+    started, release = threading.Event(), threading.Event()
+
+    def slow_links(argv, input):
+        started.set()
+        release.wait(10)
+        return 0, host_links(1), ""
+    fake.answer(HOST_LINKS, slow_links)
+    scraper = threading.Thread(target=scrape, args=(api,))
+    scraper.start()
+    try:
+        assert started.wait(5)
+        t0 = time.monotonic()
+        assert test_host.register(api, "runner1", "198.51.100.11")[0] == 200
+        assert api.dispatch("GET", "/api/overlay/status", AUTH, None, "x")[0] == 200
+        assert time.monotonic() - t0 < 2
+    finally:
+        release.set()
+        scraper.join(10)
+    assert not scraper.is_alive()
+
+
+def test_255_tunnels_in_one_scrape_with_one_process(tmp_path, mocker):
+    fake = test_host.FakeRun()
+    mocker.patch.object(host, "run", fake)
+    fake.answer(HOST_LINKS, (0, host_links(255), ""))
+    hub = test_host.make_hub(tmp_path, allocs=dict(
+        (k, test_host.alloc(k, "r%d" % k, "198.51.%d.%d" % (100 + k // 200, k % 200 + 1)))
+        for k in range(1, 256)))
+    text, fams = scrape(host.Api(hub))
+    assert fake.calls == [HOST_LINKS]
+    assert len(promkit.samples(fams, "kohaku_overlay_tunnel_receive_bytes_total")) == 255
+    assert promkit.value(fams, "kohaku_overlay_free_ids") == 0
+    assert promkit.value(fams, "kohaku_overlay_runners", state="inactive") == 255
+    promkit.promtool_check(text)
+
+
+def test_repairs_are_counted_by_kind_but_not_the_start_up_build(tmp_path, mocker, isolated):
+    fake = test_host.FakeRun()
+    mocker.patch.object(host, "run", fake)
+    hub = test_host.make_hub(tmp_path, chain=False)
+    hub.allocs = hub.store.update(lambda a: a.update({1: test_host.alloc(1, "r1",
+                                                                         "198.51.100.11")}))
+    fake.answer(test_host.IPT_S, (0, test_host.CLEAN_RULES, ""))
+
+    def repairs():
+        values = host.METRICS.snapshot()[0]
+        return dict((k, values.get(("repairs", k), 0)) for k in host.REPAIR_KINDS)
+    before = repairs()
+    hub.kernel.links = {}
+    hub.reconcile(startup=True)
+    assert repairs() == before
+    isolated["ip_forward"] = "0\n"
+    fake.answer(test_host.IP_SHOW, (0, test_host.CAPTURED_LINKS, ""))
+    fake.answer(test_host.IPT_S, (0, test_host.CAPTURED_RULES_BURIED, ""))
+    hub.allocs = hub.store.update(lambda a: a.update({2: test_host.alloc(2, "r2",
+                                                                         "198.51.100.12")}))
+    assert hub.reconcile() == ["net.ipv4.ip_forward=1", "vxkra", "iptables rules"]
+    after = repairs()
+    assert dict((k, after[k] - before[k]) for k in after) == {
+        "device": 1, "rules": 1, "zone": 0, "sysctl": 1}
+
+
+def test_state_writes_are_timed_and_a_failed_write_is_counted(tmp_path, mocker):
+    store = host.StateStore(str(tmp_path / "s" / "state.json"))
+    count = lambda: host.METRICS.snapshot()[1]            # noqa: E731
+    before = sum(count())
+    store.update(lambda a: None)
+    store.update(lambda a: None)
+    assert sum(count()) == before + 2
+    failures = host.METRICS.snapshot()[0].get(("state_write_failures", None), 0)
+    mocker.patch.object(host.os, "fsync", side_effect=OSError(28, "No space left on device"))
+    with pytest.raises(OSError):
+        store.update(lambda a: None)
+    assert host.METRICS.snapshot()[0][("state_write_failures", None)] == failures + 1
+
+
+@pytest.mark.parametrize("status, error, reason", [
+    (400, "bad", "bad_request"), (401, "x", "unauthorized"), (404, "x", "not_found"),
+    (409, "x", "settings_mismatch"), (413, "x", "too_large"), (408, "x", "timeout"),
+    (503, "no free runner id: all 255 are held by active runners", "no_free_id"),
+    (503, "the overlay is disabled on this host", "disabled"),
+    (503, "the host is busy: try again", "busy"), (418, "x", "http_418")])
+def test_refusal_reasons(status, error, reason):
+    assert host.refusal_reason(status, {"error": error}) == reason
+
+
+def test_host_and_runner_writers_escape_alike():
+    fam = ("x_total", "counter", "Help \\ and\nmore.", [({"a": 'q"\\\n'}, 1)])
+    assert host.render_metrics([host.Family(*fam)]) == runner.render_metrics([runner.Family(*fam)])
