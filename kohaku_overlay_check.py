@@ -111,6 +111,7 @@ RUNNER_KEYS = {
     "DOCKER_NETWORK_NAME": (STR, "kohakuriver-net", False),
     "DOCKER_NETWORK_SUBNET": (STR, "172.30.0.0/16", False),
     "DOCKER_NETWORK_GATEWAY": (STR, "172.30.0.1", False),
+    "OVERLAY_METRICS_FILE": (STR, "", False),
 }
 ROLE_KEYS = {"host": HOST_KEYS, "runner": RUNNER_KEYS}
 # numeric keys -> (lowest, highest) accepted, as the daemons bound them (OVERLAY_VXLAN_ID: the

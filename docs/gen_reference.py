@@ -51,6 +51,10 @@ ENDPOINTS = [
      "400 bad name, 404 no such runner, 503 overlay disabled"),
     ("POST", "/api/overlay/cleanup", True, "", '`{"released": <count>}`',
      "503 overlay disabled"),
+    ("GET", "/metrics", True, "",
+     "Prometheus text exposition format (`text/plain; version=0.0.4`), `kohaku_overlay_` "
+     "prefix: runners by state, free ids, per-runner heartbeat age, event counters, "
+     "per-tunnel kernel counters, build info (README: Monitoring with Prometheus)", ""),
 ]
 ENDPOINT_NOTES = """\
 Every endpoint answers 405 to another method and 404 to an unknown path; every endpoint but
