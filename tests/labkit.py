@@ -48,6 +48,10 @@ Importable API (tests/ is on sys.path through tests/conftest.py)::
                                        #   /run/wireguard/IFNAME.sock is per node, not shared)
     c.enter(node) -> argv prefix       # what runs a command inside that node's namespaces
         c.add_bare_node(name, ip) -> Node  # a namespace on the underlay, nothing else
+        c.iptables_drift(node, delete=[rule], insert=[rule], flush=("filter", "nat"),
+                         policy={"FORWARD": "DROP"})   # drift in ONE iptables-restore: the way
+                                       #    to inject drift while a daemon repairs (rules in
+                                       #    `iptables -S` form; ("nat", rule) for another table)
         c.teardown()                   # idempotent; also on exceptions, atexit and SIGTERM/SIGHUP
 
 Behaviour worth knowing:
@@ -70,6 +74,9 @@ Behaviour worth knowing:
   ``sh`` and pings from the node itself enter it with ``nsenter --net --mount``. dockerd,
   firewalld and containers stay in the machine's mount namespace.
 - ``KOHAKU_LAB_LOGS=DIR``: teardown copies every log of the lab to DIR/<prefix>/ first.
+- D-Bus: each firewalld node gets its own dbus-daemon on ``<workdir>/<node>/dbus.sock``
+  (``--address`` and ``--nopidfile``: never the machine's /run/dbus, whatever the machine's
+  D-Bus configuration includes); teardown removes any machine bus file its daemons left.
 - Names: prefix ``ko<pid>x<rand>-``; workdir ``$KOHAKU_LAB_DIR`` or ``/tmp/kolab`` + ``/<prefix>``
   holding ``lab.json`` (owner pid and start time). Building a lab first removes labs whose owner is
   dead; ``python3 tests/labkit.py down`` removes those too (``--force``: also live ones).
