@@ -5,6 +5,7 @@ When a test here fails after you added a config key, a command line option or an
 `python3 docs/gen_reference.py` (and, for an endpoint, add its row to ENDPOINTS there first).
 """
 
+import difflib
 import importlib.util
 import re
 from pathlib import Path
@@ -30,7 +31,13 @@ GEN = generator()
 
 def test_reference_is_what_the_generator_writes():
     current = (ROOT / "docs" / "reference.md").read_text()
-    assert current == GEN.render(), "docs/reference.md is out of date: " + HOW
+    wanted = GEN.render()
+    if current != wanted:
+        diff = list(difflib.unified_diff(current.splitlines(), wanted.splitlines(),
+                                         "docs/reference.md", "what the scripts' tables say",
+                                         lineterm="", n=0))
+        pytest.fail("docs/reference.md is out of date: %s\n%s" % (HOW, "\n".join(diff[:30])),
+                    pytrace=False)
 
 
 def test_check_mode_says_the_command_that_regenerates(tmp_path, monkeypatch, capsys):
