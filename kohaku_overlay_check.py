@@ -31,7 +31,8 @@ one `docker network inspect` and one `bridge -j fdb show` (runner), two pings (r
 API, and files under /proc. 255 tunnels take about half a second.
 
 Files read: the config (~/.kohakuriver/host_config.py or runner_config.py, or --config), the
-state file named by OVERLAY_STATE_FILE. Written: only the --bundle archive (mode 0600).
+state file named by OVERLAY_STATE_FILE, /etc/resolv.conf (nameservers inside the overlay CIDR).
+Written: only the --bundle archive (mode 0600).
 """
 
 __version__ = "0.1.0"
@@ -61,6 +62,9 @@ MARKER = "kohaku-overlay"           # comment on every iptables rule the daemons
 HOST_DEVICE = "kohaku-host"
 HOST_VXLAN_PREFIX = "vxkr"
 RUNNER_VXLAN = "vxlan0"
+DIRECT_DEVICE = "vxdirect0"         # a runner's direct-routing VXLAN device
+WG_DEVICE = "kohaku-wg"             # the WireGuard device under the tunnels
+RESOLV_CONF = "/etc/resolv.conf"
 SOURCE_FILTER_CHAIN = "KOHAKU-VXLAN"
 SERVICES = {"host": "kohakuriver-overlay-host", "runner": "kohakuriver-overlay-runner"}
 CONFIG_DIR = os.path.join("~", ".kohakuriver")
@@ -692,6 +696,22 @@ def loopback(text):
     return is_ipv4(text) and ipaddress.IPv4Address(text).is_loopback
 
 
+def parse_nameservers(text):
+    """resolv.conf text -> the IPv4 nameserver addresses, in order."""
+    out = []
+    for line in (text or "").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver" and is_ipv4(words[1]):
+            out.append(words[1])
+    return out
+
+
+def nets_overlap(a, b):
+    """a, b: (network int, mask int) -> True when one holds the other."""
+    mask = a[1] & b[1]
+    return a[0] & mask == b[0] & mask
+
+
 def kernel_older(release, major, minor):
     try:
         nums = [int(x) for x in release.split("-")[0].split(".")[:2]]
@@ -729,7 +749,8 @@ class Fact(object):
 
 class Snapshot(object):
     """Everything the checks look at, gathered once up front so checks are pure functions."""
-    links, links2, routes, ipt, zones, docker_net, fdb, pings, state = (Fact() for _ in range(9))
+    links, links2, routes, ipt, zones, docker_net, fdb, pings, state, nameservers = (
+        Fact() for _ in range(10))
 
     def __init__(self, role, cfg, cfg_path, cfg_found=True, cfg_warnings=(), cfg_ignored=()):
         self.role, self.cfg, self.cfg_path, self.cfg_found = role, cfg, cfg_path, cfg_found
@@ -745,6 +766,7 @@ class Snapshot(object):
         self.api = {}                   # "health"/"status" -> (status, obj) or error string
         self.pings = {}                 # "ping"/"df" -> (ok, detail)
         self.state = None               # host: parsed state file; runner: local allocation
+        self.nameservers = []           # IPv4 nameservers of /etc/resolv.conf
         self.state_mode = None
         self.alloc = None               # runner: the expected allocation
         self.layout = None              # host: Layout
@@ -792,6 +814,10 @@ class Snapshot(object):
         if self.role == "host":
             return [n for n in [HOST_DEVICE] + self.vxlan_devices() if n in self.links]
         return [n for n in (self.cfg["OVERLAY_BRIDGE_NAME"], RUNNER_VXLAN) if n in self.links]
+
+    def overlay_device(self, dev):
+        """True for a device the overlay itself creates (its routes and addresses are ours)."""
+        return dev in self.overlay_ifaces() or dev in (DIRECT_DEVICE, WG_DEVICE)
 
     def overlay_cidr(self):
         if self.role == "host":
@@ -874,6 +900,7 @@ def gather(snap, links, links_text=""):
     else:
         snap.state = read_state_file(snap, cfg["OVERLAY_STATE_FILE"])
     read_sysctls(snap)
+    read_nameservers(snap)
 
     jobs = {"routes": lambda: run(["ip", "-j", "route", "show", "table", "main"]).out,
             "zones": gather_firewalld, "api": lambda: gather_api(snap)}
@@ -919,6 +946,15 @@ def gather(snap, links, links_text=""):
     snap.snmp2 = parse_snmp(read_proc("/proc/net/snmp"))
     snap.sealed = True
     return snap
+
+
+def read_nameservers(snap):
+    try:
+        snap.nameservers = parse_nameservers(read_text(RESOLV_CONF))
+    except FileNotFoundError:
+        snap.nameservers = []
+    except (OSError, ValueError) as e:
+        snap.lost("nameservers", "%s is not readable (%s)" % (RESOLV_CONF, e))
 
 
 def read_proc(path):
@@ -1246,6 +1282,36 @@ def check_ip_forward(snap):
         return ok("net.ipv4.ip_forward = 1")
     return fail("net.ipv4.ip_forward = %d: the node does not route overlay traffic" % val,
                 "sysctl -w net.ipv4.ip_forward=1")
+
+
+def check_cidr_overlap(snap):
+    """PASS: no route, address or nameserver of this node that is not the overlay's lies in the
+    overlay CIDR. FAIL: one does (a corporate 10.0.0.0/8 route, a LAN address, the DNS server):
+    the overlay would take its traffic; the fix is OVERLAY_SUBNET on the Host."""
+    cidr = snap.overlay_cidr()
+    if cidr is None:
+        raise Skip("overlay CIDR unknown (no allocation)")
+    net = ip_int_net(cidr)
+    found = []
+    for _plen, rnet, route in route_table(snap.routes):
+        if rnet[1] and nets_overlap(rnet, net) and not snap.overlay_device(route.get("dev")):
+            found.append("route %s" % " ".join(
+                [route.get("dst")] + ["%s %s" % (word, route[key]) for word, key in
+                                      (("via", "gateway"), ("dev", "dev")) if route.get(key)]))
+    for dev, link in sorted(snap.links.items()):
+        if not snap.overlay_device(dev):
+            found += ["address %s on %s" % (a, dev) for a in ipv4_addrs(link)
+                      if in_net(a.split("/")[0], net)]
+    found += ["nameserver %s in %s" % (ip, RESOLV_CONF) for ip in snap.nameservers
+              if in_net(ip, net)]
+    if not found:
+        return ok("no route, address or nameserver of this node lies in %s" % cidr)
+    where = "~/.kohakuriver/host_config.py" if snap.role == "runner" else snap.cfg_path
+    return fail("the overlay CIDR %s overlaps %s, which the overlay does not own: its traffic "
+                "would go into the overlay" % (cidr, listed(found)),
+                "on the Host: OVERLAY_SUBNET = \"<BASE/NETWORK_PREFIX/NODE_BITS/SUBNET_BITS clear "
+                "of %s>\" in %s, then systemctl restart %s and every runner" % (
+                    listed(found), where, SERVICES["host"]))
 
 
 # -- host devices -------------------------------------------------------------------------------
@@ -2136,6 +2202,8 @@ CHECKS = [
     Row("tunnels", "every allocation has its vxkr device", check_tunnels, HOST,
         needs=("state_file",)),
     Row("allocation", "this runner holds an allocation", check_allocation, RUNNER),
+    Row("cidr_overlap", "the overlay CIDR holds no route, address or nameserver not its own",
+        check_cidr_overlap, needs={"host": (), "runner": ("allocation",)}),
     Row("vxlan0.present", "vxlan0 exists", check_vxlan0_present, RUNNER),
     *vxlan_field_rows(),
     Row("bridge.present", "the overlay bridge exists and is up", check_bridge, RUNNER),

@@ -73,6 +73,10 @@ Behaviour worth knowing:
   /run and a sysfs of its network namespace on /sys (as ``ip netns exec`` gives); scripts,
   ``sh`` and pings from the node itself enter it with ``nsenter --net --mount``. dockerd,
   firewalld and containers stay in the machine's mount namespace.
+- resolv.conf: every lab namespace gets ``/etc/netns/<ns>/resolv.conf`` (``nameserver 127.0.0.1``),
+  which ``ip netns exec`` (and a private_run node's mount namespace) puts over /etc/resolv.conf:
+  the machine's own nameserver may lie inside the overlay CIDR, which the check and the runner
+  report as a conflict (issue 11.4). Teardown removes the folder (and /etc/netns when empty).
 - ``KOHAKU_LAB_LOGS=DIR``: teardown copies every log of the lab to DIR/<prefix>/ first.
 - D-Bus: each firewalld node gets its own dbus-daemon on ``<workdir>/<node>/dbus.sock``
   (``--address`` and ``--nopidfile``: never the machine's /run/dbus, whatever the machine's
@@ -109,6 +113,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_DIR = Path(os.environ.get("KOHAKU_LAB_DIR", "/tmp/kolab"))
+NETNS_ETC = Path("/etc/netns")       # ip netns exec binds NETNS_ETC/<ns>/* over /etc/*
+LAB_RESOLV_CONF = "# kohaku-overlay lab: no nameserver of the machine\nnameserver 127.0.0.1\n"
 UNDERLAY = ipaddress.ip_network("198.51.100.0/24")
 HOST_IP = "198.51.100.1"
 TOKEN = "lab-token"
@@ -317,6 +323,27 @@ def _unmount_under(path):
         subprocess.run(["umount", "-l", p], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _write_netns_resolv_conf(ns):
+    """NETNS_ETC/<ns>/resolv.conf (a concurrent teardown may remove an empty NETNS_ETC: retry)."""
+    for _ in range(5):
+        try:
+            (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
+            (NETNS_ETC / ns / "resolv.conf").write_text(LAB_RESOLV_CONF)
+            return
+        except FileNotFoundError:
+            continue
+    raise LabError("cannot write %s" % (NETNS_ETC / ns / "resolv.conf"))
+
+
+def _remove_netns_etc(prefix):
+    for d in NETNS_ETC.glob(prefix + "*") if NETNS_ETC.is_dir() else []:
+        shutil.rmtree(str(d), ignore_errors=True)
+    try:
+        NETNS_ETC.rmdir()
+    except OSError:
+        pass            # absent, or another lab's namespaces still have theirs
+
+
 def destroy(prefix, workdir=None):
     """Remove every trace of the lab `prefix`: its processes, mounts, namespaces and workdir.
 
@@ -338,6 +365,7 @@ def destroy(prefix, workdir=None):
     for n in names:
         subprocess.run(["ip", "netns", "delete", n], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
+    _remove_netns_etc(prefix)
     if workdir and Path(workdir).exists():
         shutil.rmtree(str(workdir), ignore_errors=True)
 
@@ -702,6 +730,7 @@ class Lab(object):
         return self
 
     def _add_ns(self, ns):
+        _write_netns_resolv_conf(ns)
         _run(["ip", "netns", "add", ns])
         _run(["ip", "-n", ns, "link", "set", "dev", "lo", "up"])
 
@@ -745,7 +774,8 @@ class Lab(object):
         _run(["nsenter", "--net=" + node.netns_path, "unshare", "--mount=%s" % path,
               "--propagation", "slave", "sh", "-c",
               "mount -t tmpfs -o mode=0755 kolab-run /run && umount -l /sys && "
-              "mount -t sysfs kolab-sys /sys"])
+              "mount -t sysfs kolab-sys /sys && { [ ! -f /etc/resolv.conf ] || "
+              "mount --bind %s /etc/resolv.conf; }" % (NETNS_ETC / node.ns / "resolv.conf")])
         node.mnt_ns = str(path)
 
     def enter(self, node):
