@@ -88,6 +88,10 @@ FILES = [
      "atomically every heartbeat"),
     ("runner", "`/proc/sys/net/ipv4/ip_forward`", "set to 1 (sysctl)", "up, serve"),
     ("check", "the role's config file", "read, never executed", "never"),
+    ("check", "`OVERLAY_STATE_FILE`", "read: the host's allocations, a runner's last allocation",
+     "never"),
+    ("check", "`/etc/resolv.conf`", "read: a nameserver inside the overlay CIDR is a conflict",
+     "never"),
     ("check", "`--bundle FILE.tar.gz`", "a diagnostics archive (config with the token "
      "redacted, the report, logs)", "only with --bundle"),
 ]
