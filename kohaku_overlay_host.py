@@ -94,6 +94,13 @@ MAX_CONNECTIONS = 1024          # open connections (less when the fd limit is lo
 MAX_WORKERS = 32                # threads that run handlers (registration waits on a commit)
 MAX_PENDING = 512               # complete requests waiting for a worker; more get 503
 
+# After a restart the host has heard nobody: an allocation not heard from since the start counts
+# as possibly alive for GRACE_FACTOR * OVERLAY_INACTIVE_AFTER (a live runner heartbeats within
+# OVERLAY_INACTIVE_AFTER, so two of them cover a slow one), and eviction takes only allocations
+# unseen for EVICT_FACTOR * OVERLAY_INACTIVE_AFTER (5 minutes by default), never merely Inactive.
+GRACE_FACTOR = 2
+EVICT_FACTOR = 10
+
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 STATE_VERSION = 1
 
@@ -1008,17 +1015,24 @@ class StateStore(object):
 # ---------------------------------------------------------------------------------------------
 
 
-def allocate(allocs, max_id, name, physical_ip, previous_id, is_active):
+def allocate(allocs, max_id, name, physical_ip, previous_id, is_active, evictable=None):
     """Choose the runner id for a registration and update allocs in place.
 
-    Returns (runner_id, evicted allocation or None). Raises ApiError(503) when every id is
-    held by an active runner. The rules, in order: the same name gets its id back; a
-    recovered tunnel (no name) is claimed by the runner at its physical IP; a free
-    previous_runner_id is granted; the lowest free id; else the least recently seen inactive
-    allocation is evicted.
+    Returns (runner_id, evicted allocation or None). Raises ApiError(409) when the name is
+    Active at another physical IP (two machines with one RUNNER_NAME), ApiError(503) when no
+    id is free and none is evictable (default: not active). The rules, in order: the same name
+    gets its id back; a recovered tunnel (no name) is claimed by the runner at its physical IP;
+    a free previous_runner_id is granted; the lowest free id; else the least recently seen
+    evictable allocation is evicted.
     """
+    evictable = evictable or (lambda a: not is_active(a))
     by_name = dict((a["runner_name"], n) for n, a in allocs.items() if a["runner_name"])
     n, evicted = by_name.get(name), None
+    if n is not None and allocs[n]["physical_ip"] != physical_ip and is_active(allocs[n]):
+        raise ApiError(409, "runner {} is Active at {} and this registration comes from {}: two "
+                            "machines use RUNNER_NAME = \"{}\"; give each its own RUNNER_NAME in "
+                            "runner_config.py".format(name, allocs[n]["physical_ip"],
+                                                      physical_ip, name))
     if n is None:
         recovered = sorted(i for i, a in allocs.items()
                            if a["runner_name"] is None and a["physical_ip"] == physical_ip)
@@ -1030,7 +1044,7 @@ def allocate(allocs, max_id, name, physical_ip, previous_id, is_active):
             free = (i for i in range(1, max_id + 1) if i not in allocs)
             n = next(free, None)
         if n is None:
-            idle = [a for a in allocs.values() if not is_active(a)]
+            idle = [a for a in allocs.values() if evictable(a)]
             if not idle:
                 raise ApiError(503, "no free runner id: all {} are held by active runners; "
                                     "release one (kohaku_overlay_host.py release NAME) or use "
@@ -1247,11 +1261,30 @@ class Hub(object):
         self.lock = threading.Lock()
         self.jobs = queue.Queue()
         self.stop = threading.Event()
+        self.started = time.monotonic()
 
     # -- reading ------------------------------------------------------------------------------
     def is_active(self, alloc):
         t = self.beats.get(alloc["runner_name"])
         return t is not None and time.monotonic() - t <= self.cfg["OVERLAY_INACTIVE_AFTER"]
+
+    def in_grace(self, alloc):
+        """Not heard from since this host started, and the start is too recent to tell."""
+        return alloc["runner_name"] not in self.beats and time.monotonic() - self.started < \
+            GRACE_FACTOR * self.cfg["OVERLAY_INACTIVE_AFTER"]
+
+    def may_be_released(self, alloc):
+        """What `cleanup` releases: Inactive, and not in the grace window after a start."""
+        return not self.is_active(alloc) and not self.in_grace(alloc)
+
+    def evictable(self, alloc):
+        """Unseen far longer than OVERLAY_INACTIVE_AFTER: heard of by this host long ago, or
+        (not heard since the start) last seen long ago by the state file's clock."""
+        if self.in_grace(alloc):
+            return False
+        t = self.beats.get(alloc["runner_name"])
+        unseen = time.monotonic() - t if t is not None else time.time() - alloc["last_seen"]
+        return unseen > EVICT_FACTOR * self.cfg["OVERLAY_INACTIVE_AFTER"]
 
     def runner_ips(self, allocs=None):
         allocs = self.allocs if allocs is None else allocs
@@ -1262,7 +1295,7 @@ class Hub(object):
         with self.lock:
             allocs = dict(self.allocs)
             seen = dict(self.seen)
-        rows = []
+        rows, now = [], time.time()
         for n in sorted(allocs):
             a = allocs[n]
             rows.append({
@@ -1271,7 +1304,7 @@ class Hub(object):
                 "host_vxlan_ip": str(self.layout.host_vxlan_ip(n)),
                 "physical_ip": a["physical_ip"], "vxlan_device": self.layout.device(n),
                 "vni": self.cfg["OVERLAY_VXLAN_ID"] + n, "active": self.is_active(a),
-                "last_seen": seen.get(a["runner_name"], a["last_seen"]) or None})
+                "last_seen": min(seen.get(a["runner_name"], a["last_seen"]), now) or None})
         active = sum(r["active"] for r in rows)
         return {"enabled": self.cfg["OVERLAY_ENABLED"], "host_ip": str(self.layout.host_ip),
                 "host_prefix": self.layout.host_prefix,
@@ -1441,7 +1474,7 @@ class Hub(object):
             if kind == "register":
                 job.runner_id, job.evicted = allocate(
                     allocs, self.layout.max_id, args["runner_name"], args["physical_ip"],
-                    args.get("previous_runner_id"), self.is_active)
+                    args.get("previous_runner_id"), self.is_active, self.evictable)
                 job.status = 200
             elif kind == "release":
                 n = next((i for i, a in allocs.items() if a["runner_name"] == args["name"]), None)
@@ -1450,7 +1483,7 @@ class Hub(object):
                 del allocs[n]
                 job.status, job.answer = 200, {"released": True}
             elif kind == "cleanup":
-                idle = [n for n, a in allocs.items() if not self.is_active(a)]
+                idle = [n for n, a in allocs.items() if self.may_be_released(a)]
                 for n in idle:
                     del allocs[n]
                 job.status, job.answer = 200, {"released": len(idle)}
@@ -1464,9 +1497,11 @@ class Hub(object):
             fallback = self.allocs
 
         def apply(allocs):
-            for a in allocs.values():
+            now = time.time()
+            for a in allocs.values():  # a clock that was ahead leaves no stamp from the future
+                a["last_seen"] = min(a["last_seen"], now)
                 if a["runner_name"] in seen:
-                    a["last_seen"] = max(a["last_seen"], seen[a["runner_name"]])
+                    a["last_seen"] = max(a["last_seen"], min(seen[a["runner_name"]], now))
             change(allocs)
 
         try:

@@ -515,6 +515,24 @@ def test_a_forged_runner_source_address_is_not_stopped(c):
     assert "10.1.0.254" in replies                   # the reply goes to the real runner
 
 
+# ---- a second machine with the name of an Active runner ----------------------------------------
+
+
+def test_a_second_machine_with_an_active_name_gets_409_and_the_tunnel_stays(c):
+    """Issue 11.6: before, the registration re-pointed vxkr1 at the second machine and the two
+    flapped it between them."""
+    beat = send(c, c.legit, [http_request("PUT", "/api/overlay/heartbeat/legit", b"", auth())])[0]
+    assert beat["status"] == 200                                  # legit is Active
+    res = send(c, c.attacker, [http_request("POST", "/api/overlay/register", json.dumps(
+        registration(ip=ATTACKER_IP)).encode(), auth())])[0]
+    assert res["status"] == 409
+    assert json.loads(res["body"])["error"] == (
+        "runner legit is Active at %s and this registration comes from %s: two machines use "
+        "RUNNER_NAME = \"legit\"; give each its own RUNNER_NAME in runner_config.py"
+        % (LEGIT_IP, ATTACKER_IP))
+    assert ("vxkr1", 101, LEGIT_IP) in snapshot(c)["devices"]
+
+
 # ---- last: a request that has killed the API thread before (see /work/host-bugs.md) -------------
 
 

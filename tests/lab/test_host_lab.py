@@ -7,7 +7,9 @@ kill -9, what a restart recovers and what `down` removes.
 
 import json
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -222,3 +224,55 @@ def test_a_loopback_reachable_address_is_refused_with_one_line(cluster):
         "error: HOST_REACHABLE_ADDRESS is 127.0.0.1, which runners cannot reach (VXLAN tunnels "
         "would fail): set it to the Host's actual IP")
     assert "kohaku-host" not in links(c)
+
+
+HEARTBEATS = r"""
+import sys, time, urllib.request
+url, token = sys.argv[1], sys.argv[2]
+while True:
+    try:
+        urllib.request.urlopen(urllib.request.Request(
+            url, method="PUT", headers={"Authorization": "Bearer " + token}), timeout=2).read()
+    except Exception:
+        pass
+    time.sleep(0.5)
+"""
+
+
+def test_a_restart_with_a_full_pool_evicts_no_live_runner(host):
+    """Issue 11.5: ids 1..3 (OVERLAY_SUBNET with 2 node bits), three runners heartbeating, a
+    Host restart, a newcomer at once and again after the grace window: 503 both times, and a
+    `cleanup` in the grace window releases nobody (before: the newcomer evicted a live one)."""
+    c = host
+    c.stop_host()
+    c.sh(c.host, "rm", "-f", str(c.host.workdir / "state.json"))
+    c.host_config(OVERLAY_REPAIR_INTERVAL=1, OVERLAY_SUBNET="10.0.0.0/8/2/22")
+    beaters = []
+    try:
+        c.start_host()
+        if len(c.bare) < 2:
+            c.add_bare_node("third", "198.51.100.33")
+            c.add_bare_node("newcomer", "198.51.100.34")
+        nodes = [c.runners[0], c.runners[1], c.bare[0]]
+        for node in nodes:
+            assert register(c, node)[0] == 200
+            beaters.append(subprocess.Popen(
+                ["ip", "netns", "exec", node.ns, sys.executable, "-c", HEARTBEATS,
+                 "http://%s:8000/api/overlay/heartbeat/%s" % (labkit.HOST_IP, node.name),
+                 labkit.TOKEN]))
+        c.stop_host()
+        c.start_host()
+        names = sorted(n.name for n in nodes)
+        assert register(c, c.bare[1])[0] == 503                     # at once after the start
+        assert api(c, c.host, "POST", "/api/overlay/cleanup") == [200, {"released": 0}]
+        c.wait_active(names, timeout=20)                            # they are back
+        time.sleep(2 * 6 + 1)                                       # past the grace window
+        assert register(c, c.bare[1])[0] == 503
+        st = c.status()
+        assert sorted(a["runner_name"] for a in st["allocations"]) == names
+        assert st["active"] == 3
+    finally:
+        for p in beaters:
+            p.kill()
+            p.wait()
+        c.host_config(OVERLAY_REPAIR_INTERVAL=1)

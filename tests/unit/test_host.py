@@ -869,6 +869,24 @@ def test_eviction_tie_goes_to_the_lowest_id():
     assert host.allocate(allocs, 2, "c", C_IP, None, inactive)[0] == 1
 
 
+def test_an_active_name_at_another_address_is_409_and_changes_nothing():
+    allocs = {1: alloc(1, "a", A_IP)}
+    with pytest.raises(host.ApiError) as exc:
+        host.allocate(allocs, 255, "a", B_IP, None, lambda a: True)
+    assert exc.value.status == 409
+    assert "Active at {} and this registration comes from {}".format(A_IP, B_IP) in \
+        exc.value.message and 'RUNNER_NAME = "a"' in exc.value.message
+    assert allocs == {1: alloc(1, "a", A_IP)}
+    assert host.allocate(allocs, 255, "a", A_IP, None, lambda a: True) == (1, None)
+
+
+def test_eviction_takes_only_what_evictable_allows():
+    allocs = {1: alloc(1, "quiet", A_IP), 2: alloc(2, "gone", B_IP, 5000.0)}
+    n, evicted = host.allocate(allocs, 2, "new", C_IP, None, lambda a: False,
+                               lambda a: a["runner_name"] == "gone")
+    assert (n, evicted["runner_name"]) == (2, "gone")  # not the least recently seen one
+
+
 def test_503_when_every_id_is_held_by_an_active_runner():
     allocs = {1: alloc(1, "a", A_IP), 2: alloc(2, "b", B_IP)}
     with pytest.raises(host.ApiError) as exc:
@@ -1743,6 +1761,7 @@ def test_register_answers_the_allocation_and_persists_it_first(served, fake):
 def test_register_with_a_changed_physical_ip_recreates_the_tunnel(served, fake):
     api, hub = served
     register(api, "runner1", "198.51.100.11")
+    hub.beats["runner1"] -= 3600    # issue 11.6: only an Inactive name may move (else 409)
     status, answer = register(api, "runner1", "198.51.100.99")
     assert (status, answer["runner_id"]) == (200, 1)
     assert fake.batches()[-1] == [
@@ -1751,6 +1770,19 @@ def test_register_with_a_changed_physical_ip_recreates_the_tunnel(served, fake):
         "addr replace 10.1.0.254/16 dev vxkr1", "link set vxkr1 up"]
     assert fake.inputs[-1] == ("*filter\n:KOHAKU-VXLAN - [0:0]\n-A KOHAKU-VXLAN -s "
                                "198.51.100.99/32 -j ACCEPT\n-A KOHAKU-VXLAN -j DROP\nCOMMIT\n")
+
+
+def test_an_active_name_from_a_second_address_is_409_naming_both(served, fake):
+    """Issue 11.6: two machines with one RUNNER_NAME must not flap one tunnel."""
+    api, hub = served
+    register(api, "runner1", "198.51.100.11")
+    before, batches = hub.store.read()[0], len(fake.batches())
+    assert register(api, "runner1", "198.51.100.99") == (409, {"error": (
+        "runner runner1 is Active at 198.51.100.11 and this registration comes from "
+        "198.51.100.99: two machines use RUNNER_NAME = \"runner1\"; give each its own "
+        "RUNNER_NAME in runner_config.py")})
+    assert hub.store.read()[0] == before and len(fake.batches()) == batches
+    assert register(api, "runner1", "198.51.100.11")[0] == 200     # the first one still may
 
 
 def test_register_honours_previous_runner_id(served):
@@ -1772,6 +1804,72 @@ def test_register_evicts_the_least_recently_seen_inactive_runner(tmp_path, fake)
     assert (status, answer["runner_id"]) == (200, 2)
     assert sorted(a["runner_name"] for a in hub.allocs.values()) == ["r1", "r3", "r4"]
     assert "r2" not in hub.beats
+
+
+def restarted_full_pool(tmp_path, last_seen):
+    """A hub just started on a state whose 3 ids (the whole pool) were last seen at last_seen."""
+    allocs = dict((i, alloc(i, "r%d" % i, "198.51.100.1%d" % i, last_seen)) for i in (1, 2, 3))
+    return make_hub(tmp_path, allocs=allocs, OVERLAY_SUBNET="10.0.0.0/8/2/22")
+
+
+def test_after_a_restart_a_newcomer_evicts_no_runner_that_may_be_alive(tmp_path, fake):
+    """Issue 11.5: after a restart nobody has heartbeaten yet; a full pool must answer 503,
+    not evict a live runner (before: every allocation looked Inactive, r1 was evicted)."""
+    hub = restarted_full_pool(tmp_path, time.time() - 5)
+    api = host.Api(hub)
+    with writer_running(hub):
+        assert register(api, "r4", "198.51.100.14")[0] == 503           # the grace window
+        hub.started -= 2 * 30 + 1                                          # grace over
+        assert register(api, "r4", "198.51.100.14")[0] == 503           # seen 5 s ago
+    assert sorted(a["runner_name"] for a in hub.store.read()[0].values()) == ["r1", "r2", "r3"]
+
+
+def test_after_the_grace_window_an_allocation_unseen_for_long_is_evicted(tmp_path, fake):
+    hub = restarted_full_pool(tmp_path, time.time() - 10 * 30 - 5)   # unseen past 10x 30 s
+    hub.beats["r2"] = hub.beats["r3"] = time.monotonic()             # these two are back
+    api = host.Api(hub)
+    with writer_running(hub):
+        assert register(api, "r4", "198.51.100.14")[0] == 503           # r1: grace window
+        hub.started -= 2 * 30 + 1
+        status, answer = register(api, "r4", "198.51.100.14")
+    assert (status, answer["runner_id"]) == (200, 1)
+
+
+def test_an_inactive_runner_is_evicted_only_when_unseen_far_longer(tmp_path, fake):
+    hub = make_hub(tmp_path, OVERLAY_SUBNET="10.0.0.0/8/2/22")
+    api = host.Api(hub)
+    with writer_running(hub):
+        for i in (1, 2, 3):
+            assert register(api, "r%d" % i, "198.51.100.1%d" % i)[0] == 200
+        hub.beats["r2"] -= 31                   # Inactive, but only just
+        assert not hub.is_active(hub.allocs[2])
+        assert register(api, "r4", "198.51.100.14")[0] == 503
+        hub.beats["r2"] -= 10 * 30              # now unseen for more than 10x the threshold
+        assert register(api, "r4", "198.51.100.14")[1]["runner_id"] == 2
+
+
+def test_cleanup_in_the_grace_window_releases_nobody_unheard(tmp_path, fake):
+    hub = restarted_full_pool(tmp_path, 1000.0)
+    hub.beats["r3"] = time.monotonic() - 3600   # heard since the start, then quiet: releasable
+    api = host.Api(hub)
+    with writer_running(hub):
+        assert api.dispatch("POST", "/api/overlay/cleanup", AUTH, b"", "127.0.0.1") == (
+            200, {"released": 1})
+        hub.started -= 2 * 30 + 1
+        assert api.dispatch("POST", "/api/overlay/cleanup", AUTH, b"", "127.0.0.1") == (
+            200, {"released": 2})
+    assert hub.store.read()[0] == {}
+
+
+def test_last_seen_from_a_clock_that_was_ahead_is_pulled_back(tmp_path, fake):
+    """Issue 11.12: max(stored, heartbeat) kept a stamp from the future for ever."""
+    future = time.time() + 10 ** 6
+    hub = make_hub(tmp_path, allocs={1: alloc(1, "r1", A_IP, future)})
+    assert hub.status()["allocations"][0]["last_seen"] <= time.time()
+    hub.heartbeat("r1", A_IP)
+    hub.persist(lambda allocs: None)
+    saved = hub.store.read()[0][1]["last_seen"]
+    assert time.time() - 5 < saved <= time.time()
 
 
 def test_503_no_free_id_through_dispatch(tmp_path, fake):
