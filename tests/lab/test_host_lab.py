@@ -254,17 +254,27 @@ def test_a_restart_with_a_full_pool_evicts_no_live_runner(host):
             c.add_bare_node("third", "198.51.100.33")
             c.add_bare_node("newcomer", "198.51.100.34")
         nodes = [c.runners[0], c.runners[1], c.bare[0]]
+        names = sorted(n.name for n in nodes)
+
+        def beat():
+            for node in nodes:
+                beaters.append(subprocess.Popen(
+                    ["ip", "netns", "exec", node.ns, sys.executable, "-c", HEARTBEATS,
+                     "http://%s:8000/api/overlay/heartbeat/%s" % (labkit.HOST_IP, node.name),
+                     labkit.TOKEN]))
+
         for node in nodes:
             assert register(c, node)[0] == 200
-            beaters.append(subprocess.Popen(
-                ["ip", "netns", "exec", node.ns, sys.executable, "-c", HEARTBEATS,
-                 "http://%s:8000/api/overlay/heartbeat/%s" % (labkit.HOST_IP, node.name),
-                 labkit.TOKEN]))
+        beat()
+        c.wait_active(names, timeout=20)
         c.stop_host()
+        for p in beaters:           # their next heartbeat has not come yet when the newcomer does
+            p.kill()
+            p.wait()
         c.start_host()
-        names = sorted(n.name for n in nodes)
         assert register(c, c.bare[1])[0] == 503                     # at once after the start
         assert api(c, c.host, "POST", "/api/overlay/cleanup") == [200, {"released": 0}]
+        beat()
         c.wait_active(names, timeout=20)                            # they are back
         time.sleep(2 * 6 + 1)                                       # past the grace window
         assert register(c, c.bare[1])[0] == 503
