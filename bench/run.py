@@ -23,11 +23,13 @@ Phases (in this order; --phases picks a subset, --quick leaves out those marked 
     data255  the data plane again with 255 tunnels: the source filter walked, 250 more rules,
              an ipset match; needs data; full run
     check    `kohaku_overlay_check.py --role host` with 255 tunnels
+    scrape   the Host's GET /metrics with 255 tunnels: wall time, Host CPU and processes per
+             scrape
     restart  SIGTERM the Host with 255 tunnels, start it, poll status until total == 255
     cost     processes spawned per registration / heartbeat / reconcile pass (PATH shims),
              state-file writes per registration (strace)
 A phase that needs another refuses to run without it (exit 2, before the lab is built); check,
-restart and cost get the 255 tunnels from a silent burst when burst is not selected.
+scrape, restart and cost get the 255 tunnels from a silent burst when burst is not selected.
 
 Layout: measure.py (measurement helpers and the state the phases share), phases/ (one module
 per phase, REGISTRY in phases/__init__.py: adding a phase is one module and one line there, and

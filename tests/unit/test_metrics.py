@@ -602,3 +602,84 @@ def test_refusal_reasons(status, error, reason):
 def test_host_and_runner_writers_escape_alike():
     fam = ("x_total", "counter", "Help \\ and\nmore.", [({"a": 'q"\\\n'}, 1)])
     assert host.render_metrics([host.Family(*fam)]) == runner.render_metrics([runner.Family(*fam)])
+
+
+# ---- the examples in contrib/prometheus (README shows them) ----------------------------------
+
+CONTRIB = ROOT / "contrib" / "prometheus"
+
+
+def promtool(*args):
+    promkit.promtool_check("")                  # skip (fail under CI) without promtool
+    return subprocess.run(["promtool"] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+
+
+def test_the_example_scrape_config_and_rules_are_valid():
+    res = promtool("check", "config", CONTRIB / "prometheus.yml")
+    assert res.returncode == 0, res.stdout
+    assert "1 rule files found" in res.stdout
+
+
+def test_the_readme_shows_the_example_files_as_they_are():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("prometheus.yml", "kohaku-overlay.rules.yml"):
+        assert "```yaml\n" + (CONTRIB / name).read_text() + "```\n" in readme, name
+
+
+def series(name, values, **labels):
+    labels.setdefault("instance", "host:8000")
+    return {"series": "%s{%s}" % (name, ",".join('%s="%s"' % kv for kv in sorted(
+        labels.items()))), "values": values}
+
+
+def alert(labels, summary, description):
+    return {"exp_labels": labels,
+            "exp_annotations": {"summary": summary, "description": description}}
+
+
+def test_the_three_alerts_fire_on_what_they_are_for_and_not_otherwise(tmp_path):
+    """promtool test rules: each alert on made-up series, once firing and once quiet."""
+    r1 = {"runner_name": "runner1", "runner_id": "1"}
+    tunnel = dict(r1, device="vxkr1")
+    inactive = ("No heartbeat reached the Host for over OVERLAY_INACTIVE_AFTER; run "
+                "kohaku_overlay_check.py --role runner on it.")
+    repairs = ("Find what undoes the overlay (journalctl -u kohakuriver-overlay-host / -runner "
+               "shows each repair).")
+    blocked = ("UDP 4789 is likely blocked between Host and runner; kohaku_overlay_check.py "
+               "names the check that fails.")
+    tests = {"rule_files": [str(CONTRIB / "kohaku-overlay.rules.yml")],
+             "evaluation_interval": "1m",
+             "tests": [{"interval": "1m", "input_series": [
+                 series("kohaku_overlay_runner_active", "1 1 0 0 0 0 0", **r1),
+                 series("kohaku_overlay_runner_active", "1 1 1 1 1 1 1", runner_name="runner2",
+                        runner_id="2"),
+                 series("kohaku_overlay_repairs_total", "0 0 1 2 3 4 5", kind="rules"),
+                 series("kohaku_overlay_repairs_total", "0 0 0 0 0 0 0", kind="zone"),
+                 series("kohaku_overlay_tunnel_transmit_packets_total", "0+60x30", **tunnel),
+                 series("kohaku_overlay_tunnel_receive_packets_total", "0x30", **tunnel),
+                 series("kohaku_overlay_tunnel_transmit_packets_total", "0+60x30",
+                        runner_name="runner2", runner_id="2", device="vxkr2"),
+                 series("kohaku_overlay_tunnel_receive_packets_total", "0+60x30",
+                        runner_name="runner2", runner_id="2", device="vxkr2"),
+             ], "alert_rule_test": [
+                 {"eval_time": "3m", "alertname": "KohakuOverlayRunnerInactive",
+                  "exp_alerts": []},
+                 {"eval_time": "5m", "alertname": "KohakuOverlayRunnerInactive", "exp_alerts": [
+                     alert(dict(r1, instance="host:8000", severity="warning"),
+                           "runner runner1 (id 1) is inactive", inactive)]},
+                 {"eval_time": "2m", "alertname": "KohakuOverlayRepairsGrowing",
+                  "exp_alerts": []},
+                 {"eval_time": "6m", "alertname": "KohakuOverlayRepairsGrowing", "exp_alerts": [
+                     alert({"instance": "host:8000", "kind": "rules", "severity": "warning"},
+                           "host:8000: 5 rules repairs in 30 minutes", repairs)]},
+                 {"eval_time": "8m", "alertname": "KohakuOverlayTunnelTxNoRx",
+                  "exp_alerts": []},
+                 {"eval_time": "20m", "alertname": "KohakuOverlayTunnelTxNoRx", "exp_alerts": [
+                     alert(dict(tunnel, instance="host:8000", severity="critical"),
+                           "vxkr1 of runner1 sends but receives nothing", blocked)]},
+             ]}]}
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(json.dumps(tests, indent=1))        # JSON is YAML
+    res = promtool("test", "rules", path)
+    assert res.returncode == 0 and "SUCCESS" in res.stdout, res.stdout
