@@ -764,7 +764,8 @@ class Kernel(object):
         return True
 
     def detect_firewalld(self):
-        """True when firewalld runs here. Cheap when it does not: no python process spawned."""
+        """True when firewalld runs here: a process looks like it and `firewall-cmd --state`
+        says running. Cheap when none does: no python process spawned."""
         self.firewalld = False
         if not tool_exists("firewall-cmd") or not _firewalld_process():
             return False
@@ -819,26 +820,39 @@ def tunnel_mac(vni):
     return "02:6b:6f:{:02x}:{:02x}:{:02x}".format((vni >> 16) & 255, (vni >> 8) & 255, vni & 255)
 
 
-def _firewalld_process():
-    """Does a firewalld run in this network namespace? (/proc, no process spawned)
+def is_firewalld_cmdline(argv):
+    """Is this /proc/PID/cmdline (its NUL-separated fields, bytes) a firewalld?
 
-    One in another namespace (a container's, a lab's) manages other interfaces: not ours.
+    argv[0] is firewalld itself, or a python interpreter with firewalld among its first three
+    arguments: Debian runs `/usr/bin/python3 /usr/sbin/firewalld --nofork --nopid`, RHEL 9
+    `/usr/bin/python3 -s /usr/sbin/firewalld --nofork --nopid`, RHEL 8 the same with
+    `/usr/libexec/platform-python`.
     """
-    try:
-        mine = os.readlink("/proc/self/ns/net")
-    except OSError:
-        mine = None
-    for pid in os.listdir("/proc"):
+    if not argv or not argv[0]:
+        return False
+    name = os.path.basename(argv[0])
+    if name == b"firewalld":
+        return True
+    return name.startswith((b"python", b"platform-python")) and any(
+        os.path.basename(a) == b"firewalld" for a in argv[1:4])
+
+
+def _firewalld_process(proc="/proc"):
+    """Does some process look like firewalld? Reads only /proc/PID/cmdline, which needs no
+    capability (the unit keeps CAP_NET_ADMIN/CAP_NET_RAW only: /proc/PID/ns/net is closed to it).
+    A firewalld of another network namespace is a candidate too: `firewall-cmd --state`, over
+    this node's D-Bus, decides.
+    """
+    for pid in os.listdir(proc):
         if not pid.isdigit():
             continue
         try:
-            with open("/proc/{}/cmdline".format(pid), "rb") as fh:
-                argv = fh.read().split(b"\0")[:2]
-            if any(os.path.basename(a) == b"firewalld" for a in argv) and (
-                    mine is None or os.readlink("/proc/{}/ns/net".format(pid)) == mine):
-                return True
+            with open(os.path.join(proc, pid, "cmdline"), "rb") as fh:
+                argv = fh.read().split(b"\0")
         except (IOError, OSError):
-            continue
+            continue        # the process just ended
+        if is_firewalld_cmdline(argv):
+            return True
     return False
 
 

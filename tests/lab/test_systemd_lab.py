@@ -290,11 +290,6 @@ def test_the_units_see_tun_and_the_xtables_lock_and_a_read_only_system(nodes):
         assert "sda" not in lines[2] and "vda" not in lines[2]    # PrivateDevices
 
 
-HOST_DETECTION_PENDING = ("the Host's firewalld detection under the unit's capabilities (issue "
-                          "11.2) waits for host10's refactor of kohaku_overlay_host.py to land")
-
-
-@pytest.mark.xfail(reason=HOST_DETECTION_PENDING, strict=True)
 def test_the_host_trusts_its_interfaces_with_firewalld_as_a_service(nodes):
     h, _r, _info = nodes
     wait(lambda: {"kohaku-host", "vxkr1"} <= trusted(h), 20,
@@ -366,6 +361,8 @@ def test_firewalld_restart_leaves_both_units_running_and_the_overlay_repaired(no
         m.sh("systemctl", "restart", "firewalld", timeout=90)
     for m, role in ((h, "host"), (r, "runner")):
         assert active(m, UNITS[role])
+    wait(lambda: {"kohaku-host", "vxkr1"} <= trusted(h), 30,
+         "the Host's interfaces back in the trusted zone", h, UNITS["host"])
     wait(lambda: {"kohaku-overlay", "vxlan0"} <= trusted(r), 30,
          "the runner's interfaces back in the trusted zone", r, UNITS["runner"])
     wait(lambda: ping_from_gateway(r)[0], 30, "the overlay to answer again", r, UNITS["runner"])

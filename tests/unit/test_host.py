@@ -3142,6 +3142,35 @@ def test_firewalld_process_scan(isolated, mocker):
     assert REAL_FIREWALLD_PROCESS() is False
 
 
+DEBIAN_FIREWALLD = b"/usr/bin/python3\0/usr/sbin/firewalld\0--nofork\0--nopid\0"
+RHEL_FIREWALLD = b"/usr/bin/python3\0-s\0/usr/sbin/firewalld\0--nofork\0--nopid\0"
+
+
+@pytest.mark.parametrize("cmdline, found", [
+    (DEBIAN_FIREWALLD, True),
+    (RHEL_FIREWALLD, True),
+    (b"/usr/libexec/platform-python\0-s\0/usr/sbin/firewalld\0--nofork\0", True),
+    (b"/usr/sbin/firewalld\0--nofork\0", True),
+    (b"python3.11\0-E\0-s\0/usr/sbin/firewalld\0", True),
+    (b"/usr/bin/python3\0-s\0-E\0-I\0/usr/sbin/firewalld\0", False),    # 4th argument
+    (b"/usr/bin/python3\0/tmp/firewalld-notes.txt\0", False),
+    (b"/usr/bin/vim\0/usr/sbin/firewalld\0", False),
+    (b"/usr/bin/firewall-cmd\0--state\0", False),
+    (b"", False),                                                       # a kernel thread
+])
+def test_firewalld_is_found_by_its_command_line_alone(tmp_path, mocker, cmdline, found):
+    proc = tmp_path / "proc"
+    for pid, text in (("1", b"/sbin/init\0splash\0"), ("42", cmdline)):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cmdline").write_bytes(text)
+    (proc / "self").mkdir()
+    (proc / "77").mkdir()       # a process that ended between listdir and open: no cmdline
+    # with only CAP_NET_ADMIN/CAP_NET_RAW another process's ns/net cannot be read: never asked
+    mocker.patch.object(host.os, "readlink", side_effect=PermissionError(13, "denied"))
+    assert host.is_firewalld_cmdline(cmdline.split(b"\0")) is found
+    assert REAL_FIREWALLD_PROCESS(str(proc)) is found
+
+
 def test_state_folder_that_cannot_be_created_is_one_sentence(tmp_path, fake, capsys):
     (tmp_path / "file").write_text("")
     store = host.StateStore(str(tmp_path / "file" / "sub" / "overlay-state.json"))
