@@ -767,7 +767,9 @@ class Kernel(object):
         """True when firewalld runs here: a process looks like it and `firewall-cmd --state`
         says running. Cheap when none does: no python process spawned."""
         self.firewalld = False
-        if not tool_exists("firewall-cmd") or not _firewalld_process():
+        bus = system_bus_path()
+        if not tool_exists("firewall-cmd") or (bus is not None and not os.path.exists(bus)) \
+                or not _firewalld_process():
             return False
         self.firewalld = run(["firewall-cmd", "--state"], check=False,
                              mutates=False).returncode == 0
@@ -835,6 +837,16 @@ def is_firewalld_cmdline(argv):
         return True
     return name.startswith((b"python", b"platform-python")) and any(
         os.path.basename(a) == b"firewalld" for a in argv[1:4])
+
+
+def system_bus_path():
+    """The system D-Bus socket path firewall-cmd would use, or None when it is not a path
+    (firewalld cannot run where that socket does not exist)."""
+    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+    for part in address.split(";")[0].split(":", 1)[-1].split(","):
+        if part.startswith("path="):
+            return part[len("path="):]
+    return None
 
 
 def _firewalld_process(proc="/proc"):

@@ -294,13 +294,18 @@ def iptables_s(ips, source_filter=True, port=4789):
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch):
+def isolated(monkeypatch, tmp_path):
     """Every test starts outside dry-run, with no firewalld, and ip_forward reading as 1.
 
     ip_forward and the firewalld process scan read this machine's /proc; both are made
-    deterministic here (a lab elsewhere on the machine may run firewalld in a namespace).
+    deterministic here (a lab elsewhere on the machine may run firewalld in a namespace). The
+    system bus socket exists (a file in tmp_path), so firewall-cmd is asked when a test says
+    firewalld runs.
     """
     monkeypatch.setattr(host, "DRY_RUN", False)
+    bus = tmp_path / "system_bus_socket"
+    bus.write_text("")
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=%s" % bus)
     monkeypatch.setattr(host, "_firewalld_process", lambda: False)
     proc = {"ip_forward": "1\n"}
     real_open = open
@@ -1325,6 +1330,15 @@ def test_firewalld_installed_but_stopped(tmp_path, fake, mocker):
     k = kernel(tmp_path)
     assert k.ensure_trusted(["kohaku-host"]) == []
     assert fake.calls == [["firewall-cmd", "--state"]]
+
+
+def test_firewall_cmd_is_not_started_when_the_system_bus_is_absent(tmp_path, fake, mocker,
+                                                                   monkeypatch):
+    firewalld_on(mocker, fake)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=%s" % (tmp_path / "no-bus"))
+    k = kernel(tmp_path)
+    assert k.ensure_trusted(["kohaku-host"]) == []
+    assert fake.calls == []
 
 
 def test_ensure_trusted_adds_only_the_missing_interfaces(tmp_path, fake, mocker):
