@@ -972,23 +972,37 @@ def read_sysctls(snap):
         snap.sysctl[name.replace("/", ".")] = int(text) if text.isdigit() else None
 
 
-def firewalld_process():
-    """Does a firewalld run in this network namespace? (/proc: no firewall-cmd, a python
-    program, spawned; one in another namespace manages other interfaces)"""
-    try:
-        mine = os.readlink("/proc/self/ns/net")
-    except OSError:
-        mine = None
-    for pid in os.listdir("/proc"):
+def is_firewalld_cmdline(argv):
+    """Is this /proc/PID/cmdline (its NUL-separated fields, bytes) a firewalld?
+
+    argv[0] is firewalld itself, or a python interpreter with firewalld among its first three
+    arguments: Debian runs `/usr/bin/python3 /usr/sbin/firewalld --nofork --nopid`, RHEL 9
+    `/usr/bin/python3 -s /usr/sbin/firewalld --nofork --nopid`, RHEL 8 the same with
+    `/usr/libexec/platform-python`.
+    """
+    if not argv or not argv[0]:
+        return False
+    name = os.path.basename(argv[0])
+    if name == b"firewalld":
+        return True
+    return name.startswith((b"python", b"platform-python")) and any(
+        os.path.basename(a) == b"firewalld" for a in argv[1:4])
+
+
+def firewalld_process(proc="/proc"):
+    """Does some process look like firewalld? Reads only /proc/PID/cmdline, which needs no
+    capability (/proc/PID/ns/net needs more than the daemons' units keep); a firewalld of
+    another network namespace is a candidate too: `firewall-cmd --state`, over this node's
+    D-Bus, decides. No candidate: no firewall-cmd (a python program) spawned."""
+    for pid in os.listdir(proc):
         if not pid.isdigit():
             continue
         try:
-            argv = read_bytes("/proc/%s/cmdline" % pid).split(b"\0")[:2]
-            if any(os.path.basename(a) == b"firewalld" for a in argv) and (
-                    mine is None or os.readlink("/proc/%s/ns/net" % pid) == mine):
-                return True
+            argv = read_bytes(os.path.join(proc, pid, "cmdline")).split(b"\0")
         except OSError:
-            continue
+            continue        # the process just ended
+        if is_firewalld_cmdline(argv):
+            return True
     return False
 
 
@@ -999,22 +1013,24 @@ def read_bytes(path):
 
 def gather_firewalld():
     """(state, text): the zones (and the default zone, which --list-all-zones does not mark)
-    when firewalld runs; firewall-cmd is slow to start, so both calls run side by side."""
+    when firewalld runs (`firewall-cmd --state` exits 0); firewall-cmd is slow to start, so the
+    three calls run side by side."""
     if not which("firewall-cmd"):
         return ("missing", "firewall-cmd is not installed")
     if not firewalld_process():
         return ("stopped", "firewalld is not running")
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
     try:
+        state_f = pool.submit(run, ["firewall-cmd", "--state"], False)
         zones_f = pool.submit(run, ["firewall-cmd", "--list-all-zones"], False)
         default_f = pool.submit(run, ["firewall-cmd", "--get-default-zone"], False)
-        res, default = zones_f.result(), default_f.result()
+        state, res, default = state_f.result(), zones_f.result(), default_f.result()
     finally:
         pool.shutdown(wait=True)
-    if res.rc == 252 or "not running" in res.out + res.err:
-        return ("stopped", "firewalld is not running")
-    if "DBUS_ERROR" in res.out + res.err:
+    if "DBUS_ERROR" in state.out + state.err + res.out + res.err:
         return ("stopped", "firewalld is not running (D-Bus not reachable)")
+    if state.rc != 0 or res.rc == 252 or "not running" in res.out + res.err:
+        return ("stopped", "firewalld is not running")
     if res.rc != 0:
         return ("error", "firewall-cmd --list-all-zones failed: %s" % first_line(res.err))
     return ("running", res.out, default.out.strip() if default.rc == 0 else "")

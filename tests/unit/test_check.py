@@ -1079,10 +1079,10 @@ def test_without_firewall_cmd_firewalld_checks_skip(fake):
     node.tools.add("firewall-cmd")
     _rc, results, _ = check_run(fake, node)
     assert results["host.firewalld.trusted"]["detail"] == "firewalld is not running"
-    assert [c for c in node.calls if c[0] == "firewall-cmd"] == [["firewall-cmd",
-                                                                  "--list-all-zones"],
-                                                                 ["firewall-cmd",
-                                                                  "--get-default-zone"]]
+    # side by side, so in any order; --state (exit 252 here) is what decides
+    assert sorted(c for c in node.calls if c[0] == "firewall-cmd") == [
+        ["firewall-cmd", "--get-default-zone"], ["firewall-cmd", "--list-all-zones"],
+        ["firewall-cmd", "--state"]]
 
 
 def test_no_firewalld_process_spawns_no_firewall_cmd(fake):
@@ -1227,6 +1227,52 @@ def test_host_without_api_only_warns_about_traffic(fake):
     assert results["host.vxlan_traffic"]["status"] == "WARN"
     assert results["host.vxlan_traffic"]["detail"] == \
         "vxkr1 (tx 4 -> 9, rx 0): nothing received, UDP 4789 may be blocked on the path"
+
+
+DEBIAN_FIREWALLD = b"/usr/bin/python3\0/usr/sbin/firewalld\0--nofork\0--nopid\0"
+RHEL_FIREWALLD = b"/usr/bin/python3\0-s\0/usr/sbin/firewalld\0--nofork\0--nopid\0"
+REAL_FIREWALLD_PROCESS = chk.firewalld_process
+
+
+@pytest.mark.parametrize("cmdline, found", [
+    (DEBIAN_FIREWALLD, True),
+    (RHEL_FIREWALLD, True),
+    (b"/usr/libexec/platform-python\0-s\0/usr/sbin/firewalld\0--nofork\0", True),
+    (b"/usr/sbin/firewalld\0--nofork\0", True),
+    (b"python3.11\0-E\0-s\0/usr/sbin/firewalld\0", True),
+    (b"/usr/bin/python3\0-s\0-E\0-I\0/usr/sbin/firewalld\0", False),    # 4th argument
+    (b"/usr/bin/python3\0/tmp/firewalld-notes.txt\0", False),
+    (b"/usr/bin/vim\0/usr/sbin/firewalld\0", False),
+    (b"/usr/bin/firewall-cmd\0--state\0", False),
+    (b"", False),                                                       # a kernel thread
+])
+def test_firewalld_is_found_by_its_command_line_alone(tmp_path, mocker, cmdline, found):
+    proc = tmp_path / "proc"
+    for pid, text in (("1", b"/sbin/init\0splash\0"), ("42", cmdline)):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cmdline").write_bytes(text)
+    (proc / "self").mkdir()
+    (proc / "77").mkdir()       # a process that ended between listdir and open: no cmdline
+    # another process's ns/net needs more than the units' capabilities: never read
+    mocker.patch.object(chk.os, "readlink", side_effect=PermissionError(13, "denied"))
+    assert chk.is_firewalld_cmdline(cmdline.split(b"\0")) is found
+    assert REAL_FIREWALLD_PROCESS(str(proc)) is found
+
+
+def test_a_firewalld_candidate_whose_state_is_not_running_is_stopped(fake):
+    node = healthy_host()
+    node.tools.add("firewall-cmd")
+    node.zones = ZONES % "vxkr1 kohaku-host"        # a stale answer; --state decides
+    original = node.run
+
+    def run(argv, *args, **kw):
+        if list(argv) == ["firewall-cmd", "--state"]:
+            node.calls.append(list(argv))
+            return chk.Result(252, "not running\n", "")
+        return original(argv, *args, **kw)
+    node.run = run
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.firewalld.trusted"]["detail"] == "firewalld is not running"
 
 
 def test_dbus_unreachable_means_firewalld_not_running(fake):
