@@ -3,7 +3,6 @@ check script's --prometheus, checked line by line with promkit's strict reader a
 `promtool check metrics` (Debian's prometheus package, always installed in CI)."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -20,19 +19,14 @@ import pytest
 import kohaku_overlay_check as chk        # the module test_check's fake patches
 import promkit
 import test_check
+import test_direct
 import test_host
+import test_runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, str(ROOT / (name + ".py")))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = load("kohaku_overlay_runner")
+runner = test_runner.runner             # one module object for every runner test
 
 ALLOC = {"runner_name": "runner1", "runner_id": 1, "subnet": "10.1.0.0/16",
          "gateway": "10.1.0.1", "host_overlay_ip": "10.0.0.1", "host_vxlan_ip": "10.1.0.254",
@@ -683,3 +677,27 @@ def test_the_three_alerts_fire_on_what_they_are_for_and_not_otherwise(tmp_path):
     path.write_text(json.dumps(tests, indent=1))        # JSON is YAML
     res = promtool("test", "rules", path)
     assert res.returncode == 0 and "SUCCESS" in res.stdout, res.stdout
+
+
+def test_ci_install_refuses_a_prometheus_daemon_in_the_root_namespace(tmp_path):
+    import test_lab_hygiene as hygiene
+    root, lab = "net:[4026531840]", "net:[4026532999]"
+    proc = hygiene.fake_proc(tmp_path, {11: ("prometheus", root), 12: ("prometheus", lab)})
+    assert hygiene.root_daemons(proc=proc) == ["11 prometheus"]   # the lab's own is not one
+
+
+def test_the_direct_peers_path_state_reaches_the_textfile(cfg, mocker):
+    mocker.patch.object(runner, "run", side_effect=Links())
+    a = runner.Agent(cfg, stop=Stop(), notify=mocker.Mock())
+    a.alloc = test_direct.direct_alloc()
+    a.peers = test_direct.table(2, 3)
+    a.paths = {"runner2": {"path": "direct", "since": 1.0},
+               "runner3": {"path": "relayed", "since": 2.0}}
+    assert a.metrics.write(cfg, a.alloc, a.metric_peers()) is True
+    text, fams = read(cfg)
+    promkit.promtool_check(text)
+    assert promkit.samples(fams, "kohaku_overlay_runner_peer_direct") == [
+        ({"peer": "runner2", "peer_id": "2", "runner_name": "runner1"}, 1),
+        ({"peer": "runner3", "peer_id": "3", "runner_name": "runner1"}, 0)]
+    a.alloc = test_runner.alloc()               # direct routing off: no such series
+    assert a.metric_peers() is None
