@@ -93,6 +93,9 @@ REQUEST_DEADLINE = 5.0          # seconds a client gets to send its whole reques
 MAX_CONNECTIONS = 1024          # open connections (less when the fd limit is lower)
 MAX_WORKERS = 32                # threads that run handlers (registration waits on a commit)
 MAX_PENDING = 512               # complete requests waiting for a worker; more get 503
+MAX_PER_SOURCE = 16             # open connections from one address (a runner needs one or two)
+REFUSALS_LOGGED = 20            # refused requests logged per REFUSAL_WINDOW, the rest counted
+REFUSAL_WINDOW = 60.0
 
 # After a restart the host has heard nobody: an allocation not heard from since the start counts
 # as possibly alive for GRACE_FACTOR * OVERLAY_INACTIVE_AFTER (a live runner heartbeats within
@@ -1790,11 +1793,11 @@ def bad_name(value, what="runner name"):
 
 
 class _Conn(object):
-    __slots__ = ("sock", "peer", "deadline", "buf", "draining")
+    __slots__ = ("sock", "peer", "deadline", "buf", "draining", "closed")
 
     def __init__(self, sock, peer, deadline):
         self.sock, self.peer, self.deadline, self.buf = sock, peer, deadline, b""
-        self.draining = False
+        self.draining = self.closed = False
 
 
 class ApiServer(object):
@@ -1822,7 +1825,9 @@ class ApiServer(object):
             max(16, min(MAX_CONNECTIONS, soft - workers - 64))
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self.pending = [0]
-        self.pending_lock = threading.Lock()
+        self.per_source = collections.Counter()  # open connections by peer address
+        self.pending_lock = threading.Lock()      # guards pending and per_source
+        self.refusals = RefusalLog()
         self.stopped = threading.Event()
 
     def serve(self):
@@ -1855,11 +1860,41 @@ class ApiServer(object):
                 return
             if len(self.conns) >= self.max_conns:
                 sock.close()
+                self.refusals.note(addr[0], 503, "", "", "over {} open connections".format(
+                    self.max_conns))
+                continue
+            with self.pending_lock:
+                crowded = self.per_source[addr[0]] >= MAX_PER_SOURCE
+                if not crowded:
+                    self.per_source[addr[0]] += 1
+            if crowded:  # one client cannot hold every slot
+                error = "too many connections from {}: at most {} at a time".format(
+                    addr[0], MAX_PER_SOURCE)
+                self.refusals.note(addr[0], 503, "", "", error)
+                try:
+                    sock.setblocking(False)
+                    sock.send(http_response(503, {"error": error}))
+                except OSError:
+                    pass
+                sock.close()
                 continue
             sock.setblocking(False)
             conn = _Conn(sock, addr[0], time.monotonic() + self.deadline)
             self.conns[sock] = conn
             self.sel.register(sock, selectors.EVENT_READ)
+
+    def _release(self, conn):
+        """Close the connection's socket and give its source its slot back (once)."""
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        with self.pending_lock:
+            if not conn.closed:
+                conn.closed = True
+                self.per_source[conn.peer] -= 1
+                if self.per_source[conn.peer] <= 0:
+                    del self.per_source[conn.peer]
 
     def _drop(self, conn):
         self.conns.pop(conn.sock, None)
@@ -1875,12 +1910,13 @@ class ApiServer(object):
                 conn.sock.send(http_response(status, answer))
             except OSError:
                 pass
-        conn.sock.close()
+        self._release(conn)
 
     def _refuse(self, conn, status, answer):
         """Answer early (the body is still arriving), then read and discard what the client
         still sends for a moment: closing with unread data would reset the connection before
         the client reads the answer."""
+        self.refusals.note(conn.peer, status, *_request_line(conn.buf), error=answer["error"])
         try:
             conn.sock.send(http_response(status, answer))
             conn.sock.shutdown(socket.SHUT_WR)
@@ -1934,8 +1970,9 @@ class ApiServer(object):
             if conn.draining:
                 self._close(conn)
             else:
-                self._close(conn, 408, {"error": "the request was not complete within {} s"
-                                                 .format(self.deadline)})
+                error = "the request was not complete within {} s".format(self.deadline)
+                self.refusals.note(conn.peer, 408, *_request_line(conn.buf), error=error)
+                self._close(conn, 408, {"error": error})
 
     def _handle(self, conn, request):
         method, path, headers, body = request
@@ -1943,11 +1980,11 @@ class ApiServer(object):
             try:
                 status, answer = self.dispatch(method, path, headers, body, conn.peer)
             except Exception as exc:  # never a traceback to the client
-                log.exception("internal error on %s %s: %r", method, path[:100], exc)
+                log.exception("internal error on %s %s: %r", printable(method, 16),
+                              printable(path, 100), exc)
                 status, answer = 500, {"error": "internal error: {}".format(exc)}
             if status >= 400:
-                log.info("%s %s from %s: %d %s", method, path[:100], conn.peer, status,
-                         answer.get("error"))
+                self.refusals.note(conn.peer, status, method, path, answer.get("error"))
             conn.sock.setblocking(True)
             conn.sock.settimeout(2.0)
             conn.sock.sendall(http_response(status, answer))
@@ -1956,10 +1993,48 @@ class ApiServer(object):
         finally:
             with self.pending_lock:
                 self.pending[0] -= 1
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
+            self._release(conn)
+
+
+class RefusalLog(object):
+    """Refused requests, logged at most REFUSALS_LOGGED per REFUSAL_WINDOW seconds (a flood
+    cannot fill the journal); the rest are counted and the count logged when a window ends.
+    Method, path and error are cut and their control characters escaped."""
+
+    def __init__(self, limit=REFUSALS_LOGGED, window=REFUSAL_WINDOW, clock=time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self.lock = threading.Lock()
+        self.start, self.logged, self.dropped = clock(), 0, 0
+
+    def note(self, peer, status, method, path, error):
+        with self.lock:
+            now = self.clock()
+            if now - self.start >= self.window:
+                if self.dropped:
+                    log.warning("%d more refused request(s) in the last %d s were not logged",
+                                self.dropped, now - self.start)
+                self.start, self.logged, self.dropped = now, 0, 0
+            if self.logged >= self.limit:
+                self.dropped += 1
+                return
+            self.logged += 1
+        log.info("%s %s from %s: %d %s", printable(method, 16) or "-", printable(path, 100) or "-",
+                 peer, status, printable(error or "", 200))
+
+
+def printable(text, limit):
+    """text cut to limit characters, every control or non-ASCII character escaped (\\x1b), so
+    a request cannot forge log lines or terminal escapes."""
+    out = "".join(c if " " <= c <= "~" and c != "\\" else "\\x{:02x}".format(ord(c))
+                  if ord(c) < 256 else "\\u{:04x}".format(ord(c) & 0xFFFF) for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
+def _request_line(buf):
+    """(method, path) of a request whose start has arrived, for the log; ("", "") before."""
+    line = buf.split(b"\r\n", 1)[0].decode("latin-1")
+    method, _, rest = line.partition(" ")
+    return method, rest.rsplit(" ", 1)[0] if " " in rest else rest
 
 
 def parse_request(buf):

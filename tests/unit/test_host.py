@@ -2988,6 +2988,45 @@ def test_server_closes_connections_over_its_cap_and_keeps_the_others(server):
         assert first.recv(4096).startswith(b"HTTP/1.1 200 ")
 
 
+def test_server_caps_the_connections_of_one_source_and_serves_another(server, monkeypatch):
+    """Issue 11.10: one client cannot hold every slot; over its cap it gets 503 at once."""
+    srv, hub = server
+    monkeypatch.setattr(host, "MAX_PER_SOURCE", 2)
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        assert raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\n\r\n").endswith(
+            b'{"error": "too many connections from 127.0.0.1: at most 2 at a time"}\n')
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5,
+                                      source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in idle:
+            sock.close()
+    assert wait_for(lambda: srv.per_source.get("127.0.0.1", 0) == 0)     # slots given back
+    assert raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+def test_refused_requests_are_logged_bounded_cut_and_escaped(caplog):
+    caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
+    clock = [100.0]
+    refusals = host.RefusalLog(limit=2, window=60.0, clock=lambda: clock[0])
+    refusals.note("198.51.100.66", 400, "GET\x1b[2J" + "X" * 40, "/a\r\nfake: line" + "/" * 200,
+                  "malformed request line")
+    refusals.note("198.51.100.66", 401, "GET", "/api/overlay/status", "missing token")
+    for _ in range(5):
+        refusals.note("198.51.100.66", 401, "GET", "/api/overlay/status", "missing token")
+    clock[0] += 61
+    refusals.note("198.51.100.67", 404, "GET", "/x", "no such endpoint")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == ("GET\\x1b[2J" + "X" * 9 + "... /a\\x0d\\x0afake: line" + "/" * 86 +
+                        "... from 198.51.100.66: 400 malformed request line")
+    assert lines[1:] == ["GET /api/overlay/status from 198.51.100.66: 401 missing token",
+                         "5 more refused request(s) in the last 61 s were not logged",
+                         "GET /x from 198.51.100.67: 404 no such endpoint"]
+
+
 def test_notify_systemd_abstract_socket(monkeypatch):
     name = "kohut-notify-{}".format(os.getpid())
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
