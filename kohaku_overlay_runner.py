@@ -16,7 +16,8 @@ Usage:
 Exit codes: 0 success, 1 failure, 2 bad usage or bad config (or a host that refuses our settings).
 
 Touches: links vxlan0 and OVERLAY_BRIDGE_NAME, the route of the overlay CIDR, iptables rules
-marked `-m comment --comment kohaku-overlay` (filter FORWARD, nat POSTROUTING), firewalld's
+marked `-m comment --comment kohaku-overlay` (filter FORWARD and INPUT, nat POSTROUTING) and
+the chain KOHAKU-VXLAN (the VXLAN filter INPUT jumps to), firewalld's
 runtime trusted zone, net.ipv4.ip_forward, the Docker networks OVERLAY_NETWORK_NAME and
 DOCKER_NETWORK_NAME, the local state file OVERLAY_STATE_FILE and, when set, OVERLAY_METRICS_FILE
 (node_exporter textfile-collector figures, rewritten every heartbeat). Docker is reached with the
@@ -62,6 +63,10 @@ WG_OVERHEAD = 60                    # IPv4 + UDP + WireGuard header and tag
 WG_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 MARKER = "kohaku-overlay"           # iptables comment on every rule we add
 TRUSTED_ZONE = "trusted"
+VXLAN_CHAIN = "KOHAKU-VXLAN"        # our chain of the VXLAN filter (INPUT jumps to it)
+# u32: the IHL jump to the UDP header, then the 4 bytes at UDP offset 12 shifted right by 8,
+# which is the VNI (as `iptables -S` prints the expression "0>>22&0x3C@12>>8")
+U32_VNI = "0x0>>0x16&0x3c@0xc>>0x8"
 BACKOFF_START = 0.5                 # seconds before the first registration retry
 BACKOFF_MAX = 30.0                  # cap of the exponential backoff
 REPAIR_EVERY = 3                    # serve re-checks the local build every N heartbeats
@@ -446,6 +451,18 @@ def parse_rules(text):
     return [line.strip() for line in (text or "").splitlines() if line.startswith("-A ")]
 
 
+def parse_chains(text):
+    """`iptables -S` of a table -> {chain: [rule lines]}, with every chain that exists."""
+    chains = {}
+    for line in (text or "").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] in ("-P", "-N"):
+            chains.setdefault(words[1], [])
+        elif len(words) >= 2 and words[0] == "-A":
+            chains.setdefault(words[1], []).append(line.strip())
+    return chains
+
+
 def is_marked(rule):
     try:
         words = shlex.split(rule)
@@ -458,6 +475,59 @@ def is_marked(rule):
 def forward_rules(cidr):
     return ["-A FORWARD -s %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER),
             "-A FORWARD -d %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER)]
+
+
+def vxlan_jump(port):
+    """INPUT's first rule: UDP to the VXLAN port goes through our filter chain."""
+    return "-A INPUT -p udp -m udp --dport %d -m comment --comment %s -j %s" % (
+        port, MARKER, VXLAN_CHAIN)
+
+
+def vni_range(alloc):
+    """(lo, hi): our VNIs, OVERLAY_VXLAN_ID (node 0) to OVERLAY_VXLAN_ID + the largest runner
+    id of the layout (the subnet prefix minus the overlay prefix gives the node bits)."""
+    base = alloc["vni"] - alloc["runner_id"]
+    node_bits = alloc["prefixlen"] - ipaddress.IPv4Network(alloc["overlay_cidr"]).prefixlen
+    return base, base + (1 << node_bits) - 1
+
+
+def vxlan_accepts(alloc):
+    """The (source IP, VNI) pairs whose VXLAN frames this runner takes: the Host (the remote of
+    vxlan0: its physical address, or its tunnel address when encrypted), for this runner's own
+    VNI. Every other frame of our VNI range is dropped."""
+    return [(vxlan_endpoints(alloc, None)[1], alloc["vni"])]
+
+
+def vxlan_chain_rules(accepts, vnis):
+    """The content of KOHAKU-VXLAN: one ACCEPT per (IP, VNI), then one DROP of our VNI range
+    only, so that other VXLAN users of the port (Docker Swarm, EVPN) fall through untouched."""
+    return ["-A %s -s %s/32 -m u32 --u32 \"%s=0x%x\" -j ACCEPT" % (VXLAN_CHAIN, ip, U32_VNI, vni)
+            for ip, vni in accepts] + \
+        ["-A %s -m u32 --u32 \"%s=0x%x:0x%x\" -j DROP" % (VXLAN_CHAIN, U32_VNI, vnis[0], vnis[1])]
+
+
+# (table, chain, kind, rules, what, others): "head" rules are the first of their chain, in
+# order, and no other rule there is marked; "chain" rules are the whole content of our own
+# chain; "anywhere" rules are each present once. Rules holding the text `others` belong to
+# another step (WireGuard's guard above the INPUT jump) and are not looked at.
+RuleSet = namedtuple("RuleSet", "table chain kind rules what others")
+RuleSet.__new__.__defaults__ = (None,)
+
+
+def wanted_rules(cfg, alloc, extra_forward=()):
+    """Every iptables rule of the runner, as `iptables -S` prints it. extra_forward: more marked
+    FORWARD rules right after ours (direct routing's pair)."""
+    cidr = alloc["overlay_cidr"]
+    return [RuleSet("filter", "FORWARD", "head", forward_rules(cidr) + list(extra_forward),
+                    "FORWARD accept rules for %s" % cidr),
+            RuleSet("filter", VXLAN_CHAIN, "chain",
+                    vxlan_chain_rules(vxlan_accepts(alloc), vni_range(alloc)),
+                    "VXLAN filter %s" % VXLAN_CHAIN),
+            RuleSet("filter", "INPUT", "head", [vxlan_jump(alloc["vxlan_port"])],
+                    "INPUT jump to %s for UDP %d" % (VXLAN_CHAIN, alloc["vxlan_port"]),
+                    "-i %s " % WG_DEV),
+            RuleSet("nat", "POSTROUTING", "anywhere", [nat_rule(cidr)],
+                    "NAT masquerade for %s" % cidr)]
 
 
 def delete_rule(rule):
@@ -820,6 +890,12 @@ def underlay_of(links, address):
         if any(a.split("/")[0] == address for a in ipv4_addrs(link)):
             return name, link.get("mtu") or 1500
     return None, None
+
+
+def probe_chains(table):
+    """Every chain of table with its rules (one `iptables -S`)."""
+    argv = ["iptables", "-S"] if table == "filter" else ["iptables", "-t", table, "-S"]
+    return parse_chains(run(argv, mutates=False).out)
 
 
 def read_sysctl(name):
@@ -1225,37 +1301,51 @@ def tool_batch(tool, lines):
                                                    first_line(e.stderr)), e.argv, e.rc, e.stderr)
 
 
-def plan_rules(cidr, forward, nat, extra_forward=()):
-    """iptables-restore input that puts our FORWARD rules first and our NAT rule in place.
+def plan_rules(wanted, have):
+    """iptables-restore input that brings every RuleSet of wanted to its place.
 
-    extra_forward: more marked FORWARD rules right after ours (direct routing's pair).
-    Pure: returns (restore_text, echo_lines, changes, undo_text). Stale or misplaced marked rules
-    are deleted in the same transaction (no window without them).
+    have: {table: {chain: [rules]}} as probed (a chain missing there does not exist). Pure:
+    returns (restore_text, echo_lines, changes, undo_text). Stale or misplaced marked rules are
+    deleted in the same transaction (no window without them); the undo removes only what this
+    plan adds.
     """
-    want_fwd, want_nat = forward_rules(cidr) + list(extra_forward), nat_rule(cidr)
-    filt, natl, changes = [], [], []
-    undo_filt, undo_nat = [], []
-    marked = [r for r in forward if is_marked(r)]
-    if forward[:len(want_fwd)] != want_fwd or len(marked) != len(want_fwd):
-        for r in marked:
-            filt.append(delete_rule(r))
-        for i, r in enumerate(want_fwd):
-            filt.append("-I FORWARD %d%s" % (i + 1, r[len("-A FORWARD"):]))
-        changes.append("FORWARD accept rules for %s %s" % (
-            cidr, "moved to the top" if marked else "added"))
-        if not marked:
-            undo_filt = [delete_rule(r) for r in want_fwd]
-    marked_nat = [r for r in nat if is_marked(r)]
-    if marked_nat != [want_nat]:
-        for r in marked_nat:
-            if r != want_nat:
-                natl.append(delete_rule(r))
-        if want_nat not in marked_nat:
-            natl.append(want_nat)
-            undo_nat = [delete_rule(want_nat)]
-        changes.append("NAT masquerade for %s %s" % (cidr, "fixed" if marked_nat else "added"))
-    return (restore_text(filt, natl), restore_echo(filt, natl), changes,
-            restore_text(undo_filt, undo_nat))
+    lines, undo_lines, changes = {"filter": [], "nat": []}, {"filter": [], "nat": []}, []
+    for ws in wanted:
+        cur = have.get(ws.table, {}).get(ws.chain)
+        if cur is not None and ws.others:
+            cur = [r for r in cur if ws.others not in r]
+        marked = [r for r in cur or [] if is_marked(r)]
+        out, undo_first = lines[ws.table], []
+        if ws.kind == "chain":
+            if cur == ws.rules:
+                continue
+            out.append(("-F " if cur is not None else "-N ") + ws.chain)
+            out += ws.rules
+            if cur is None:
+                undo_first = ["-F " + ws.chain, "-X " + ws.chain]
+            word = "fixed" if cur is not None else "added"
+        elif ws.kind == "head":
+            if (cur or [])[:len(ws.rules)] == ws.rules and len(marked) == len(ws.rules):
+                continue
+            out += [delete_rule(r) for r in marked]
+            out += ["-I %s %d%s" % (ws.chain, i + 1, r[len("-A " + ws.chain):])
+                    for i, r in enumerate(ws.rules)]
+            if not marked:
+                undo_first = [delete_rule(r) for r in ws.rules]
+            word = "moved to the top" if marked else "added"
+        else:
+            if marked == ws.rules:
+                continue
+            out += [delete_rule(r) for r in marked if r not in ws.rules]
+            added = [r for r in ws.rules if r not in marked]
+            out += added
+            undo_first = [delete_rule(r) for r in added]
+            word = "fixed" if marked else "added"
+        undo_lines[ws.table][:0] = undo_first      # undone in reverse: jumps before chains
+        changes.append("%s %s" % (ws.what, word))
+    return (restore_text(lines["filter"], lines["nat"]),
+            restore_echo(lines["filter"], lines["nat"]), changes,
+            restore_text(undo_lines["filter"], undo_lines["nat"]))
 
 
 def restore_text(filt, nat):
@@ -1272,15 +1362,17 @@ def restore_echo(filt, nat):
     return ["iptables -t filter " + r for r in filt] + ["iptables -t nat " + r for r in nat]
 
 
-def ensure_rules(cidr, stack, extra_forward=()):
-    text, echo, changes, undo_text = plan_rules(cidr, probe_rules("filter", "FORWARD"),
-                                                probe_rules("nat", "POSTROUTING"), extra_forward)
+def ensure_rules(cfg, alloc, stack, extra_forward=()):
+    have = {"filter": probe_chains("filter"),
+            "nat": {"POSTROUTING": probe_rules("nat", "POSTROUTING")}}
+    text, echo, changes, undo_text = plan_rules(wanted_rules(cfg, alloc, extra_forward), have)
     if not text:
         return []
     run(["iptables-restore", "--noflush"], input=text, echo=echo)    # atomic: all or nothing
     if undo_text:
-        undo(stack, "delete the rules added for %s" % cidr, ["iptables-restore", "--noflush"],
-             input=undo_text, echo=["iptables-restore --noflush  # undo"])
+        undo(stack, "delete the rules added for %s" % alloc["overlay_cidr"],
+             ["iptables-restore", "--noflush"], input=undo_text,
+             echo=["iptables-restore --noflush  # undo"])
     return changes
 
 
@@ -1785,11 +1877,10 @@ def build(cfg, alloc, address, errors=None, direct=None):
             steps.insert(0, lambda: remove_mismatched_network(cfg, diff))
         if diff or (net is None and diff is not None):
             steps.append(lambda: create_docker_network(cfg, alloc, stack))
-        cidr = alloc["overlay_cidr"]
-        extra = direct_forward_rules(cidr, br) if direct is not None else []
+        extra = direct_forward_rules(alloc["overlay_cidr"], br) if direct is not None else []
         zone = [br, VXLAN_DEV] + ([DIRECT_DEV] if direct is not None else []) + \
             ([WG_DEV] if encrypted(alloc) else [])
-        steps += [lambda: ensure_rules(cidr, stack, extra),
+        steps += [lambda: ensure_rules(cfg, alloc, stack, extra),
                   lambda: ensure_wg_guard(cfg, alloc, stack),
                   lambda: ensure_firewalld(zone, stack)]
         changes = []
@@ -1804,7 +1895,7 @@ def build(cfg, alloc, address, errors=None, direct=None):
     return changes
 
 
-def plan_teardown(cfg, links, route, forward_all, nat_all):
+def plan_teardown(cfg, links, route, filter_chains, nat_all):
     """What `down` removes, found by name and marker (not recomputed from config)."""
     br = cfg["OVERLAY_BRIDGE_NAME"]
     lines, changes = [], []
@@ -1821,10 +1912,14 @@ def plan_teardown(cfg, links, route, forward_all, nat_all):
     if link_kind(links.get(WG_DEV) or {}) in ("wireguard", "tun"):
         lines.append("link del %s" % WG_DEV)        # wireguard-go exits with its interface
         changes.append("%s removed" % WG_DEV)
-    filt = [delete_rule(r) for r in forward_all if is_marked(r)]
+    filt = [delete_rule(r) for rules in filter_chains.values() for r in rules if is_marked(r)]
     nat = [delete_rule(r) for r in nat_all if is_marked(r)]
-    if filt or nat:
-        changes.append("%d marked iptables rule(s) removed" % (len(filt) + len(nat)))
+    chain = VXLAN_CHAIN in filter_chains
+    if filt or nat or chain:
+        changes.append("%d marked iptables rule(s)%s removed" % (
+            len(filt) + len(nat), " and the chain " + VXLAN_CHAIN if chain else ""))
+    if chain:                           # after the jumps to it are deleted
+        filt += ["-F " + VXLAN_CHAIN, "-X " + VXLAN_CHAIN]
     return lines, restore_text(filt, nat), restore_echo(filt, nat), changes
 
 
@@ -1855,7 +1950,7 @@ def teardown(cfg, force=False):
     state = load_state(cfg["OVERLAY_STATE_FILE"])
     route = probe_route(state["overlay_cidr"]) if state.get("overlay_cidr") else None
     lines, text, echo, more = plan_teardown(
-        cfg, probe_links(), route, parse_rules(run(["iptables", "-S"], mutates=False).out),
+        cfg, probe_links(), route, probe_chains("filter"),
         parse_rules(run(["iptables", "-t", "nat", "-S"], mutates=False).out))
     if text:
         run(["iptables-restore", "--noflush"], input=text, echo=echo)

@@ -38,6 +38,10 @@ FWD = ["-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
 NAT = ("-A POSTROUTING -s 10.0.0.0/8 ! -d 10.0.0.0/8 -m comment --comment kohaku-overlay "
        "-j MASQUERADE")
 DOCKER_FWD = ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1"]
+JUMP = "-A INPUT -p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN"
+U32 = '-m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8='
+VXCHAIN = ["-A KOHAKU-VXLAN -s 198.51.100.1/32 " + U32 + '0x65" -j ACCEPT',
+           "-A KOHAKU-VXLAN " + U32 + '0x64:0x163" -j DROP']
 
 CREATE_NET = ["docker", "network", "create", "--driver", "bridge", "--subnet", "10.1.0.0/16",
               "--gateway", "10.1.0.1", "--aux-address", "host=10.1.0.254",
@@ -56,6 +60,8 @@ CLEAN_BATCH = [
 CLEAN_RESTORE = ("*filter\n"
                  "-I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
                  "-I FORWARD 2 -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
+                 "-N KOHAKU-VXLAN\n" + "".join(r + "\n" for r in VXCHAIN) +
+                 "-I INPUT 1" + JUMP[len("-A INPUT"):] + "\n"
                  "COMMIT\n*nat\n" + NAT + "\nCOMMIT\n")
 
 
@@ -113,6 +119,8 @@ class FakeNode(object):
                                             "prefixlen": 8}]}}
         self.route = None
         self.forward = list(DOCKER_FWD)
+        self.input = []
+        self.chains = {}                  # user chains of the filter table: {name: rules}
         self.nat = ["-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE"]
         self.networks = {}
         self.firewalld = firewalld
@@ -126,6 +134,8 @@ class FakeNode(object):
             self.links["vxlan0"] = vxlan_link()
             self.route = {"dst": CIDR, "gateway": "10.1.0.254", "dev": BR, "flags": []}
             self.forward = FWD + DOCKER_FWD
+            self.input = [JUMP]
+            self.chains = {"KOHAKU-VXLAN": list(VXCHAIN)}
             self.nat.append(NAT)
             self.networks["kohakuriver-overlay"] = docker_net()
             self.trusted = {BR, "vxlan0"} if firewalld else set()
@@ -155,8 +165,10 @@ class FakeNode(object):
             return 0, json.dumps([self.route] if ok else []), ""
         if argv[:4] == ["ip", "-j", "route", "get"]:
             return 0, json.dumps([{"dst": argv[4], "dev": "eth0", "prefsrc": ME}]), ""
-        if argv in (["iptables", "-S", "FORWARD"], ["iptables", "-S"]):
+        if argv == ["iptables", "-S", "FORWARD"]:
             return 0, "-P FORWARD DROP\n" + "".join(r + "\n" for r in self.forward), ""
+        if argv == ["iptables", "-S"]:
+            return 0, "".join(line + "\n" for line in self.filter_table()), ""
         if argv in (["iptables", "-t", "nat", "-S", "POSTROUTING"],
                     ["iptables", "-t", "nat", "-S"]):
             return 0, "-P POSTROUTING ACCEPT\n" + "".join(r + "\n" for r in self.nat), ""
@@ -171,6 +183,12 @@ class FakeNode(object):
                 return 0, json.dumps([self.networks[argv[3]]]), ""
             return 1, "[]\n", "Error response from daemon: network %s not found\n" % argv[3]
         raise AssertionError("unexpected probe %r" % (argv,))
+
+    def filter_table(self):
+        """`iptables -S` of the filter table, in the order iptables prints it."""
+        return (["-P INPUT ACCEPT", "-P FORWARD DROP", "-P OUTPUT ACCEPT"] +
+                ["-N " + c for c in self.chains] + self.input + self.forward +
+                [r for rules in self.chains.values() for r in rules])
 
     def mutations(self):
         return [c for c in self.calls if c.mutates]
@@ -335,7 +353,8 @@ def test_clean_node_issues_exactly_the_build_commands(cfg, node):
         "gateway 10.1.0.1/16 added to kohaku-overlay",
         "vxlan0 created (vni 101, remote 198.51.100.1)", "route 10.0.0.0/8 via 10.1.0.254 added",
         "Docker network kohakuriver-overlay created on kohaku-overlay",
-        "FORWARD accept rules for 10.0.0.0/8 added", "NAT masquerade for 10.0.0.0/8 added",
+        "FORWARD accept rules for 10.0.0.0/8 added", "VXLAN filter KOHAKU-VXLAN added",
+        "INPUT jump to KOHAKU-VXLAN for UDP 4789 added", "NAT masquerade for 10.0.0.0/8 added",
         "kohaku-overlay added to the firewalld trusted zone",
         "vxlan0 added to the firewalld trusted zone"]
 
@@ -346,7 +365,7 @@ def test_fully_built_node_issues_no_mutating_command(cfg, node):
     assert n.mutations() == []
     assert [c.argv[:3] for c in n.calls] == [
         ["docker", "network", "inspect"], ["ip", "-j", "-d"], ["ip", "-j", "route"],
-        ["iptables", "-S", "FORWARD"], ["iptables", "-t", "nat"], ["firewall-cmd", "--state"],
+        ["iptables", "-S"], ["iptables", "-t", "nat"], ["firewall-cmd", "--state"],
         ["firewall-cmd", "--zone=trusted", "--list-interfaces"]]
 
 
@@ -414,6 +433,30 @@ def test_forward_rules_below_dockers_are_moved_to_the_top_in_one_transaction(cfg
     assert changes == ["FORWARD accept rules for 10.0.0.0/8 moved to the top"]
 
 
+def test_vxlan_filter_accepts_the_host_for_our_vni_and_drops_only_our_vni_range():
+    a = alloc()
+    assert runner.vni_range(a) == (100, 355)          # node 0 (direct) .. runner 255
+    assert runner.vxlan_accepts(a) == [(HOST, 101)]
+    assert runner.vxlan_chain_rules(runner.vxlan_accepts(a), runner.vni_range(a)) == VXCHAIN
+    # another layout: /20 subnets of 10.0.0.0/8 give 4095 runner ids
+    b = alloc(runner_id=3, subnet="10.0.48.0/20", gateway="10.0.48.1",
+              host_vxlan_ip="10.0.48.254", vni=1003)
+    assert runner.vni_range(b) == (1000, 1000 + 4095)
+
+
+def test_vxlan_filter_drift_is_repaired_in_one_transaction(cfg, node):
+    n = node(built=True)
+    n.chains["KOHAKU-VXLAN"] = ["-A KOHAKU-VXLAN -s 198.51.100.66/32 -j ACCEPT"] + VXCHAIN
+    n.input = ["-A INPUT -j ACCEPT_ALL_FROM_LAN", JUMP]
+    changes = runner.build(cfg, alloc(), ME)
+    assert n.argvs() == [["iptables-restore", "--noflush"]]
+    assert n.mutations()[0].input == (
+        "*filter\n-F KOHAKU-VXLAN\n" + "".join(r + "\n" for r in VXCHAIN) +
+        "-D" + JUMP[2:] + "\n-I INPUT 1" + JUMP[len("-A INPUT"):] + "\nCOMMIT\n")
+    assert changes == ["VXLAN filter KOHAKU-VXLAN fixed",
+                       "INPUT jump to KOHAKU-VXLAN for UDP 4789 moved to the top"]
+
+
 def test_link_drift_is_repaired_with_minimal_commands(cfg, node):
     n = node(built=True)
     n.links["vxlan0"] = vxlan_link(master=None, up=False)
@@ -479,7 +522,11 @@ def test_changed_allocation_rebuilds_when_no_container_is_attached(cfg, node):
         "route replace 10.0.0.0/8 via 10.2.0.254 dev kohaku-overlay"]
     assert argvs[2][:8] == ["docker", "network", "create", "--driver", "bridge", "--subnet",
                             "10.2.0.0/16", "--gateway"]
-    assert len(argvs) == 3
+    # the VXLAN filter is bound to the VNI: the new one (102) replaces 101 in KOHAKU-VXLAN
+    assert argvs[3:] == [["iptables-restore", "--noflush"]]
+    assert n.mutations()[3].input == (
+        "*filter\n-F KOHAKU-VXLAN\n-A KOHAKU-VXLAN -s 198.51.100.1/32 " + U32 +
+        '0x66" -j ACCEPT\n' + VXCHAIN[1] + "\nCOMMIT\n")
 
 
 def test_changed_allocation_with_containers_attached_is_refused_untouched(cfg, node):
@@ -547,7 +594,8 @@ def test_down_removes_everything_by_name_and_marker(cfg, node, tmp_path):
         ["firewall-cmd", "--zone=trusted", "--remove-interface=vxlan0"],
         ["iptables-restore", "--noflush"],
         ["ip", "-batch", "-"]]
-    assert m[3].input == ("*filter\n" + "".join("-D" + r[2:] + "\n" for r in FWD) +
+    assert m[3].input == ("*filter\n" + "".join("-D" + r[2:] + "\n" for r in [JUMP] + FWD) +
+                          "-F KOHAKU-VXLAN\n-X KOHAKU-VXLAN\n"
                           "COMMIT\n*nat\n-D" + NAT[2:] + "\nCOMMIT\n")
     assert m[4].input.splitlines() == ["route del 10.0.0.0/8 dev kohaku-overlay",
                                        "link del vxlan0", "link del kohaku-overlay"]
@@ -662,9 +710,12 @@ def test_up_dry_run_runs_probes_only_and_prints_the_plan(cfg, mocker, capsys, pr
         "-j ACCEPT",
         "[#] iptables -t filter -I FORWARD 2 -d 10.0.0.0/8 -m comment --comment kohaku-overlay "
         "-j ACCEPT",
+        "[#] iptables -t filter -N KOHAKU-VXLAN"]
+    assert out[12:16] == ["[#] iptables -t filter " + r for r in VXCHAIN] + [
+        "[#] iptables -t filter -I INPUT 1" + JUMP[len("-A INPUT"):],
         "[#] iptables -t nat " + NAT]
     assert out[-1] == ("runner1: runner 1, subnet 10.1.0.0/16, network kohakuriver-overlay: "
-                       "would change 7 thing(s)")
+                       "would change 9 thing(s)")
     assert len(n.calls) == 7                  # probes only, every one of them answered
     assert Path(cfg["OVERLAY_STATE_FILE"]).read_text() == before
     assert runner.DRY_RUN is False
@@ -688,10 +739,12 @@ def test_down_dry_run_prints_and_changes_nothing(cfg, mocker, capsys, probes_onl
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "[#] docker network rm kohakuriver-overlay",
+        "[#] iptables -t filter -D" + JUMP[2:],
         "[#] iptables -t filter -D FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay "
         "-j ACCEPT",
         "[#] iptables -t filter -D FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay "
         "-j ACCEPT",
+        "[#] iptables -t filter -F KOHAKU-VXLAN", "[#] iptables -t filter -X KOHAKU-VXLAN",
         "[#] iptables -t nat -D" + NAT[2:],
         "[#] ip link del vxlan0", "[#] ip link del kohaku-overlay",
         "overlay would remove: 4 thing(s)"]
@@ -1130,4 +1183,4 @@ def test_down_without_docker_installed_is_a_success(cfg, node, mocker):
     n.probe = no_docker
     changes = runner.teardown(cfg)
     assert n.argvs() == [["iptables-restore", "--noflush"], ["ip", "-batch", "-"]]
-    assert changes[-1] == "3 marked iptables rule(s) removed"
+    assert changes[-1] == "4 marked iptables rule(s) and the chain KOHAKU-VXLAN removed"

@@ -59,7 +59,6 @@ class WgNode(base.FakeNode):
     def __init__(self, encrypted_built=False, **kw):
         base.FakeNode.__init__(self, **kw)
         self.links["eth0"] = eth0()
-        self.input = []
         self.wg_dump = None
         if encrypted_built:
             self.links["kohaku-overlay"] = base.bridge_link(mtu=1390)
@@ -67,7 +66,7 @@ class WgNode(base.FakeNode):
                                                    mtu=1390)
             self.links["kohaku-wg"] = wg_link()
             self.networks["kohakuriver-overlay"] = base.docker_net(mtu="1390")
-            self.input = [GUARD]
+            self.input = [GUARD] + self.input        # the guard above the VXLAN filter's jump
             self.wg_dump = dump()
 
     def __call__(self, argv, check=True, mutates=True, input=None, timeout=30, echo=None):
