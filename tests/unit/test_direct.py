@@ -411,7 +411,7 @@ def test_down_removes_vxdirect0_and_every_marked_rule(cfg, dnode):
     assert n.batch("ip") == [["route del 10.0.0.0/8 dev kohaku-overlay", "link del vxdirect0",
                               "link del vxlan0", "link del kohaku-overlay"]]
     assert "vxdirect0 removed" in changes
-    assert "5 marked iptables rule(s) removed" in changes
+    assert "6 marked iptables rule(s) and the chain KOHAKU-VXLAN removed" in changes
 
 
 def test_vxlan_accepts_for_peers_are_the_node0_vni():
