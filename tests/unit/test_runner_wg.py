@@ -67,6 +67,9 @@ class WgNode(base.FakeNode):
             self.links["kohaku-wg"] = wg_link()
             self.networks["kohakuriver-overlay"] = base.docker_net(mtu="1390")
             self.input = [GUARD] + self.input        # the guard above the VXLAN filter's jump
+            # the VXLAN filter takes the Host's tunnel address, vxlan0's remote (issue 11.3)
+            self.chains["KOHAKU-VXLAN"] = [base.VXCHAIN[0].replace(HOST + "/32", "172.16.0.1/32"),
+                                           base.VXCHAIN[1]]
             self.wg_dump = dump()
 
     def __call__(self, argv, check=True, mutates=True, input=None, timeout=30, echo=None):
@@ -358,13 +361,17 @@ def test_switching_encryption_off_puts_vxlan0_back_on_the_underlay(cfg, node):
     make_keys(cfg)
     changes = runner.build(cfg, runner.parse_allocation(dict(base.ALLOC, mtu=1390)), ME)
     m = n.mutations()
-    assert [c.argv for c in m] == [["ip", "-batch", "-"], ["iptables-restore", "--noflush"]]
+    # the VXLAN filter goes back to the Host's physical address (11.3), then the guard goes
+    assert [c.argv for c in m] == [["ip", "-batch", "-"], ["iptables-restore", "--noflush"],
+                                   ["iptables-restore", "--noflush"]]
+    assert m[1].input == ("*filter\n-F KOHAKU-VXLAN\n" + "".join(r + "\n" for r in base.VXCHAIN) +
+                          "COMMIT\n")
     assert m[0].input.splitlines() == [
         "link del kohaku-wg", "link del vxlan0",
         "link add vxlan0 mtu 1390 type vxlan id 101 local 198.51.100.11 remote 198.51.100.1 "
         "dstport 4789 nolearning",
         "link set dev vxlan0 master kohaku-overlay up"]
-    assert m[1].input == "*filter\n" + runner.delete_rule(GUARD) + "\nCOMMIT\n"
+    assert m[2].input == "*filter\n" + runner.delete_rule(GUARD) + "\nCOMMIT\n"
     assert "kohaku-wg removed (encryption off)" in changes
 
 
@@ -375,8 +382,11 @@ def test_switching_encryption_on_recreates_vxlan0_on_the_tunnel_addresses(cfg, n
     n.networks["kohakuriver-overlay"] = base.docker_net(mtu="1390", containers=["c1"])
     runner.build(cfg, wg_alloc(), ME)
     argvs = [c.argv[:2] for c in n.mutations()]
+    # two restores: the VXLAN filter now takes the Host's tunnel address (11.3), then the guard
     assert argvs == [["wg", "genkey"], ["wireguard-go", "kohaku-wg"], ["wg", "set"],
-                     ["ip", "-batch"], ["iptables-restore", "--noflush"]]
+                     ["ip", "-batch"], ["iptables-restore", "--noflush"],
+                     ["iptables-restore", "--noflush"]]
+    assert "172.16.0.1/32" in n.mutations()[4].input
     batch = n.mutations()[3].input.splitlines()
     assert "link del vxlan0" in batch
     assert ("link add vxlan0 mtu 1390 type vxlan id 101 local 172.16.0.2 remote 172.16.0.1 "
