@@ -1649,57 +1649,112 @@ def check_route(snap):
 
 # -- iptables -----------------------------------------------------------------------------------
 
-def forward_rule_index(rules, key, cidr):
+# The FORWARD accept rules of daemons before issue 11.1: the overlay CIDR in and out, whatever
+# the interface. BROAD_FORWARD is their verdict: PASS while the daemons on main still build them,
+# WARN (too broad) once they build the scoped rules of forward_forms().
+BROAD_FORWARD = PASS
+RULE_KEYS = ("src", "dst", "in", "out", "proto", "dport", "dports", "states", "target")
+
+
+def forward_forms(snap, cidr):
+    """-> (the scoped rules the daemons build, the broad pair of before), as iptables specs.
+    Runner: bridge in, bridge out, and with direct routing bridge <-> vxdirect0; host: between
+    vxkr* devices."""
+    tail = " -m comment --comment %s -j ACCEPT" % MARKER
+    if snap.role == "host":
+        pairs = [(HOST_VXLAN_PREFIX + "+",) * 2]
+    else:
+        br = snap.cfg["OVERLAY_BRIDGE_NAME"]
+        pairs = [(br, br)] + ([(br, DIRECT_DEVICE), (DIRECT_DEVICE, br)]
+                              if DIRECT_DEVICE in snap.links else [])
+    return (["-s %s -d %s -i %s -o %s%s" % (cidr, cidr, i, o, tail) for i, o in pairs],
+            ["-%s %s%s" % (k, cidr, tail) for k in "sd"])
+
+
+def rule_index(rules, spec):
+    """Index of the first rule that does what spec does (its comment aside), else None."""
+    want = parse_rule("-A FORWARD " + spec)
     for i, r in enumerate(rules):
-        if r.get(key) == cidr and key not in r["neg"] and r.get("target") == "ACCEPT" \
-                and not r["complex"] and not any(k in r for k in ("proto", "in", "out")) \
-                and ("dst" if key == "src" else "src") not in r:
+        if not r["complex"] and r["neg"] == want["neg"] and \
+                all(r.get(k) == want.get(k) for k in RULE_KEYS):
             return i
     return None
 
 
-def forward_reinsert(rules, cidr, idx=None):
-    """Commands that delete the overlay's FORWARD accept rules where they are and insert them
-    as rules 1 and 2 again."""
-    if idx is None:
-        idx = dict((k, forward_rule_index(rules, k, cidr)) for k in ("src", "dst"))
-    dels = ["iptables -D FORWARD %s" % rules[idx[k]]["raw"][len("-A FORWARD "):]
-            for k in ("dst", "src") if idx[k] is not None]
-    return dels + ["iptables -I FORWARD %d -%s %s -m comment --comment %s -j ACCEPT" % (
-        n, k[0], cidr, MARKER) for n, k in ((1, "src"), (2, "dst"))]
+def forward_found(snap, rules, cidr):
+    """-> (form: "scoped", "broad" or None when neither is complete, its specs, their indexes
+    (None: missing), the scoped specs)."""
+    scoped, broad = forward_forms(snap, cidr)
+    for form, specs in (("scoped", scoped), ("broad", broad)):
+        idx = [rule_index(rules, spec) for spec in specs]
+        if None not in idx:
+            return form, specs, idx, scoped
+    return None, scoped, [rule_index(rules, spec) for spec in scoped], scoped
+
+
+def forward_reinsert(rules, specs, idx, insert=None):
+    """Commands that delete the rules found at idx and insert `insert` (default: the same
+    specs) as rules 1, 2, ... again."""
+    dels = ["iptables -D FORWARD %s" % rules[i]["raw"][len("-A FORWARD "):]
+            for i in sorted((i for i in idx if i is not None), reverse=True)]
+    return dels + ["iptables -I FORWARD %d %s" % (n + 1, spec)
+                   for n, spec in enumerate(specs if insert is None else insert)]
+
+
+def forward_fix(snap, rules, cidr):
+    """The commands that put the overlay's FORWARD rules back on top (the form found, else the
+    scoped one)."""
+    _form, specs, idx, _scoped = forward_found(snap, rules, cidr)
+    return forward_reinsert(rules, specs, idx)
+
+
+def short_spec(spec):
+    return "`%s`" % spec.split(" -m comment")[0]
 
 
 def check_forward_rules(snap):
-    """PASS: `-s CIDR -j ACCEPT` and `-d CIDR -j ACCEPT` ahead of every DROP/REJECT and
-    every jump to a chain that can drop. FAIL: missing under policy DROP or a dropping
-    rule; "at bottom" below one. WARN: missing with policy ACCEPT."""
+    """PASS: the scoped accept rules (runner: `-s CIDR -d CIDR -i BRIDGE -o BRIDGE`, and the
+    bridge <-> vxdirect0 pair with direct routing; host: `-i vxkr+ -o vxkr+`) ahead of every
+    DROP/REJECT and every jump to a chain that can drop. FAIL: missing under policy DROP or a
+    dropping rule; "at bottom" below one. WARN: missing with policy ACCEPT; once the daemons
+    build the scoped rules, the broad `-s CIDR` / `-d CIDR` pair (it bypasses Docker's isolation
+    and DOCKER-USER)."""
     table = snap.table("filter")
     cidr = snap.overlay_cidr()
     if cidr is None:
         raise Skip("overlay CIDR unknown (no allocation)")
     rules = table.rules("FORWARD")
     policy = table.policies.get("FORWARD", "ACCEPT")
-    idx = dict((k, forward_rule_index(rules, k, cidr)) for k in ("src", "dst"))
+    form, specs, idx, scoped = forward_found(snap, rules, cidr)
     blockers = [i for i, r in enumerate(rules) if r.get("target") in ("DROP", "REJECT") or
                 (r.get("target") in table.chains and can_drop(table, r["target"]))]
-    add = forward_reinsert(rules, cidr, idx=dict((k, None) for k in idx))
-    if None in idx.values():
-        missing = " and ".join("-%s %s" % (k[0], cidr) for k in ("src", "dst") if idx[k] is None)
+    if form is None:
+        missing = " and ".join(short_spec(sp) for sp, i in zip(specs, idx) if i is None)
+        add = "\n".join(forward_reinsert(rules, specs, idx))
         if policy in ("DROP", "REJECT") or blockers:
             what = "policy %s" % policy if policy != "ACCEPT" else \
                 "rule %d `%s`" % (blockers[0] + 1, rules[blockers[0]]["raw"])
             return fail("FORWARD accept rule %s missing: %s drops overlay traffic" % (
-                missing, what), "\n".join(add))
+                missing, what), add)
         return warn("FORWARD accept rule %s missing (policy ACCEPT lets traffic through for now)"
-                    % missing, "\n".join(add))
-    last = max(idx.values())
-    above = [i for i in blockers if i < last]
+                    % missing, add)
+    above = [i for i in blockers if i < max(idx)]
     if above:
-        first = rules[above[0]]
         return fail("FORWARD accept rules are at bottom: below rule %d `%s` which can drop" % (
-            above[0] + 1, first["raw"]), "\n".join(forward_reinsert(rules, cidr, idx)))
-    return ok("FORWARD rules %d and %d accept %s (policy %s)" % (
-        idx["src"] + 1, idx["dst"] + 1, cidr, policy))
+            above[0] + 1, rules[above[0]]["raw"]), "\n".join(forward_reinsert(rules, specs, idx)))
+    numbers = "rule%s %s" % ("s" if len(idx) > 1 else "", listed_and([str(i + 1) for i in idx]))
+    if form == "broad" and BROAD_FORWARD == WARN:
+        return warn("FORWARD %s accept all of %s whatever the interface: too broad, they "
+                    "bypass Docker's isolation between networks and DOCKER-USER" % (
+                        numbers, cidr), "\n".join(forward_reinsert(rules, specs, idx, scoped)))
+    where = "" if form == "broad" else " from %s" % ", ".join(
+        "%s to %s" % (sp.split()[5], sp.split()[7]) for sp in specs)
+    return ok("FORWARD %s accept%s %s%s (policy %s)" % (
+        numbers, "" if len(idx) > 1 else "s", cidr, where, policy))
+
+
+def listed_and(items):
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def check_nat(snap):
@@ -1896,8 +1951,8 @@ def check_docker_network(snap):
     if net is None:
         # docker network create puts Docker's FORWARD jumps back on top of the overlay's rules
         try:
-            create += "\n" + "\n".join(forward_reinsert(
-                snap.table("filter").rules("FORWARD"), snap.overlay_cidr()))
+            create += "\n" + "\n".join(forward_fix(
+                snap, snap.table("filter").rules("FORWARD"), snap.overlay_cidr()))
         except Skip:
             create += "\nthen " + restart(snap)
         return fail("Docker network %s does not exist: containers cannot join the overlay" %

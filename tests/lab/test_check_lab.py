@@ -136,17 +136,18 @@ def test_ip_forward_off_on_the_host(healthy):
 def test_forward_rules_deleted_with_policy_drop(healthy):
     c = healthy
     b1 = c.container_ip(c.runners[1], "b1")
-    c.iptables_drift(c.host, policy={"FORWARD": "DROP"}, delete=[
-        "-A FORWARD %s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT" % flag
-        for flag in ("-s", "-d")])
+    # the daemon's marked rules, whichever form it builds (broad before issue 11.1, scoped after)
+    ours = [r for r in c.sh(c.host, "iptables", "-S", "FORWARD").stdout.splitlines()
+            if "kohaku-overlay" in r]
+    c.iptables_drift(c.host, policy={"FORWARD": "DROP"}, delete=ours)
     try:
         assert not c.ping(c.runners[0], "a1", b1)      # the fault is real: the hub drops
         fix = assert_fault(c, c.host, "host.forward_rules",
-                           "-s 10.0.0.0/8 and -d 10.0.0.0/8 missing: policy DROP drops",
-                           ["iptables -I FORWARD 1 -s 10.0.0.0/8 -m comment --comment "
-                            "kohaku-overlay -j ACCEPT",
-                            "iptables -I FORWARD 2 -d 10.0.0.0/8 -m comment --comment "
-                            "kohaku-overlay -j ACCEPT"])
+                           "FORWARD accept rule `-s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+` "
+                           "missing: policy DROP drops",
+                           ["iptables -I FORWARD 1 -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ "
+                            "-m comment --comment kohaku-overlay -j ACCEPT"])
+        # the check's fix is the scoped rule (issue 11.1): it carries the hub's traffic
         apply_fix(c, c.host, fix)
         rc, results = check(c, c.host, "--only", "host.forward_rules")
         assert (rc, results["host.forward_rules"]["status"]) == (0, "PASS")
