@@ -27,6 +27,7 @@ import collections
 import difflib
 import errno
 import fcntl
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -76,6 +77,7 @@ CONFIG_KEYS = collections.OrderedDict([
     ("OVERLAY_TOKEN", (str, "")),
     ("OVERLAY_INACTIVE_AFTER", (int, 30)),
     ("OVERLAY_VXLAN_SOURCE_FILTER", (bool, True)),
+    ("OVERLAY_DIRECT_ROUTING", (bool, False)),
     ("OVERLAY_REPAIR_INTERVAL", (int, 10)),
 ])
 
@@ -257,7 +259,7 @@ def read_config(path, keys, explicit):
                 where, node.lineno))
         name = target.id
         if name not in keys:
-            close = difflib.get_close_matches(name, list(keys), n=1)
+            close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.8)
             log.warning("%s line %d: unknown key %s%s, ignored", where, node.lineno, name,
                         " (did you mean {}?)".format(close[0]) if close else "")
             continue
@@ -825,6 +827,11 @@ def tunnel_mac(vni):
     return "02:6b:6f:{:02x}:{:02x}:{:02x}".format((vni >> 16) & 255, (vni >> 8) & 255, vni & 255)
 
 
+def vtep_mac(n):
+    """Runner n's vxdirect0 MAC (direct routing): the runner derives the same from its id."""
+    return "02:6b:64:{:02x}:{:02x}:{:02x}".format((n >> 16) & 255, (n >> 8) & 255, n & 255)
+
+
 def is_firewalld_cmdline(argv):
     """Is this /proc/PID/cmdline (its NUL-separated fields, bytes) a firewalld?
 
@@ -1291,6 +1298,7 @@ class Hub(object):
         self.jobs = queue.Queue()
         self.stop = threading.Event()
         self.started = time.monotonic()
+        self._peers = (None, 0, [])  # (the allocs it was computed from, version, peer table)
 
     # -- reading ------------------------------------------------------------------------------
     def is_active(self, alloc):
@@ -1343,6 +1351,28 @@ class Hub(object):
                 "vxlan_id": self.cfg["OVERLAY_VXLAN_ID"],
                 "vxlan_port": self.cfg["OVERLAY_VXLAN_PORT"], "mtu": self.cfg["OVERLAY_MTU"],
                 "allocations": rows}
+
+    def peers(self):
+        """Direct routing's peer table from memory: (version, peers). The version is a digest
+        of the table, so it changes with every registration, release, eviction or address
+        change and survives a restart unchanged; 0 (and no peers) when direct routing is off."""
+        if not self.cfg["OVERLAY_DIRECT_ROUTING"]:
+            return 0, []
+        allocs = self.allocs
+        cached = self._peers
+        if cached[0] is not allocs:
+            peers = [{"runner_name": a["runner_name"], "runner_id": n,
+                      "subnet": str(self.layout.subnet(n)), "physical_ip": a["physical_ip"],
+                      "vtep_mac": vtep_mac(n)}
+                     for n, a in sorted(allocs.items()) if a["runner_name"]]
+            digest = hashlib.sha256(json.dumps(peers, sort_keys=True).encode()).digest()
+            cached = self._peers = (allocs, int.from_bytes(digest[:4], "big") >> 1 or 1, peers)
+        return cached[1], cached[2]
+
+    def direct_settings(self):
+        """What registration and heartbeat answers tell every runner about direct routing."""
+        return {"direct_routing": self.cfg["OVERLAY_DIRECT_ROUTING"],
+                "peers_version": self.peers()[0]}
 
     def heartbeat(self, name, peer):
         with self.lock:
@@ -1582,6 +1612,7 @@ class Hub(object):
                 continue
             answer = {"runner_name": name}
             answer.update(self.layout.allocation(n, self.cfg))
+            answer.update(self.direct_settings())
             log.info("registered %s as runner %d (%s) from %s", name, n, answer["subnet"],
                      job.args["physical_ip"])
             METRICS.inc("registrations")
@@ -1699,6 +1730,11 @@ class Api(object):
         if verb == "register" and arg is None:
             self._method(method, "POST")
             return self._register(body, peer)
+        if verb == "peers" and arg is None:
+            self._method(method, "GET")
+            self._enabled()
+            version, peers = self.hub.peers()
+            return 200, {"version": version, "peers": peers}
         if verb == "cleanup" and arg is None:
             self._method(method, "POST")
             self._enabled()
@@ -1711,7 +1747,9 @@ class Api(object):
             if verb == "release":
                 return self.hub.submit("release", name=arg)
             self.hub.heartbeat(arg, peer)
-            return 200, {"ok": True}
+            answer = {"ok": True}
+            answer.update(self.hub.direct_settings())
+            return 200, answer
         raise ApiError(404, "no such endpoint: {} {}".format(method, path[:100]))
 
     @staticmethod

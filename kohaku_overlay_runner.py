@@ -1486,8 +1486,9 @@ def parse_settings(obj):
 
 
 def vtep_mac(runner_id):
-    """vxdirect0's MAC, fixed by the runner id (locally administered; 6b:6f is "ko")."""
-    return "02:6b:6f:%02x:%02x:%02x" % ((runner_id >> 16) & 0xff, (runner_id >> 8) & 0xff,
+    """vxdirect0's MAC, fixed by the runner id (locally administered; 6b:64 is "kd", apart
+    from the Host's 6b:6f tunnel MACs)."""
+    return "02:6b:64:%02x:%02x:%02x" % ((runner_id >> 16) & 0xff, (runner_id >> 8) & 0xff,
                                         runner_id & 0xff)
 
 

@@ -29,4 +29,7 @@ OVERLAY_TOKEN: str = ""
 
 OVERLAY_INACTIVE_AFTER: int = 30      # seconds without a heartbeat until a runner is Inactive
 OVERLAY_VXLAN_SOURCE_FILTER: bool = True  # UDP 4789 only from registered runner addresses
+# Runner-to-runner traffic straight between runners (vxdirect0), the Host as per-peer fallback:
+# needs the VXLAN UDP port open between every pair of runners, not only to the Host.
+OVERLAY_DIRECT_ROUTING: bool = False
 OVERLAY_REPAIR_INTERVAL: int = 10     # seconds between checks that devices and rules are in place

@@ -141,9 +141,9 @@ def test_settings_default_off_and_take_the_version_only_when_on():
 
 
 def test_vtep_mac_is_fixed_by_the_runner_id_and_locally_administered():
-    assert runner.vtep_mac(1) == "02:6b:6f:00:00:01"
-    assert runner.vtep_mac(255) == "02:6b:6f:00:00:ff"
-    assert runner.vtep_mac(0x10203) == "02:6b:6f:01:02:03"
+    assert runner.vtep_mac(1) == "02:6b:64:00:00:01"
+    assert runner.vtep_mac(255) == "02:6b:64:00:00:ff"
+    assert runner.vtep_mac(0x10203) == "02:6b:64:01:02:03"
 
 
 def test_peer_table_drops_this_runner_sorts_by_id_and_keeps_extra_keys():
@@ -181,9 +181,9 @@ def test_a_malformed_peer_table_is_refused_whole_in_one_sentence(obj, words):
 def test_wanted_state_per_peer_and_a_relayed_peer_keeps_all_but_its_subnet_route():
     w = runner.peers_wanted([peer(2), peer(3)], relayed={"runner3"})
     assert w == {"routes": {"10.2.0.0/32": None, "10.2.0.0/16": "10.2.0.0", "10.3.0.0/32": None},
-                 "neigh": {"10.2.0.0": "02:6b:6f:00:00:02", "10.3.0.0": "02:6b:6f:00:00:03"},
-                 "fdb": {"02:6b:6f:00:00:02": "198.51.100.12",
-                         "02:6b:6f:00:00:03": "198.51.100.13"}}
+                 "neigh": {"10.2.0.0": "02:6b:64:00:00:02", "10.3.0.0": "02:6b:64:00:00:03"},
+                 "fdb": {"02:6b:64:00:00:02": "198.51.100.12",
+                         "02:6b:64:00:00:03": "198.51.100.13"}}
 
 
 def test_wanted_addresses_follow_the_subnet_layout_not_a_fixed_10_x():
@@ -200,10 +200,10 @@ def test_plan_from_nothing_sets_everything_and_renders_the_batch_text():
     actions = runner.plan_peers(runner.peers_wanted([peer(2)]), EMPTY)
     ip_lines, bridge_lines = runner.render_peer_actions(actions)
     assert ip_lines == [
-        "neigh replace 10.2.0.0 lladdr 02:6b:6f:00:00:02 dev vxdirect0 nud permanent",
+        "neigh replace 10.2.0.0 lladdr 02:6b:64:00:00:02 dev vxdirect0 nud permanent",
         "route replace 10.2.0.0/16 via 10.2.0.0 dev vxdirect0 onlink",
         "route replace 10.2.0.0/32 dev vxdirect0 scope link"]
-    assert bridge_lines == ["fdb replace 02:6b:6f:00:00:02 dev vxdirect0 dst 198.51.100.12 "
+    assert bridge_lines == ["fdb replace 02:6b:64:00:00:02 dev vxdirect0 dst 198.51.100.12 "
                             "self permanent"]
     assert runner.describe_peer_actions(actions) == [
         "vxdirect0: 1 FDB entr(ies) set", "vxdirect0: 1 neighbour(s) set",
@@ -229,17 +229,17 @@ def test_plan_of_a_peer_gone_deletes_its_entries_and_a_moved_peer_only_its_fdb()
     gone = runner.render_peer_actions(runner.plan_peers(runner.peers_wanted([peer(2)]), have))
     assert gone == (["route del 10.3.0.0/16 dev vxdirect0", "route del 10.3.0.0/32 dev vxdirect0",
                      "neigh del 10.3.0.0 dev vxdirect0"],
-                    ["fdb del 02:6b:6f:00:00:03 dev vxdirect0 dst 198.51.100.13 self"])
+                    ["fdb del 02:6b:64:00:00:03 dev vxdirect0 dst 198.51.100.13 self"])
     moved = runner.peers_wanted([peer(2), peer(3, physical_ip="198.51.100.99")])
     assert runner.render_peer_actions(runner.plan_peers(moved, have)) == (
-        [], ["fdb replace 02:6b:6f:00:00:03 dev vxdirect0 dst 198.51.100.99 self permanent"])
+        [], ["fdb replace 02:6b:64:00:00:03 dev vxdirect0 dst 198.51.100.99 self permanent"])
 
 
 def test_a_neighbour_that_is_not_permanent_is_replaced():
     have = runner.peers_wanted([peer(2)])
     have["neigh"]["10.2.0.0"] = None
     assert runner.render_peer_actions(runner.plan_peers(runner.peers_wanted([peer(2)]), have)) == (
-        ["neigh replace 10.2.0.0 lladdr 02:6b:6f:00:00:02 dev vxdirect0 nud permanent"], [])
+        ["neigh replace 10.2.0.0 lladdr 02:6b:64:00:00:02 dev vxdirect0 nud permanent"], [])
 
 
 def test_proc_parsers_read_only_vxdirect0_and_mark_non_permanent_neighbours():
@@ -248,9 +248,9 @@ def test_proc_parsers_read_only_vxdirect0_and_mark_non_permanent_neighbours():
     assert runner.parse_proc_routes(n.proc("route"), "vxdirect0") == {
         "10.2.0.0/32": None, "10.2.0.0/16": "10.2.0.0", "10.3.0.0/32": None}
     assert runner.parse_proc_arp(n.proc("arp"), "vxdirect0") == {
-        "10.2.0.0": "02:6b:6f:00:00:02", "10.3.0.0": "02:6b:6f:00:00:03", "10.9.0.0": None}
+        "10.2.0.0": "02:6b:64:00:00:02", "10.3.0.0": "02:6b:64:00:00:03", "10.9.0.0": None}
     assert runner.parse_fdb(n.probe(["bridge", "-j", "fdb", "show", "dev", "vxdirect0"])[1]) == {
-        "02:6b:6f:00:00:02": "198.51.100.12", "02:6b:6f:00:00:03": "198.51.100.13"}
+        "02:6b:64:00:00:02": "198.51.100.12", "02:6b:64:00:00:03": "198.51.100.13"}
 
 
 # ---- applying the table: process count, time --------------------------------------------------
@@ -311,7 +311,7 @@ def test_peers_without_vxdirect0_is_one_sentence_and_planned_under_dry_run(dnode
 
 def test_vxdirect0_is_created_with_the_node0_vni_its_mac_mtu_and_network_address(cfg):
     lines, changes, created = runner.plan_direct_link(cfg, direct_alloc(), ME, {}, True)
-    assert lines == ["link add vxdirect0 address 02:6b:6f:00:00:01 mtu 1450 type vxlan id 100 "
+    assert lines == ["link add vxdirect0 address 02:6b:64:00:00:01 mtu 1450 type vxlan id 100 "
                      "local 198.51.100.11 dstport 4789 nolearning",
                      "addr add 10.1.0.0/32 dev vxdirect0", "link set dev vxdirect0 up"]
     assert changes == ["vxdirect0 created (vni 100)"]
@@ -325,7 +325,7 @@ def test_vxdirect0_drift_is_fixed_and_off_removes_it(cfg):
     lines, changes, _ = runner.plan_direct_link(cfg, a, ME, {"vxdirect0": direct_link(
         mac="02:00:00:00:00:09")}, True)
     assert lines[0] == "link del vxdirect0"
-    assert changes == ["vxdirect0 recreated (mac 02:00:00:00:00:09 (want 02:6b:6f:00:00:01))"]
+    assert changes == ["vxdirect0 recreated (mac 02:00:00:00:00:09 (want 02:6b:64:00:00:01))"]
     lines, changes, _ = runner.plan_direct_link(cfg, a, ME, {"vxdirect0": direct_link(
         mtu=1500, addrs=("10.7.0.0/32",), up=False)}, True)
     assert lines == ["link set dev vxdirect0 mtu 1450", "addr del 10.7.0.0/32 dev vxdirect0",
@@ -361,13 +361,13 @@ def test_build_with_direct_routing_on_a_built_node(cfg, dnode):
                          ["bridge", "-batch", "-"], ["ip", "-batch", "-"],
                          ["iptables-restore", "--noflush"]]
     m = n.mutations()
-    assert m[0].input.splitlines()[0].startswith("link add vxdirect0 address 02:6b:6f:00:00:01")
+    assert m[0].input.splitlines()[0].startswith("link add vxdirect0 address 02:6b:64:00:00:01")
     assert m[2].input.splitlines() == [
-        "fdb replace 02:6b:6f:00:00:02 dev vxdirect0 dst 198.51.100.12 self permanent",
-        "fdb replace 02:6b:6f:00:00:03 dev vxdirect0 dst 198.51.100.13 self permanent"]
+        "fdb replace 02:6b:64:00:00:02 dev vxdirect0 dst 198.51.100.12 self permanent",
+        "fdb replace 02:6b:64:00:00:03 dev vxdirect0 dst 198.51.100.13 self permanent"]
     assert m[3].input.splitlines() == [
-        "neigh replace 10.2.0.0 lladdr 02:6b:6f:00:00:02 dev vxdirect0 nud permanent",
-        "neigh replace 10.3.0.0 lladdr 02:6b:6f:00:00:03 dev vxdirect0 nud permanent",
+        "neigh replace 10.2.0.0 lladdr 02:6b:64:00:00:02 dev vxdirect0 nud permanent",
+        "neigh replace 10.3.0.0 lladdr 02:6b:64:00:00:03 dev vxdirect0 nud permanent",
         "route replace 10.2.0.0/16 via 10.2.0.0 dev vxdirect0 onlink",
         "route replace 10.2.0.0/32 dev vxdirect0 scope link",
         "route replace 10.3.0.0/32 dev vxdirect0 scope link"]

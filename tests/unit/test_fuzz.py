@@ -359,6 +359,13 @@ class FakeHub(object):
         if name != "known":
             raise host.ApiError(404, "runner {} is not registered here".format(name))
 
+    def peers(self):
+        return 7, [{"runner_name": "known", "runner_id": 1, "subnet": "10.1.0.0/16",
+                    "physical_ip": "198.51.100.12", "vtep_mac": "02:6b:64:00:00:01"}]
+
+    def direct_settings(self):
+        return {"direct_routing": True, "peers_version": 7}
+
 
 def _valid_registration(req, peer, layout):
     """An independent reading of the SPEC's registration rules: None when valid, else why."""
