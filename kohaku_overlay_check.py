@@ -96,6 +96,7 @@ HOST_KEYS = {
     "OVERLAY_TOKEN": (STR, "", False),
     "OVERLAY_INACTIVE_AFTER": (INT, 30, False),
     "OVERLAY_VXLAN_SOURCE_FILTER": (BOOL, True, False),
+    "OVERLAY_DIRECT_ROUTING": (BOOL, False, False),
     "OVERLAY_REPAIR_INTERVAL": (INT, 10, False),
 }
 RUNNER_KEYS = {

@@ -35,11 +35,14 @@ ENDPOINTS = [
      '`{"runner_name", "physical_ip", "vxlan_id", "vxlan_port", "mtu"}`, optional '
      '`"previous_runner_id"`',
      'the allocation: `{"runner_name", "runner_id", "subnet", "gateway", "host_overlay_ip", '
-     '"host_vxlan_ip", "host_physical_ip", "vni", "vxlan_port", "mtu", "overlay_cidr"}`',
+     '"host_vxlan_ip", "host_physical_ip", "vni", "vxlan_port", "mtu", "overlay_cidr", '
+     '"direct_routing", "peers_version"}`',
      "400 bad field or a physical_ip that is not the TCP peer, 409 vxlan_id/vxlan_port/mtu differ "
      "from the host's (names the key and both values), 411 no Content-Length, 413 body over "
      "64 KiB, 500 the tunnel could not be built, 503 no free runner id or overlay disabled"),
-    ("PUT", "/api/overlay/heartbeat/<name>", True, "", '`{"ok": true}`',
+    ("PUT", "/api/overlay/heartbeat/<name>", True, "",
+     '`{"ok": true, "direct_routing", "peers_version"}` (a runner fetches the peer table when '
+     'the version differs from its own)',
      "400 bad name, 404 the host does not know the runner or has it from another address (the "
      "runner registers again), 503 overlay disabled"),
     ("GET", "/api/overlay/status", True, "",
@@ -47,6 +50,10 @@ ENDPOINTS = [
      '"inactive", "available_ids", "max_ids", "allocations": [{"runner_name", "runner_id", '
      '"subnet", "gateway", "host_vxlan_ip", "physical_ip", "vxlan_device", "vni", "active", '
      '"last_seen"}]}`', ""),
+    ("GET", "/api/overlay/peers", True, "",
+     '`{"version", "peers": [{"runner_name", "runner_id", "subnet", "physical_ip", '
+     '"vtep_mac"}]}` (direct routing; version 0 and no peers while OVERLAY_DIRECT_ROUTING is '
+     'False), served from memory', "503 overlay disabled"),
     ("POST", "/api/overlay/release/<name>", True, "", '`{"released": true}`',
      "400 bad name, 404 no such runner, 503 overlay disabled"),
     ("POST", "/api/overlay/cleanup", True, "", '`{"released": <count>}`',

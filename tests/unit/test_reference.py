@@ -88,6 +88,12 @@ class FakeHub(object):
     def __getattr__(self, name):
         return lambda *a, **kw: (200, {"ok": True})
 
+    def peers(self):
+        return 0, []
+
+    def direct_settings(self):
+        return {"direct_routing": False, "peers_version": 0}
+
 
 def answer(method, path):
     status, body = host.Api(FakeHub()).dispatch(method, path, {}, None, "198.51.100.11")
