@@ -1,15 +1,15 @@
 """The shipped systemd units under a real systemd (issue 15): one systemd-nspawn container per
 node, booted over an overlay of this machine's own root (tests/nspawn.py), in the namespaces of
-a labkit lab (the underlay switch, 198.51.100.1 the Host, .11 runner1).
+a labkit lab (the underlay switch, 198.51.100.1 the Host, .11 runner1, .12 runner2).
 
 The Host container is laid out like RHEL: firewalld runs as the service with RHEL's command line
 (`/usr/bin/python3 -s /usr/sbin/firewalld --nofork --nopid`), the unit's interpreter is put to
-`/usr/libexec/platform-python` with the README's RHEL 8 line, and there is no Docker. The runner
-container is Debian as .ci/install leaves it: firewalld and dockerd as the services Debian
-enables. Both follow the README's install steps as written, on a fresh boot (/run empty, so no
-/run/xtables.lock). `docker run` cannot start containers inside nspawn here, so traffic is
-pinged from the runner's overlay gateway address; dockerd itself runs, so the runner's Docker
-network is real.
+`/usr/libexec/platform-python` with the README's RHEL 8 line, and there is no Docker. runner1 is
+Debian as .ci/install leaves it: firewalld and dockerd as the services Debian enables; runner2
+has Docker but no firewalld (masked). All follow the README's install steps as written, on a
+fresh boot (/run empty, so no /run/xtables.lock). `docker run` cannot start containers inside
+nspawn here, so traffic is pinged from each runner's overlay gateway address; dockerd itself
+runs, so the runners' Docker networks are real.
 """
 
 import os
@@ -104,8 +104,8 @@ def trusted(m):
     return set(res.stdout.split())
 
 
-def ping_from_gateway(r, count=3):
-    res = r.sh("ping", "-n", "-c", str(count), "-i", "0.3", "-W", "2", "-I", RUNNER_GW,
+def ping_from_gateway(r, count=3, gw=RUNNER_GW):
+    res = r.sh("ping", "-n", "-c", str(count), "-i", "0.3", "-W", "2", "-I", gw,
                "10.0.0.1", check=False, timeout=30)
     return res.returncode == 0, res.stdout + res.stderr
 
@@ -142,7 +142,7 @@ def nodes():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true but systemd-nspawn cannot run: %s" % reason, pytrace=False)
         pytest.skip(reason)
-    lab = labkit.Lab(runners=1, docker=False)
+    lab = labkit.Lab(runners=2, docker=False)
     fleet = None
     try:
         lab.up()
@@ -150,6 +150,8 @@ def nodes():
         h = fleet.machine("host", lab.host.netns_path,
                           masks=("docker.service", "docker.socket", "containerd.service"))
         r = fleet.machine("runner1", lab.runners[0].netns_path)
+        # runner2: Docker as the service, firewalld absent (masked)
+        r2 = fleet.machine("runner2", lab.runners[1].netns_path, masks=("firewalld.service",))
         # RHEL's layout on the Host: firewalld's own command line, and the RHEL 8 interpreter
         h.dropin("firewalld.service", "rhel.conf",
                  "[Service]\nExecStart=\nExecStart=%s\n" % RHEL_FIREWALLD)
@@ -157,11 +159,12 @@ def nodes():
         if not pp.exists():
             pp.parent.mkdir(parents=True, exist_ok=True)
             pp.symlink_to("/usr/bin/python3")
-        for m in (h, r):
+        for m in (h, r, r2):
             install_source(m)
         fleet.boot_all()
-        info = {"lock_at_boot": {m.name: m.sh("test", "-e", "/run/xtables.lock",
-                                              check=False).returncode == 0 for m in (h, r)}}
+        info = {"r2": r2, "lock_at_boot": {m.name: m.sh("test", "-e", "/run/xtables.lock",
+                                                        check=False).returncode == 0
+                                           for m in (h, r, r2)}}
         # the unit as it was: a fresh boot ends it at status=226/NAMESPACE
         info["before"] = {}
         for m, role in ((h, "host"), (r, "runner")):
@@ -182,11 +185,14 @@ def nodes():
                              OVERLAY_TOKEN=labkit.TOKEN, OVERLAY_REPAIR_INTERVAL=2)),
             (r, "runner", dict(HOST_ADDRESS=labkit.HOST_IP, RUNNER_NAME="runner1",
                                OVERLAY_ENABLED=True, OVERLAY_TOKEN=labkit.TOKEN,
-                               HEARTBEAT_INTERVAL=2)))
+                               HEARTBEAT_INTERVAL=2)),
+            (r2, "runner", dict(HOST_ADDRESS=labkit.HOST_IP, RUNNER_NAME="runner2",
+                                OVERLAY_ENABLED=True, OVERLAY_TOKEN=labkit.TOKEN,
+                                HEARTBEAT_INTERVAL=2)))
         for m, role, cfg in configs:
             install = [ln for ln in blocks[role] if not ln.startswith("systemctl")]
             start = [ln for ln in blocks[role] if ln.startswith("systemctl")]
-            steps[role] = install + start
+            steps.setdefault(role, install + start)
             for ln in install:
                 m.sh("sh", "-c", "cd %s && %s" % (SRC, ln))
             edit_config(m, "/etc/kohakuriver/%s_config.py" % role, **cfg)
@@ -220,7 +226,7 @@ def test_the_readme_steps_are_what_ran(nodes):
 def test_the_unit_before_failed_on_a_fresh_boot_with_226_namespace(nodes):
     _h, _r, info = nodes
     # nothing had created iptables-legacy's lock file: the old ReadWritePaths= could not bind it
-    assert info["lock_at_boot"] == {"host": False, "runner1": False}
+    assert info["lock_at_boot"] == {"host": False, "runner1": False, "runner2": False}
     for role in ("host", "runner"):
         before = info["before"][role]
         assert (before["Result"], before["ActiveState"]) == ("exit-code", "failed")
@@ -229,8 +235,8 @@ def test_the_unit_before_failed_on_a_fresh_boot_with_226_namespace(nodes):
 
 
 def test_both_units_start_on_the_fresh_boot_and_report_ready(nodes):
-    h, r, _info = nodes
-    for m, role in ((h, "host"), (r, "runner")):
+    h, r, info = nodes
+    for m, role in ((h, "host"), (r, "runner"), (info["r2"], "runner")):
         st = state(m, UNITS[role])
         # Type=notify: active (not activating) means READY=1 came; enable --now returned
         assert (st["Type"], st["ActiveState"], st["SubState"], st["Result"], st["NRestarts"]) \
@@ -239,8 +245,8 @@ def test_both_units_start_on_the_fresh_boot_and_report_ready(nodes):
 
 
 def test_the_daemons_run_with_exactly_net_admin_and_net_raw(nodes):
-    h, r, _info = nodes
-    for m, role in ((h, "host"), (r, "runner")):
+    h, r, info = nodes
+    for m, role in ((h, "host"), (r, "runner"), (info["r2"], "runner")):
         pid = m.host_pid(m.main_pid(UNITS[role]))
         status = dict(line.split(":\t", 1) for line in
                       Path("/proc/%d/status" % pid).read_text().splitlines() if ":\t" in line)
@@ -262,7 +268,7 @@ def test_the_rhel_layout_is_what_runs_on_the_host(nodes):
 def test_the_overlay_devices_exist(nodes):
     h, r, _info = nodes
     links = set(re.findall(r"^\d+: ([^:@]+)", h.sh("ip", "-o", "link").stdout, re.M))
-    assert {"kohaku-host", "vxkr1"} <= links
+    assert {"kohaku-host", "vxkr1", "vxkr2"} <= links
     links = set(re.findall(r"^\d+: ([^:@]+)", r.sh("ip", "-o", "link").stdout, re.M))
     assert {"vxlan0", "kohaku-overlay"} <= links
     net = r.sh("docker", "network", "inspect", "-f", "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
@@ -303,10 +309,22 @@ def test_the_runner_trusts_its_interfaces_with_firewalld_as_a_service(nodes):
 
 
 def test_traffic_from_the_runner_gateway_to_the_host(nodes):
-    _h, r, _info = nodes
-    ok, out = wait(lambda: (lambda res: res if res[0] else None)(ping_from_gateway(r)), 20,
-                   "ping %s -> 10.0.0.1" % RUNNER_GW, r, UNITS["runner"])
-    assert ok, out
+    _h, r, info = nodes
+    for m, gw in ((r, RUNNER_GW), (info["r2"], "10.2.0.1")):
+        ok, out = wait(lambda: (lambda res: res if res[0] else None)(ping_from_gateway(m, gw=gw)),
+                       20, "ping %s -> 10.0.0.1" % gw, m, UNITS["runner"])
+        assert ok, out
+
+
+def test_a_runner_without_firewalld_starts_and_trusts_nothing(nodes):
+    _h, _r, info = nodes
+    r2 = info["r2"]
+    assert r2.show("firewalld.service", "LoadState")["LoadState"] == "masked"
+    assert active(r2, UNITS["runner"])
+    journal = r2.journal(UNITS["runner"], lines=300)
+    assert [ln for ln in journal.splitlines() if " ERROR " in ln or "firewalld" in ln] == []
+    links = set(re.findall(r"^\d+: ([^:@]+)", r2.sh("ip", "-o", "link").stdout, re.M))
+    assert {"vxlan0", "kohaku-overlay"} <= links
 
 
 def test_exposure_of_each_unit_is_not_worse_than_before(nodes, capsys):
@@ -382,14 +400,15 @@ def test_docker_restart_and_the_runner_reapplies_its_rules(nodes):
 
 
 def test_a_second_boot_brings_both_units_up_by_themselves(nodes):
-    h, r, _info = nodes
-    for m in (h, r):
+    h, r, info = nodes
+    machines = (h, r, info["r2"])
+    for m in machines:
         m.poweroff()
-    for m in (h, r):
+    for m in machines:
         m.boot()
-    for m in (h, r):
+    for m in machines:
         m.wait_booted()
-    for m, role in ((h, "host"), (r, "runner")):
+    for m, role in ((h, "host"), (r, "runner"), (info["r2"], "runner")):
         wait(lambda: active(m, UNITS[role]), 60, "%s to start at boot" % UNITS[role], m,
              UNITS[role])
         st = state(m, UNITS[role])
