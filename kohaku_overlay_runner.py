@@ -514,14 +514,16 @@ RuleSet = namedtuple("RuleSet", "table chain kind rules what others")
 RuleSet.__new__.__defaults__ = (None,)
 
 
-def wanted_rules(cfg, alloc, extra_forward=()):
+def wanted_rules(cfg, alloc, extra_forward=(), extra_accepts=()):
     """Every iptables rule of the runner, as `iptables -S` prints it. extra_forward: more marked
-    FORWARD rules right after ours (direct routing's pair)."""
+    FORWARD rules right after ours (direct routing's pair); extra_accepts: more (IP, VNI) pairs
+    the VXLAN filter accepts (direct routing's peers)."""
     cidr = alloc["overlay_cidr"]
     return [RuleSet("filter", "FORWARD", "head", forward_rules(cidr) + list(extra_forward),
                     "FORWARD accept rules for %s" % cidr),
             RuleSet("filter", VXLAN_CHAIN, "chain",
-                    vxlan_chain_rules(vxlan_accepts(alloc), vni_range(alloc)),
+                    vxlan_chain_rules(vxlan_accepts(alloc) + list(extra_accepts),
+                                      vni_range(alloc)),
                     "VXLAN filter %s" % VXLAN_CHAIN),
             RuleSet("filter", "INPUT", "head", [vxlan_jump(alloc["vxlan_port"])],
                     "INPUT jump to %s for UDP %d" % (VXLAN_CHAIN, alloc["vxlan_port"]),
@@ -1362,10 +1364,11 @@ def restore_echo(filt, nat):
     return ["iptables -t filter " + r for r in filt] + ["iptables -t nat " + r for r in nat]
 
 
-def ensure_rules(cfg, alloc, stack, extra_forward=()):
+def ensure_rules(cfg, alloc, stack, extra_forward=(), extra_accepts=()):
     have = {"filter": probe_chains("filter"),
             "nat": {"POSTROUTING": probe_rules("nat", "POSTROUTING")}}
-    text, echo, changes, undo_text = plan_rules(wanted_rules(cfg, alloc, extra_forward), have)
+    text, echo, changes, undo_text = plan_rules(
+        wanted_rules(cfg, alloc, extra_forward, extra_accepts), have)
     if not text:
         return []
     run(["iptables-restore", "--noflush"], input=text, echo=echo)    # atomic: all or nothing
@@ -1879,9 +1882,11 @@ def build(cfg, alloc, address, errors=None, direct=None):
         if diff or (net is None and diff is not None):
             steps.append(lambda: create_docker_network(cfg, alloc, stack))
         extra = direct_forward_rules(alloc["overlay_cidr"], br) if direct is not None else []
+        accepts = direct_vxlan_accepts(direct["peers"], cfg["OVERLAY_VXLAN_ID"]) \
+            if direct is not None else []
         zone = [br, VXLAN_DEV] + ([DIRECT_DEV] if direct is not None else []) + \
             ([WG_DEV] if encrypted(alloc) else [])
-        steps += [lambda: ensure_rules(cfg, alloc, stack, extra),
+        steps += [lambda: ensure_rules(cfg, alloc, stack, extra, accepts),
                   lambda: ensure_wg_guard(cfg, alloc, stack),
                   lambda: ensure_firewalld(zone, stack)]
         changes = []

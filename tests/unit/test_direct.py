@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_runner import ALLOC, FWD, HOST, ME, FakeNode, alloc, runner
+from test_runner import ALLOC, FWD, HOST, ME, U32, VXCHAIN, FakeNode, alloc, runner
 
 PEER_KEYS = ("runner_name", "runner_id", "subnet", "physical_ip", "vtep_mac")
 
@@ -351,6 +351,10 @@ DIRECT_FWD = [
     "--comment kohaku-overlay -j ACCEPT"]
 
 
+def peer_accepts(*ids):
+    return ["-A KOHAKU-VXLAN -s 198.51.100.%d/32 %s0x64\" -j ACCEPT" % (10 + i, U32) for i in ids]
+
+
 def test_build_with_direct_routing_on_a_built_node(cfg, dnode):
     n = dnode(built=True)
     changes = runner.build(cfg, direct_alloc(), ME,
@@ -371,11 +375,13 @@ def test_build_with_direct_routing_on_a_built_node(cfg, dnode):
         "route replace 10.2.0.0/16 via 10.2.0.0 dev vxdirect0 onlink",
         "route replace 10.2.0.0/32 dev vxdirect0 scope link",
         "route replace 10.3.0.0/32 dev vxdirect0 scope link"]
-    # the FORWARD pair of vxdirect0 right after ours, in the same transaction
+    # the FORWARD pair of vxdirect0 right after ours and each peer accepted on VNI 100 (0x64)
+    # by the VXLAN filter, in the same transaction
     assert m[4].input.splitlines()[1:] == \
         ["-D" + r[2:] for r in FWD] + \
         ["-I FORWARD %d%s" % (i + 1, r[len("-A FORWARD"):]) for i, r in
-         enumerate(FWD + DIRECT_FWD)] + ["COMMIT"]
+         enumerate(FWD + DIRECT_FWD)] + \
+        ["-F KOHAKU-VXLAN", VXCHAIN[0]] + peer_accepts(2, 3) + [VXCHAIN[1], "COMMIT"]
     assert "vxdirect0 created (vni 100)" in changes
     assert "net.ipv4.conf.all.send_redirects set to 0" in changes
 
@@ -396,6 +402,7 @@ def test_switch_off_removes_vxdirect0_and_its_forward_pair(cfg, dnode):
 def test_a_fully_built_direct_node_issues_no_mutating_command(cfg, dnode):
     n = dnode(built=True, direct=True, peers=[peer(2)])
     n.forward = FWD + DIRECT_FWD + n.forward[2:]
+    n.chains["KOHAKU-VXLAN"] = VXCHAIN[:1] + peer_accepts(2) + VXCHAIN[1:]
     n.sysctls = {"net.ipv4.conf.all.send_redirects": "0",
                  "net.ipv4.conf.kohaku-overlay.send_redirects": "0"}
     assert runner.build(cfg, direct_alloc(), ME,
