@@ -701,3 +701,13 @@ def test_the_direct_peers_path_state_reaches_the_textfile(cfg, mocker):
         ({"peer": "runner3", "peer_id": "3", "runner_name": "runner1"}, 0)]
     a.alloc = test_runner.alloc()               # direct routing off: no such series
     assert a.metric_peers() is None
+
+
+def test_build_info_says_direct_when_direct_routing_is_on(tmp_path, mocker):
+    fake = test_host.FakeRun()
+    mocker.patch.object(host, "run", fake)
+    fake.answer(HOST_LINKS, (0, host_links(0), ""))
+    hub = test_host.make_hub(tmp_path, OVERLAY_DIRECT_ROUTING=True)
+    text, fams = scrape(host.Api(hub))
+    assert promkit.samples(fams, "kohaku_overlay_build_info") == [
+        ({"encryption": "none", "mode": "direct", "version": host.__version__}, 1)]
