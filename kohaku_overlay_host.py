@@ -18,7 +18,9 @@ Exit codes: 0 success, 1 failure (an API error, a command that failed), 2 bad us
 
 Files: the config (~/.kohakuriver/host_config.py), the state file (OVERLAY_STATE_FILE,
 default /var/lib/kohakuriver/overlay-state.json), its lock `<state>.lock` (held around every
-read-modify-write) and `<state>.serve.lock` (held by `serve` for its whole life).
+read-modify-write) and `<state>.serve.lock` (held by `serve` for its whole life); with
+OVERLAY_ENCRYPTION = "wireguard" the host's WireGuard key pair `<state>-wg.key` (mode 0600) and
+`<state>-wg.pub`, and the interface kohaku-wg.
 """
 
 import argparse
@@ -79,6 +81,9 @@ CONFIG_KEYS = collections.OrderedDict([
     ("OVERLAY_VXLAN_SOURCE_FILTER", (bool, True)),
     ("OVERLAY_DIRECT_ROUTING", (bool, False)),
     ("OVERLAY_REPAIR_INTERVAL", (int, 10)),
+    ("OVERLAY_ENCRYPTION", (str, "none")),         # "none" or "wireguard"
+    ("OVERLAY_WG_PORT", (int, 51820)),
+    ("OVERLAY_WG_SUBNET", (str, "172.16.0.0/23")),  # tunnel addresses: host first, runner N +N
 ])
 
 HOST_DEVICE = "kohaku-host"
@@ -87,6 +92,10 @@ RULE_COMMENT = "kohaku-overlay"
 FILTER_CHAIN = "KOHAKU-VXLAN"
 FILTER_LEAF = 8                 # addresses a filter chain lists before it splits in two
 TRUSTED_ZONE = "trusted"
+WG_DEV = "kohaku-wg"            # with encryption every VXLAN packet travels inside it
+VXLAN_OVERHEAD = 50             # outer IPv4 + UDP + VXLAN + inner Ethernet
+WG_OVERHEAD = 60                # IPv4 + UDP + WireGuard header and tag
+WG_KEY_RE = re.compile(r"\A[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\Z")
 
 ADDRESS_WAIT = 30               # seconds serve waits at boot for HOST_REACHABLE_ADDRESS to appear
 MAX_BODY = 64 * 1024            # a registration is a few hundred bytes
@@ -152,7 +161,8 @@ class ApiError(Exception):
 
 DRY_RUN = False
 PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "iptables": "iptables",
-            "iptables-restore": "iptables", "firewall-cmd": "firewalld", "sysctl": "procps"}
+            "iptables-restore": "iptables", "firewall-cmd": "firewalld", "sysctl": "procps",
+            "wg": "wireguard-tools", "wireguard-go": "wireguard-go"}
 SPAWNED = [0]   # processes started, for the benchmark and the process-count tests
 
 Result = collections.namedtuple("Result", "returncode stdout stderr")
@@ -413,7 +423,7 @@ def load_settings(path, explicit):
     layout = Layout(cfg["OVERLAY_SUBNET"], cfg["OVERLAY_HOST_IP"], cfg["OVERLAY_HOST_PREFIX"])
     for key, low, high in (("HOST_PORT", 1, 65535), ("OVERLAY_VXLAN_PORT", 1, 65535),
                            ("OVERLAY_MTU", 576, 9000), ("OVERLAY_INACTIVE_AFTER", 1, 86400),
-                           ("OVERLAY_REPAIR_INTERVAL", 1, 3600)):
+                           ("OVERLAY_REPAIR_INTERVAL", 1, 3600), ("OVERLAY_WG_PORT", 1, 65535)):
         if not low <= cfg[key] <= high:
             raise ConfigError("{} = {} is out of range: use {}..{}".format(
                 key, _short(cfg[key]), low, high))
@@ -427,7 +437,50 @@ def load_settings(path, explicit):
         ipaddress.IPv4Address(cfg["HOST_BIND_IP"])
     except ValueError:
         raise ConfigError("HOST_BIND_IP {!r} is not an IPv4 address".format(cfg["HOST_BIND_IP"]))
+    check_encryption(cfg, layout)
     return cfg, layout
+
+
+def check_encryption(cfg, layout):
+    """OVERLAY_ENCRYPTION and, when it is "wireguard", OVERLAY_WG_SUBNET and OVERLAY_WG_PORT."""
+    if cfg["OVERLAY_ENCRYPTION"] not in ("none", "wireguard"):
+        raise ConfigError('OVERLAY_ENCRYPTION = {} is not "none" or "wireguard"'.format(
+            _short(cfg["OVERLAY_ENCRYPTION"])))
+    if cfg["OVERLAY_ENCRYPTION"] != "wireguard":
+        return
+    try:
+        net = ipaddress.IPv4Network(cfg["OVERLAY_WG_SUBNET"])
+    except ValueError as exc:
+        raise ConfigError('OVERLAY_WG_SUBNET {} is not an IPv4 network ({}): use e.g. '
+                          '"172.16.0.0/23"'.format(_short(cfg["OVERLAY_WG_SUBNET"]), exc))
+    if net.overlaps(layout.network):
+        raise ConfigError("OVERLAY_WG_SUBNET {} overlaps the overlay network {}: the tunnel "
+                          "addresses must lie outside it".format(net, layout.network))
+    need = layout.max_id + 3     # network address, the host, every runner id, broadcast
+    if net.num_addresses < need:
+        raise ConfigError("OVERLAY_WG_SUBNET {} has {} addresses but the host and {} runners "
+                          "need {}: use a /{} or larger".format(
+                              net, net.num_addresses, layout.max_id, need,
+                              32 - (need - 1).bit_length()))
+    if cfg["OVERLAY_WG_PORT"] == cfg["OVERLAY_VXLAN_PORT"]:
+        raise ConfigError("OVERLAY_WG_PORT = {0} is also OVERLAY_VXLAN_PORT: give WireGuard its "
+                          "own port (51820)".format(cfg["OVERLAY_WG_PORT"]))
+
+
+def wg_ip(cfg, n):
+    """Node n's address on kohaku-wg: the host (0) takes the subnet's first, runner N the next
+    N-th, so an address never moves with the order runners come in."""
+    return str(ipaddress.IPv4Network(cfg["OVERLAY_WG_SUBNET"]).network_address + 1 + n)
+
+
+def wg_mtu_error(overlay_mtu, underlay_mtu, dev):
+    """None when OVERLAY_MTU fits VXLAN over WireGuard on the underlay, else the sentence."""
+    fit = underlay_mtu - VXLAN_OVERHEAD - WG_OVERHEAD
+    if overlay_mtu <= fit:
+        return None
+    return ("OVERLAY_MTU {} does not fit VXLAN over WireGuard on {} (MTU {} - {} - {}): set "
+            "OVERLAY_MTU = {} on the Host and on every runner".format(
+                overlay_mtu, dev, underlay_mtu, VXLAN_OVERHEAD, WG_OVERHEAD, fit))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +505,33 @@ def parse_links(text):
             remote=data.get("remote"), port=data.get("port"), learning=data.get("learning"),
             addrs=addrs, mac=item.get("address"))
     return links
+
+
+def parse_wg_dump(text):
+    """`wg show IF dump` -> {"public_key", "listen_port", "peers": {key: {...}}}.
+
+    The first line also carries the private key: it is dropped here, never kept or logged.
+    """
+    lines = [line.split("\t") for line in (text or "").splitlines() if line.strip()]
+    have = {"public_key": None, "listen_port": None, "peers": {}}
+    if lines and len(lines[0]) >= 3:
+        have["public_key"] = None if lines[0][1] == "(none)" else lines[0][1]
+        have["listen_port"] = int(lines[0][2]) if lines[0][2].isdigit() else None
+    for f in lines[1:]:
+        if len(f) >= 8:
+            have["peers"][f[0]] = {
+                "endpoint": None if f[2] == "(none)" else f[2],
+                "allowed_ips": sorted(x for x in f[3].split(",") if x and x != "(none)"),
+                "handshake": int(f[4]) if f[4].isdigit() else 0}
+    return have
+
+
+def wg_impl(module_loaded, modules_text):
+    """"kernel" when this kernel has WireGuard (loaded, built in, or a module to load), else
+    "wireguard-go" (userspace), as wg-quick decides."""
+    if module_loaded or re.search(r"(^|/)wireguard\.ko", modules_text or "", re.M):
+        return "kernel"
+    return "wireguard-go"
 
 
 def parse_rules(text):
@@ -507,6 +587,9 @@ class Kernel(object):
         self.links = {}           # last snapshot of the links, kept current by our own changes
         self.filter_chains = set()  # our source-filter chains in the kernel, as last known
         self.firewalld = False
+        self.wg = cfg["OVERLAY_ENCRYPTION"] == "wireguard"
+        self.wg_public = None     # the host's public key, once ensure_wg_key has run
+        self.wg_have = None       # kohaku-wg's key, port and peers as last probed or set
 
     # -- converge: the one door for every change ---------------------------------------------
     def apply(self, act, step=None, tolerate=False, check=False):
@@ -567,6 +650,20 @@ class Kernel(object):
         return "-p udp -m udp --dport {} -m comment --comment {} -j {}".format(
             self.cfg["OVERLAY_VXLAN_PORT"], RULE_COMMENT, FILTER_CHAIN)
 
+    def input_rules(self):
+        """Our INPUT rules, in order. With encryption the WireGuard port is all the underlay
+        needs, and VXLAN that did not come out of kohaku-wg is dropped before the source
+        filter (whose addresses are then the runners' tunnel addresses)."""
+        rules = []
+        if self.wg:
+            rules += ["-p udp -m udp --dport {} -m comment --comment {} -j ACCEPT".format(
+                          self.cfg["OVERLAY_WG_PORT"], RULE_COMMENT),
+                      "! -i {} -p udp -m udp --dport {} -m comment --comment {} -j DROP".format(
+                          WG_DEV, self.cfg["OVERLAY_VXLAN_PORT"], RULE_COMMENT)]
+        if self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
+            rules.append(self.input_rule())
+        return rules
+
     @staticmethod
     def filter_tree(ips):
         """{chain: [rules]} of the VXLAN source filter.
@@ -611,7 +708,7 @@ class Kernel(object):
         chains, rules = parse_rules(rules_text)
         want_forward = self.forward_rules()
         use_filter = self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]
-        want_input = [self.input_rule()] if use_filter else []
+        want_input = self.input_rules()
         tree = self.filter_tree(ips) if use_filter else {}
         ours = self.our_chains(chains)
         ok = (rules["FORWARD"][:2] == want_forward
@@ -623,9 +720,9 @@ class Kernel(object):
             return []
         lines = _marked_deletes(rules)
         lines += ["-I FORWARD {} {}".format(i + 1, r) for i, r in enumerate(want_forward)]
+        lines += ["-I INPUT {} {}".format(i + 1, r) for i, r in enumerate(want_input)]
         if use_filter:
-            return (self.chain_lines(tree, ours - set(tree)) + lines +
-                    ["-I INPUT 1 " + want_input[0]])
+            return self.chain_lines(tree, ours - set(tree)) + lines
         return lines + self.chain_lines({}, ours)
 
     def removal_plan(self, rules_text):
@@ -668,8 +765,9 @@ class Kernel(object):
 
     def tunnel_spec(self, n, remote):
         vni = self.cfg["OVERLAY_VXLAN_ID"] + n
+        local = wg_ip(self.cfg, 0) if self.wg else self.cfg["HOST_REACHABLE_ADDRESS"]
         return Link(name=self.layout.device(n), kind="vxlan", up=True, mtu=self.cfg["OVERLAY_MTU"],
-                    vni=vni, local=self.cfg["HOST_REACHABLE_ADDRESS"], remote=remote,
+                    vni=vni, local=local, remote=remote,
                     port=self.cfg["OVERLAY_VXLAN_PORT"], learning=False,
                     addrs={self.layout.host_vxlan_cidr(n)}, mac=tunnel_mac(vni))
 
@@ -735,13 +833,7 @@ class Kernel(object):
         if have is not None and have.kind not in ("dummy", "bridge"):
             lines.append("link del " + HOST_DEVICE)
             have = None
-        for extra in sorted((have.addrs if have else set()) - {cidr}):
-            lines.append("addr del {} dev {}".format(extra, HOST_DEVICE))
-        if have is None or cidr not in have.addrs:
-            lines.append("addr replace {} dev {}".format(cidr, HOST_DEVICE))
-        if have is None or not have.up:
-            lines.append("link set {} up".format(HOST_DEVICE))
-        return have is None, lines
+        return have is None, lines + _address_lines(HOST_DEVICE, have, cidr)
 
     def ensure_host_device(self):
         """Create kohaku-host (a dummy, or an empty bridge without dummy support)."""
@@ -758,6 +850,102 @@ class Kernel(object):
                      self.layout.host_prefix)
         self.apply(Actions(ip=lines), check=True)
         return lines
+
+    # -- WireGuard (OVERLAY_ENCRYPTION = "wireguard") -----------------------------------------
+    def underlay(self):
+        """(device, MTU) of the link holding HOST_REACHABLE_ADDRESS (None, None: not found)."""
+        for name, link in sorted(self.links.items()):
+            if any(a.split("/")[0] == self.cfg["HOST_REACHABLE_ADDRESS"] for a in link.addrs):
+                return name, link.mtu
+        return None, None
+
+    def check_wg_mtu(self):
+        """serve refuses an OVERLAY_MTU that does not fit VXLAN over WireGuard."""
+        dev, mtu = self.underlay()
+        error = wg_mtu_error(self.cfg["OVERLAY_MTU"], mtu, dev) if mtu else None
+        if error:
+            raise ConfigError(error)
+
+    def create_wg(self):
+        """kohaku-wg: `ip link add ... type wireguard` where the kernel has it, else wireguard-go
+        (as wg-quick does); one log line says which."""
+        release = os.uname()[2]
+        text = ""
+        for name in ("modules.builtin", "modules.dep"):
+            try:
+                with open("/lib/modules/{}/{}".format(release, name)) as fh:
+                    text += fh.read()
+            except (IOError, OSError):
+                pass
+        impl = wg_impl(os.path.isdir("/sys/module/wireguard"), text)
+        if impl == "kernel" and run(["ip", "link", "add", WG_DEV, "type", "wireguard"],
+                                    check=False).returncode != 0:
+            impl = "wireguard-go"            # the module may be missing after all: as wg-quick
+        if impl == "wireguard-go":
+            run(["wireguard-go", WG_DEV])
+        log.info("%s: %s", WG_DEV, "kernel WireGuard" if impl == "kernel" else
+                 "userspace wireguard-go (this kernel has no WireGuard module)")
+        self.wg_have = {"public_key": None, "listen_port": None, "peers": {}}
+        return impl
+
+    def wg_plan(self, peers, have):
+        """The one `wg set` argv that gives kohaku-wg the host key, port and exactly `peers`
+        ({public key: tunnel address}), or None. Pure. The private key goes by file name; a
+        peer's endpoint is learnt from its handshake (runners behind NAT)."""
+        args = []
+        if have.get("public_key") != self.wg_public or self.wg_public is None:
+            args += ["private-key", wg_key_paths(self.cfg["OVERLAY_STATE_FILE"])[0]]
+        if have.get("listen_port") != self.cfg["OVERLAY_WG_PORT"]:
+            args += ["listen-port", str(self.cfg["OVERLAY_WG_PORT"])]
+        had = have.get("peers") or {}
+        for key, ip in sorted(peers.items()):
+            if (had.get(key) or {}).get("allowed_ips") != [ip + "/32"]:
+                args += ["peer", key, "allowed-ips", ip + "/32"]
+        args += [a for key in sorted(set(had) - set(peers)) for a in ("peer", key, "remove")]
+        return ["wg", "set", WG_DEV] + args if args else None
+
+    def wg_link_plan(self):
+        """ip batch lines for kohaku-wg's MTU (underlay - 60), address and state."""
+        have = self.links.get(WG_DEV)
+        dev, under = self.underlay()
+        mtu = (under or self.cfg["OVERLAY_MTU"] + VXLAN_OVERHEAD + WG_OVERHEAD) - WG_OVERHEAD
+        cidr = "{}/{}".format(wg_ip(self.cfg, 0),
+                              ipaddress.IPv4Network(self.cfg["OVERLAY_WG_SUBNET"]).prefixlen)
+        lines = [] if have is not None and have.mtu == mtu else [
+            "link set {} mtu {}".format(WG_DEV, mtu)]
+        spec = Link(name=WG_DEV, kind=have.kind if have else "wireguard", up=True, mtu=mtu,
+                    vni=None, local=None, remote=None, port=None, learning=None, addrs={cidr})
+        return lines + _address_lines(WG_DEV, have, cidr), spec
+
+    def ensure_wg(self, peers, probe=True):
+        """kohaku-wg with the host's key and port and one peer per runner key; probe=False (a
+        registration) trusts what this process last set. Returns True when something changed."""
+        if not self.wg:
+            return False
+        link = self.links.get(WG_DEV)
+        changed = False
+        if link is not None and link.kind not in ("wireguard", "tun"):
+            self.apply(Actions(ip=["link del " + WG_DEV], links={WG_DEV: None}), check=True)
+            link = None
+        if link is None:
+            self.create_wg()
+            changed = True
+        elif probe or self.wg_have is None:
+            self.wg_have = parse_wg_dump(run(["wg", "show", WG_DEV, "dump"],
+                                             mutates=False).stdout)
+        argv = self.wg_plan(peers, self.wg_have)
+        if argv:
+            if run(argv) is not SKIPPED:
+                self.wg_have = {"public_key": self.wg_public,
+                                "listen_port": self.cfg["OVERLAY_WG_PORT"],
+                                "peers": dict((k, {"allowed_ips": [ip + "/32"]})
+                                              for k, ip in peers.items())}
+            changed = True
+        lines, spec = self.wg_link_plan()
+        if lines:
+            self.apply(Actions(ip=lines, links={WG_DEV: spec}), check=True)
+            changed = True
+        return changed
 
     # -- sysctl and firewalld ----------------------------------------------------------------
     @staticmethod
@@ -791,6 +979,17 @@ class Kernel(object):
         missing = sorted(set(names) - self.trusted_interfaces())
         self.apply(Actions(trust=missing))  # runtime only: one firewall-cmd call
         return missing
+
+
+def _address_lines(dev, have, cidr):
+    """ip batch lines that leave dev (its Link, or None when just made) with exactly cidr, up."""
+    lines = ["addr del {} dev {}".format(extra, dev)
+             for extra in sorted((have.addrs if have else set()) - {cidr})]
+    if have is None or cidr not in have.addrs:
+        lines.append("addr replace {} dev {}".format(cidr, dev))
+    if have is None or not have.up:
+        lines.append("link set {} up".format(dev))
+    return lines
 
 
 def _marked_deletes(rules):
@@ -883,6 +1082,68 @@ def _firewalld_process(proc="/proc"):
 # ---------------------------------------------------------------------------------------------
 
 
+def wg_key_paths(state_path):
+    """(private key file, public key file) beside the state file."""
+    base = os.path.splitext(os.path.abspath(os.path.expanduser(state_path)))[0]
+    return base + "-wg.key", base + "-wg.pub"
+
+
+def read_wg_key(path):
+    """The key held in path, None when the file does not exist."""
+    try:
+        with open(path) as fh:
+            key = fh.read().strip()
+    except (IOError, OSError) as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise OverlayError("cannot read {}: {}; run as root".format(path, exc.strerror))
+    if not WG_KEY_RE.match(key):
+        raise OverlayError("{} does not hold a WireGuard key: remove it (a new key pair is then "
+                           "made, and every runner picks it up at its next heartbeat)".format(path))
+    return key
+
+
+def write_secret(path, text):
+    """A small file written whole with mode 0600 from its creation (temp file, fsync, rename)."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, 0o700)
+    fd, tmp = tempfile.mkstemp(prefix=".wg-", dir=folder)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def ensure_wg_key(state_path):
+    """The host's public key, making the key pair on first start: `wg genkey` into a 0600 file,
+    `wg pubkey` with the private key on stdin. Never logged, never in argv. Under --dry-run
+    nothing is made (the public key is then None)."""
+    priv, pub = wg_key_paths(state_path)
+    private = read_wg_key(priv)
+    if private is None:
+        res = run(["wg", "genkey"], echo=["wg genkey > {}  # mode 0600".format(priv)])
+        if res is SKIPPED:
+            return None
+        private = res.stdout.strip()
+        if not WG_KEY_RE.match(private):
+            raise OverlayError("`wg genkey` printed no key: reinstall wireguard-tools")
+        write_secret(priv, private + "\n")
+    elif os.stat(priv).st_mode & 0o077 and not DRY_RUN:
+        os.chmod(priv, 0o600)
+        log.warning("%s was readable by others: set to mode 0600", priv)
+    public = read_wg_key(pub)
+    if public is None:
+        public = run(["wg", "pubkey"], input=private + "\n", mutates=False).stdout.strip()
+        if not DRY_RUN:
+            write_secret(pub, public + "\n")
+            log.info("WireGuard key pair in %s (public key %s)", priv, public)
+    return public
+
+
 class StateStore(object):
     """Allocations in a JSON file: {"version": 1, "allocations": [{...}, ...]}.
 
@@ -960,7 +1221,10 @@ class StateStore(object):
             seen = item.get("last_seen", 0)
             if not isinstance(seen, (int, float)) or isinstance(seen, bool):
                 raise ValueError("bad last_seen {!r}".format(seen))
-            allocs[n] = new_allocation(n, name, ip, float(seen))
+            key = item.get("wg_public_key")
+            if key is not None and (not isinstance(key, str) or not WG_KEY_RE.match(key)):
+                raise ValueError("bad wg_public_key of runner_id {}".format(n))
+            allocs[n] = new_allocation(n, name, ip, float(seen), key)
         names = [a["runner_name"] for a in allocs.values() if a["runner_name"]]
         if len(names) != len(set(names)):
             raise ValueError("a runner name appears twice")
@@ -998,7 +1262,7 @@ class StateStore(object):
     def _write_file(self, allocs):
         self._ensure_folder()
         body = json.dumps({"version": STATE_VERSION, "allocations": [
-            dict((f, allocs[n][f]) for f in self.FIELDS) for n in sorted(allocs)]},
+            self._record(allocs[n]) for n in sorted(allocs)]},
             indent=1, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.folder)
         try:
@@ -1020,6 +1284,14 @@ class StateStore(object):
         finally:
             os.close(dfd)
         self.writes += 1
+
+    def _record(self, alloc):
+        """An allocation as saved: FIELDS, and the runner's WireGuard public key when it sent
+        one (public: it travels in the registration anyway)."""
+        record = dict((f, alloc[f]) for f in self.FIELDS)
+        if alloc.get("wg_public_key"):
+            record["wg_public_key"] = alloc["wg_public_key"]
+        return record
 
     def _changed(self, change, fallback):
         allocs = self.read()[0]
@@ -1094,10 +1366,13 @@ def allocate(allocs, max_id, name, physical_ip, previous_id, is_active, evictabl
     return n, evicted
 
 
-def new_allocation(n, name, physical_ip, last_seen):
-    """The one shape of an allocation, in memory and in the state file (StateStore.FIELDS)."""
-    return {"runner_id": n, "runner_name": name, "physical_ip": physical_ip,
-            "last_seen": last_seen}
+def new_allocation(n, name, physical_ip, last_seen, wg_public_key=None):
+    """The one shape of an allocation, in memory and in the state file (StateStore._record)."""
+    alloc = {"runner_id": n, "runner_name": name, "physical_ip": physical_ip,
+             "last_seen": last_seen}
+    if wg_public_key:
+        alloc["wg_public_key"] = wg_public_key
+    return alloc
 
 
 def _when(stamp):
@@ -1324,9 +1599,23 @@ class Hub(object):
         return unseen > EVICT_FACTOR * self.cfg["OVERLAY_INACTIVE_AFTER"]
 
     def runner_ips(self, allocs=None):
+        """The addresses the tunnels point at (the source filter's): the runners' physical
+        IPs, or their kohaku-wg addresses with encryption."""
         allocs = self.allocs if allocs is None else allocs
-        return sorted(set(a["physical_ip"] for a in allocs.values()),
-                      key=lambda ip: ipaddress.IPv4Address(ip))
+        return sorted(set(self.remotes(allocs).values()), key=lambda ip: ipaddress.IPv4Address(ip))
+
+    def wg_peers(self, allocs):
+        """{runner public key: its tunnel address} of every runner that registered a key."""
+        return dict((a["wg_public_key"], wg_ip(self.cfg, n)) for n, a in allocs.items()
+                    if a.get("wg_public_key"))
+
+    def wg_answer(self, n):
+        """The encryption part of the registration and heartbeat answers for runner n."""
+        if not self.kernel.wg:
+            return {"encryption": "none"}
+        return {"encryption": "wireguard", "wg_port": self.cfg["OVERLAY_WG_PORT"],
+                "host_wg_public_key": self.kernel.wg_public, "host_wg_ip": wg_ip(self.cfg, 0),
+                "wg_ip": wg_ip(self.cfg, n), "wg_subnet": self.cfg["OVERLAY_WG_SUBNET"]}
 
     def status(self):
         with self.lock:
@@ -1342,6 +1631,8 @@ class Hub(object):
                 "physical_ip": a["physical_ip"], "vxlan_device": self.layout.device(n),
                 "vni": self.cfg["OVERLAY_VXLAN_ID"] + n, "active": self.is_active(a),
                 "last_seen": min(seen.get(a["runner_name"], a["last_seen"]), now) or None})
+            if self.kernel.wg:
+                rows[-1].update(wg_ip=wg_ip(self.cfg, n), wg_public_key=a.get("wg_public_key"))
         active = sum(r["active"] for r in rows)
         return {"enabled": self.cfg["OVERLAY_ENABLED"], "host_ip": str(self.layout.host_ip),
                 "host_prefix": self.layout.host_prefix,
@@ -1350,7 +1641,7 @@ class Hub(object):
                 "available_ids": self.layout.max_id - len(rows), "max_ids": self.layout.max_id,
                 "vxlan_id": self.cfg["OVERLAY_VXLAN_ID"],
                 "vxlan_port": self.cfg["OVERLAY_VXLAN_PORT"], "mtu": self.cfg["OVERLAY_MTU"],
-                "allocations": rows}
+                "encryption": self.cfg["OVERLAY_ENCRYPTION"], "allocations": rows}
 
     def peers(self):
         """Direct routing's peer table from memory: (version, peers). The version is a digest
@@ -1384,7 +1675,12 @@ class Hub(object):
                                     "again".format(name, alloc["physical_ip"], peer))
             self.beats[name] = time.monotonic()
             self.seen[name] = time.time()
+            n = alloc["runner_id"]
         METRICS.inc("heartbeats")
+        answer = {"ok": True}
+        answer.update(self.direct_settings())
+        answer.update(self.wg_answer(n))
+        return answer
 
     def metrics(self):
         """GET /metrics: the hub's figures and METRICS. Holds the hub's lock only to copy the
@@ -1476,9 +1772,11 @@ class Hub(object):
         self.allocs = allocs
         log.info("%d allocation(s) loaded from %s", len(allocs), self.store.path)
 
-    @staticmethod
-    def remotes(allocs):
-        """{id: physical IP}: what the tunnels must point at."""
+    def remotes(self, allocs):
+        """{id: address}: what the tunnels must point at (the runner's kohaku-wg address with
+        encryption, else its physical IP)."""
+        if self.kernel.wg:
+            return dict((n, wg_ip(self.cfg, n)) for n in allocs)
         return dict((n, a["physical_ip"]) for n, a in allocs.items())
 
     def reconcile(self, startup=False):
@@ -1497,6 +1795,8 @@ class Hub(object):
             kinds["device"] += 1
         with self.lock:
             allocs = dict(self.allocs)
+        if self.kernel.ensure_wg(self.wg_peers(allocs)):
+            repairs.append(WG_DEV)
         errors, lines = self.kernel.sync_tunnels(self.remotes(allocs), prune=True)
         devices = sorted(set(line.split()[2] if line.startswith("link") else line.split()[-1]
                              for line in lines))
@@ -1510,7 +1810,8 @@ class Hub(object):
             repairs.append("iptables rules")
             kinds["rules"] += 1
         trusted = self.kernel.ensure_trusted(
-            [HOST_DEVICE] + [self.layout.device(n) for n in allocs])
+            [HOST_DEVICE] + [self.layout.device(n) for n in allocs] +
+            ([WG_DEV] if self.kernel.wg else []))
         if trusted:
             repairs.append("firewalld zone {} for {}".format(TRUSTED_ZONE, " ".join(trusted)))
             kinds["zone"] += len(trusted)
@@ -1531,9 +1832,19 @@ class Hub(object):
         kind, args = job.kind, job.args
         try:
             if kind == "register":
+                key = args.get("wg_public_key")
+                other = next((a["runner_name"] for a in allocs.values() if key and
+                              a.get("wg_public_key") == key and
+                              a["runner_name"] != args["runner_name"]), None)
+                if other:
+                    raise ApiError(409, "wg_public_key is already runner {}'s: give every runner "
+                                        "its own key pair (remove the copied *-wg.key)".format(
+                                            other))
                 job.runner_id, job.evicted = allocate(
                     allocs, self.layout.max_id, args["runner_name"], args["physical_ip"],
                     args.get("previous_runner_id"), self.is_active, self.evictable)
+                if key:
+                    allocs[job.runner_id]["wg_public_key"] = key
                 job.status = 200
             elif kind == "release":
                 n = next((i for i, a in allocs.items() if a["runner_name"] == args["name"]), None)
@@ -1583,7 +1894,14 @@ class Hub(object):
         if ips != self.runner_ips(before):
             act += self.kernel.filter_actions(ips)
         act += Actions(trust=[self.layout.device(n) for n in set(allocs) - set(before)])
-        return self.kernel.tunnel_errors(wanted, self.kernel.apply(act, "commit", tolerate=True))
+        errors = self.kernel.tunnel_errors(wanted, self.kernel.apply(act, "commit", tolerate=True))
+        peers = self.wg_peers(allocs)
+        if peers != self.wg_peers(before):
+            try:
+                self.kernel.ensure_wg(peers, probe=False)
+            except OverlayError as exc:     # the repair pass tries again
+                log.error("cannot update the WireGuard peers of %s: %s", WG_DEV, exc)
+        return errors
 
     def answer(self, jobs, errors=None, failure=None):
         """Hand every job its outcome: the one place a job is answered."""
@@ -1613,6 +1931,7 @@ class Hub(object):
             answer = {"runner_name": name}
             answer.update(self.layout.allocation(n, self.cfg))
             answer.update(self.direct_settings())
+            answer.update(self.wg_answer(n))
             log.info("registered %s as runner %d (%s) from %s", name, n, answer["subnet"],
                      job.args["physical_ip"])
             METRICS.inc("registrations")
@@ -1746,10 +2065,7 @@ class Api(object):
             self._enabled()
             if verb == "release":
                 return self.hub.submit("release", name=arg)
-            self.hub.heartbeat(arg, peer)
-            answer = {"ok": True}
-            answer.update(self.hub.direct_settings())
-            return 200, answer
+            return 200, self.hub.heartbeat(arg, peer)
         raise ApiError(404, "no such endpoint: {} {}".format(method, path[:100]))
 
     @staticmethod
@@ -1780,6 +2096,10 @@ class Api(object):
         prev = req.get("previous_runner_id")
         if prev is not None and type(prev) is not int:
             raise ApiError(400, "field previous_runner_id must be an integer or null")
+        wg_key = req.get("wg_public_key")
+        if wg_key is not None and (not isinstance(wg_key, str) or not WG_KEY_RE.match(wg_key)):
+            raise ApiError(400, "field wg_public_key must be a WireGuard public key (the output "
+                                "of wg pubkey)")
         name, ip = req["runner_name"], req["physical_ip"]
         if bad_name(name, "runner_name"):
             raise ApiError(400, bad_name(name, "runner_name"))
@@ -1802,7 +2122,7 @@ class Api(object):
                                     "runner_config.py".format(field, req[field], mine, key, mine))
         self._enabled()
         return self.hub.submit("register", runner_name=name, physical_ip=ip,
-                               previous_runner_id=prev)
+                               previous_runner_id=prev, wg_public_key=wg_key)
 
 
 def _physical_ip_problem(value, layout, host_address=None):
@@ -2235,8 +2555,12 @@ def cmd_serve(args, cfg, layout):
     enabled = cfg["OVERLAY_ENABLED"]
     if enabled:
         check_reachable_address(cfg, wait=0 if args.dry_run else ADDRESS_WAIT)
+        if kernel.wg:
+            kernel.refresh()
+            kernel.check_wg_mtu()
     if args.dry_run:
         if enabled:
+            kernel.wg_public = ensure_wg_key(cfg["OVERLAY_STATE_FILE"]) if kernel.wg else None
             hub.load()
             hub.reconcile(startup=True)
         print("dry run: the commands above would run; nothing was changed")
@@ -2247,6 +2571,8 @@ def cmd_serve(args, cfg, layout):
                     "and release allocations; set OVERLAY_TOKEN on the host and every runner",
                     cfg["HOST_PORT"])
     if enabled:
+        if kernel.wg:
+            kernel.wg_public = ensure_wg_key(cfg["OVERLAY_STATE_FILE"])
         hub.load()
     else:
         log.warning("OVERLAY_ENABLED is False: serving status only, registrations are refused")
@@ -2408,7 +2734,8 @@ def cmd_down(args, cfg, layout):
     kernel = Kernel(cfg, layout)
     links = kernel.refresh()
     names = sorted(n for n, l in links.items() if n == HOST_DEVICE or (
-        l.kind == "vxlan" and layout.id_of_device(n) is not None))
+        l.kind == "vxlan" and layout.id_of_device(n) is not None) or (
+        n == WG_DEV and l.kind in ("wireguard", "tun")))   # wireguard-go exits with it
     if kernel.detect_firewalld():
         ours = sorted(set(names) & kernel.trusted_interfaces())
         if ours:

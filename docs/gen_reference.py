@@ -33,23 +33,27 @@ ENDPOINTS = [
     ("GET", "/healthz", False, "", '`{"ok": true}`', ""),
     ("POST", "/api/overlay/register", True,
      '`{"runner_name", "physical_ip", "vxlan_id", "vxlan_port", "mtu"}`, optional '
-     '`"previous_runner_id"`',
+     '`"previous_runner_id"`, `"wg_public_key"` (the runner\'s, once it has one)',
      'the allocation: `{"runner_name", "runner_id", "subnet", "gateway", "host_overlay_ip", '
      '"host_vxlan_ip", "host_physical_ip", "vni", "vxlan_port", "mtu", "overlay_cidr", '
-     '"direct_routing", "peers_version"}`',
+     '"direct_routing", "peers_version", "encryption"}`; with `"encryption": "wireguard"` '
+     'also `"wg_port", "host_wg_public_key", "host_wg_ip", "wg_ip", "wg_subnet"`',
      "400 bad field or a physical_ip that is not the TCP peer, 409 vxlan_id/vxlan_port/mtu differ "
-     "from the host's (names the key and both values), 411 no Content-Length, 413 body over "
+     "from the host's (names the key and both values) or another runner registered that "
+     "wg_public_key, 411 no Content-Length, 413 body over "
      "64 KiB, 500 the tunnel could not be built, 503 no free runner id or overlay disabled"),
     ("PUT", "/api/overlay/heartbeat/<name>", True, "",
-     '`{"ok": true, "direct_routing", "peers_version"}` (a runner fetches the peer table when '
-     'the version differs from its own)',
+     '`{"ok": true, "direct_routing", "peers_version", "encryption"}` (a runner fetches the '
+     'peer table when the version differs from its own; with WireGuard also the tunnel fields '
+     'of the registration answer)',
      "400 bad name, 404 the host does not know the runner or has it from another address (the "
      "runner registers again), 503 overlay disabled"),
     ("GET", "/api/overlay/status", True, "",
      '`{"enabled", "host_ip", "host_prefix", "bridge", "overlay_cidr", "total", "active", '
      '"inactive", "available_ids", "max_ids", "allocations": [{"runner_name", "runner_id", '
      '"subnet", "gateway", "host_vxlan_ip", "physical_ip", "vxlan_device", "vni", "active", '
-     '"last_seen"}]}`', ""),
+     '"last_seen"}]}`, plus `"encryption"` and, with WireGuard, each allocation\'s `"wg_ip", '
+     '"wg_public_key"`', ""),
     ("GET", "/api/overlay/peers", True, "",
      '`{"version", "peers": [{"runner_name", "runner_id", "subnet", "physical_ip", '
      '"vtep_mac"}]}` (direct routing; version 0 and no peers while OVERLAY_DIRECT_ROUTING is '
@@ -84,6 +88,9 @@ FILES = [
      "the same state refuses to start", "created once, never replaced"),
     ("host", "`OVERLAY_STATE_FILE` + `.corrupt-<time>`", "an unreadable state file kept aside",
      "at start-up, when the state file cannot be read"),
+    ("host", "`OVERLAY_STATE_FILE` without `.json`, + `-wg.key` / `-wg.pub`", "the host's "
+     "WireGuard key pair (mode 0600, the private key never logged or in argv)",
+     "once, at the first serve with `OVERLAY_ENCRYPTION = \"wireguard\"`; kept by `down`"),
     ("host", "`/proc/sys/net/ipv4/ip_forward`", "set to 1 (sysctl)", "serve"),
     ("runner", "the config file (`--config`, default `~/.kohakuriver/runner_config.py`)",
      "read with `ast`, never executed", "never"),
@@ -93,6 +100,9 @@ FILES = [
      "state file", "created once, never replaced"),
     ("runner", "`OVERLAY_METRICS_FILE`", "node_exporter textfile figures (when set)",
      "atomically every heartbeat"),
+    ("runner", "`OVERLAY_STATE_FILE` without `.json`, + `-wg.key` / `-wg.pub`", "the runner's "
+     "WireGuard key pair (mode 0600, the private key never logged or in argv)",
+     "once, at the first registration the Host answers with encryption; kept by `down`"),
     ("runner", "`/proc/sys/net/ipv4/ip_forward`", "set to 1 (sysctl)", "up, serve"),
     ("check", "the role's config file", "read, never executed", "never"),
     ("check", "`OVERLAY_STATE_FILE`", "read: the host's allocations, a runner's last allocation",

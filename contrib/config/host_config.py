@@ -33,3 +33,11 @@ OVERLAY_VXLAN_SOURCE_FILTER: bool = True  # UDP 4789 only from registered runner
 # needs the VXLAN UDP port open between every pair of runners, not only to the Host.
 OVERLAY_DIRECT_ROUTING: bool = False
 OVERLAY_REPAIR_INTERVAL: int = 10     # seconds between checks that devices and rules are in place
+
+# Encryption: "wireguard" carries every VXLAN packet between nodes inside WireGuard (interface
+# kohaku-wg on every node, keys made on first start beside OVERLAY_STATE_FILE, mode 0600).
+# Runners learn it from the Host; set OVERLAY_MTU to underlay MTU - 110 (1390 on a 1500 underlay)
+# here and on every runner, and open only UDP OVERLAY_WG_PORT between the nodes.
+OVERLAY_ENCRYPTION: str = "none"      # "none" or "wireguard"
+OVERLAY_WG_PORT: int = 51820          # UDP, the one port the underlay then carries
+OVERLAY_WG_SUBNET: str = "172.16.0.0/23"  # tunnel addresses: Host .0.1, runner N the N-th next

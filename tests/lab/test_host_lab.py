@@ -88,7 +88,7 @@ def test_registrations_build_the_hub_end_of_each_tunnel(host):
                   "gateway": "10.1.0.1", "host_overlay_ip": "10.0.0.1",
                   "host_vxlan_ip": "10.1.0.254", "host_physical_ip": "198.51.100.1",
                   "vni": 101, "vxlan_port": 4789, "mtu": 1450, "overlay_cidr": "10.0.0.0/8",
-                  "direct_routing": False, "peers_version": 0}
+                  "direct_routing": False, "peers_version": 0, "encryption": "none"}
     assert register(c, r2)[1]["runner_id"] == 2
     have = links(c)
     for n, runner in ((1, r1), (2, r2)):
@@ -135,7 +135,7 @@ def test_kill_9_keeps_every_tunnel_and_a_restart_recovers_them(host):
         [("runner1", 1, False), ("runner2", 2, False)]  # Inactive until they heartbeat again
     assert dict((n, l["ifindex"]) for n, l in links(c).items() if n.startswith("vxkr")) == before
     assert api(c, c.runners[0], "PUT", "/api/overlay/heartbeat/runner1") == [
-        200, {"ok": True, "direct_routing": False, "peers_version": 0}]
+        200, {"ok": True, "direct_routing": False, "peers_version": 0, "encryption": "none"}]
     assert [a["active"] for a in c.status()["allocations"]] == [True, False]
 
 

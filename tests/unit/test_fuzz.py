@@ -358,6 +358,7 @@ class FakeHub(object):
         self.beats.append((name, peer))
         if name != "known":
             raise host.ApiError(404, "runner {} is not registered here".format(name))
+        return {"ok": True, "encryption": "none"}
 
     def peers(self):
         return 7, [{"runner_name": "known", "runner_id": 1, "subnet": "10.1.0.0/16",

@@ -1756,7 +1756,7 @@ def test_register_answers_the_allocation_and_persists_it_first(served, fake):
                       "gateway": "10.1.0.1", "host_overlay_ip": "10.0.0.1",
                       "host_vxlan_ip": "10.1.0.254", "host_physical_ip": HOST_IP, "vni": 101,
                       "vxlan_port": 4789, "mtu": 1450, "overlay_cidr": "10.0.0.0/8",
-                      "direct_routing": False, "peers_version": 0}
+                      "direct_routing": False, "peers_version": 0, "encryption": "none"}
     assert hub.store.read()[0][1]["runner_name"] == "runner1"
     assert hub.store.writes == 1
     assert fake.calls == [BATCH, IPT_S, RESTORE]
@@ -1907,7 +1907,7 @@ def test_heartbeat(served):
     assert hub.status()["inactive"] == 1
     assert api.dispatch("PUT", "/api/overlay/heartbeat/runner1", AUTH, None,
                         "198.51.100.11") == (200, {"ok": True, "direct_routing": False,
-                                                   "peers_version": 0})
+                                                   "peers_version": 0, "encryption": "none"})
     assert hub.status()["active"] == 1
     assert api.dispatch("PUT", "/api/overlay/heartbeat/ghost", AUTH, None, "198.51.100.11") == (
         404, {"error": "runner ghost is not registered here: register again"})
@@ -1977,7 +1977,7 @@ def test_status_endpoint(served):
     assert st == {"enabled": True, "host_ip": "10.0.0.1", "host_prefix": 8,
                   "bridge": "kohaku-overlay", "overlay_cidr": "10.0.0.0/8", "total": 1,
                   "active": 1, "inactive": 0, "available_ids": 254, "max_ids": 255,
-                  "vxlan_id": 100, "vxlan_port": 4789, "mtu": 1450,
+                  "vxlan_id": 100, "vxlan_port": 4789, "mtu": 1450, "encryption": "none",
                   "allocations": [{"runner_name": "runner1", "runner_id": 1,
                                    "subnet": "10.1.0.0/16", "gateway": "10.1.0.1",
                                    "host_vxlan_ip": "10.1.0.254", "physical_ip": "198.51.100.11",

@@ -44,7 +44,8 @@ def test_the_switch_is_off_by_default_and_answers_say_so(tmp_path, fake):
     with writer_running(hub):
         status, answer = register(api, "runner1", "198.51.100.11")
         assert (answer["direct_routing"], answer["peers_version"]) == (False, 0)
-        assert beat(api) == (200, {"ok": True, "direct_routing": False, "peers_version": 0})
+        assert beat(api) == (200, {"ok": True, "direct_routing": False, "peers_version": 0,
+                                   "encryption": "none"})
         assert peers(api) == (200, {"version": 0, "peers": []})
 
 
@@ -56,7 +57,8 @@ def test_the_table_and_its_version_follow_registrations(direct):
     v2 = answer["peers_version"]
     assert 0 < v1 != v2 > 0
     assert peers(api) == (200, {"version": v2, "peers": [entry(1), entry(2)]})
-    assert beat(api) == (200, {"ok": True, "direct_routing": True, "peers_version": v2})
+    assert beat(api) == (200, {"ok": True, "direct_routing": True, "peers_version": v2,
+                               "encryption": "none"})
     # the same registration again changes nothing, so the version stays
     assert register(api, "runner2", "198.51.100.12")[1]["peers_version"] == v2
     # a changed physical IP (of a runner that went quiet: an active one is a 409) is a new table

@@ -392,7 +392,8 @@ def test_host_metrics_show_the_hub_and_pass_promtool(served):
     for k in (1, 2, 3):
         assert test_host.register(api, "runner%d" % k, "198.51.100.1%d" % k)[0] == 200
     assert api.dispatch("PUT", "/api/overlay/heartbeat/runner2", AUTH, b"", "198.51.100.12") \
-        == (200, {"ok": True, "direct_routing": False, "peers_version": 0})
+        == (200, {"ok": True, "direct_routing": False, "peers_version": 0,
+                  "encryption": "none"})
     with hub.lock:
         hub.beats["runner3"] -= 3600            # runner3 went quiet an hour ago
     before = len(fake.calls)
