@@ -920,9 +920,12 @@ class Kernel(object):
     def ensure_wg(self, peers, probe=True):
         """kohaku-wg with the host's key and port and one peer per runner key; probe=False (a
         registration) trusts what this process last set. Returns True when something changed."""
-        if not self.wg:
-            return False
         link = self.links.get(WG_DEV)
+        if not self.wg:                 # encryption switched off: kohaku-wg goes
+            if link is None or link.kind not in ("wireguard", "tun"):
+                return False
+            self.apply(Actions(ip=["link del " + WG_DEV], links={WG_DEV: None}), check=True)
+            return True
         changed = False
         if link is not None and link.kind not in ("wireguard", "tun"):
             self.apply(Actions(ip=["link del " + WG_DEV], links={WG_DEV: None}), check=True)
