@@ -1692,11 +1692,18 @@ class Hub(object):
         with self.lock:
             allocs = dict((n, dict(a)) for n, a in self.allocs.items())
             beats, seen = dict(self.beats), dict(self.seen)
-        stats = parse_link_stats(run(["ip", "-s", "-j", "link", "show"], mutates=False).stdout)
+        try:
+            stats = parse_link_stats(run(["ip", "-s", "-j", "link", "show"],
+                                         mutates=False).stdout)
+        except (OverlayError, ValueError) as exc:   # the rest is still worth scraping
+            log.warning("GET /metrics without the tunnel counters: `ip -s -j link show` "
+                        "failed (%s)", exc)
+            stats = None
         return MetricsText(render_metrics(self.metric_families(allocs, beats, seen, stats)))
 
     def metric_families(self, allocs, beats, seen, stats, now=None, wall=None):
-        """Everything /metrics shows, from copies of the hub's state (pure but for METRICS)."""
+        """Everything /metrics shows, from copies of the hub's state (pure but for METRICS).
+        stats None: the link counters could not be read (kohaku_overlay_tunnel_stats_ok 0)."""
         p = METRIC_PREFIX
         now = time.monotonic() if now is None else now
         wall = time.time() if wall is None else wall
@@ -1734,8 +1741,11 @@ class Hub(object):
                    "1 when the runner heartbeated within OVERLAY_INACTIVE_AFTER.", runners),
             Family(p + "runner_heartbeat_age_seconds", "gauge",
                    "Seconds since the runner's last heartbeat.", ages),
+            Family(p + "tunnel_stats_ok", "gauge",
+                   "1 when this scrape read the tunnels' kernel counters.",
+                   [({}, stats is not None)]),
         ] + counter_families(*METRICS.snapshot()) + link_stat_families(
-            p + "tunnel_", "the runner's tunnel device", stats, by_device.get)
+            p + "tunnel_", "the runner's tunnel device", stats or {}, by_device.get)
 
     def submit(self, kind, timeout=30, **args):
         """Queue a change for the writer thread and wait for its answer."""

@@ -712,3 +712,18 @@ def test_build_info_says_direct_when_direct_routing_is_on(tmp_path, mocker):
     text, fams = scrape(host.Api(hub))
     assert promkit.samples(fams, "kohaku_overlay_build_info") == [
         ({"encryption": "none", "mode": "direct", "version": host.__version__}, 1)]
+
+
+def test_a_failed_link_read_still_serves_the_rest(served, caplog):
+    api, hub, fake = served
+    test_host.register(api, "runner1", "198.51.100.11")
+    fake.answer(HOST_LINKS, (1, "", "Cannot open netlink socket"))
+    with caplog.at_level(logging.WARNING):
+        text, fams = scrape(api)
+    promkit.promtool_check(text)
+    assert promkit.value(fams, "kohaku_overlay_tunnel_stats_ok") == 0
+    assert promkit.value(fams, "kohaku_overlay_runners", state="active") == 1
+    assert promkit.samples(fams, "kohaku_overlay_tunnel_receive_bytes_total") == []
+    assert "GET /metrics without the tunnel counters" in caplog.text
+    fake.answer(HOST_LINKS, (0, host_links(1), ""))
+    assert promkit.value(scrape(api)[1], "kohaku_overlay_tunnel_stats_ok") == 1
