@@ -472,9 +472,18 @@ def is_marked(rule):
                for i, w in enumerate(words))
 
 
-def forward_rules(cidr):
-    return ["-A FORWARD -s %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER),
-            "-A FORWARD -d %s -m comment --comment %s -j ACCEPT" % (cidr, MARKER)]
+def forward_accept(cidr, iif, oif):
+    """A FORWARD accept of overlay-to-overlay traffic from iif to oif, as `iptables -S` prints."""
+    return "-A FORWARD -s %s -d %s -i %s -o %s -m comment --comment %s -j ACCEPT" % (
+        cidr, cidr, iif, oif, MARKER)
+
+
+def forward_rules(cidr, bridge):
+    """FORWARD's first rule: overlay to overlay through the bridge (vxlan0 is a port of it, so
+    hub traffic is bridge in, bridge out). Nothing else is accepted by us: other Docker networks,
+    the LAN and DOCKER-USER keep Docker's and the operator's rules, and containers reach the
+    internet through Docker's own rules and our MASQUERADE."""
+    return [forward_accept(cidr, bridge, bridge)]
 
 
 def vxlan_jump(port):
@@ -519,7 +528,8 @@ def wanted_rules(cfg, alloc, extra_forward=(), extra_accepts=()):
     FORWARD rules right after ours (direct routing's pair); extra_accepts: more (IP, VNI) pairs
     the VXLAN filter accepts (direct routing's peers)."""
     cidr = alloc["overlay_cidr"]
-    return [RuleSet("filter", "FORWARD", "head", forward_rules(cidr) + list(extra_forward),
+    return [RuleSet("filter", "FORWARD", "head",
+                    forward_rules(cidr, cfg["OVERLAY_BRIDGE_NAME"]) + list(extra_forward),
                     "FORWARD accept rules for %s" % cidr),
             RuleSet("filter", VXLAN_CHAIN, "chain",
                     vxlan_chain_rules(vxlan_accepts(alloc) + list(extra_accepts),
@@ -1686,8 +1696,7 @@ def plan_direct_link(cfg, alloc, address, links, want):
 
 def direct_forward_rules(cidr, bridge):
     """The FORWARD pair direct routing adds after the bridge's own accept rule."""
-    return ["-A FORWARD -s %s -d %s -i %s -o %s -m comment --comment %s -j ACCEPT"
-            % (cidr, cidr, i, o, MARKER) for i, o in ((bridge, DIRECT_DEV), (DIRECT_DEV, bridge))]
+    return [forward_accept(cidr, i, o) for i, o in ((bridge, DIRECT_DEV), (DIRECT_DEV, bridge))]
 
 
 def direct_vxlan_accepts(peers, vxlan_id):

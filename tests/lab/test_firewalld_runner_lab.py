@@ -55,9 +55,9 @@ def test_a_reload_is_repaired_by_serve_within_a_few_heartbeats(c):
     c.wait_for(repaired, timeout=20, interval=0.5,
                what="runner1 to put its interfaces back into the trusted zone", log=["runner1"])
     # the reload also flushed iptables in that namespace: the FORWARD rules are first again
-    c.wait_for(lambda: c.sh(r1, "iptables", "-S", "FORWARD").stdout.splitlines()[1:3] == [
-        "-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
-        "-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"],
+    c.wait_for(lambda: c.sh(r1, "iptables", "-S", "FORWARD").stdout.splitlines()[1:2] == [
+        "-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i kohaku-overlay -o kohaku-overlay "
+        "-m comment --comment kohaku-overlay -j ACCEPT"],
         timeout=20, interval=0.5, what="the FORWARD rules back on top", log=["runner1"])
     a = c.container(r1, "fw-c")
     b = c.container(r2, "fw-d")

@@ -1,13 +1,17 @@
-"""The runner's firewall for real (issue 11.3): the VXLAN filter.
+"""The runner's firewall for real (issue 11.1 and 11.3): scoped FORWARD rules, the VXLAN filter.
 
 One cluster for the module: the Host, two runners with their own dockerd, and a bare namespace
 `outsider` (198.51.100.66) on the underlay that stands for "the internet" and for an attacker on
 the LAN. Runner 1 also has a second Docker network (`other`, 172.31.0.0/16) with a container.
 
+- 11.1: the container of `other` reaches no overlay address (its own runner's containers, the
+  other runner's, the Host), nor does a machine of the LAN that routes the overlay via a runner,
+  while overlay containers still reach each other across runners, the Host, and the outsider
+  (through Docker's own rules and the runner's MASQUERADE).
 - 11.3: VXLAN frames of our VNI sent to a runner from the outsider are dropped by KOHAKU-VXLAN
   (the bridge never learns their source MAC on vxlan0); the same frames from the Host's address
-  come out of vxlan0 (the control); a
-  frame of a foreign VNI is not counted by our drop (Docker Swarm, EVPN keep the port).
+  come out of vxlan0 (the control); a frame of a foreign VNI is not counted by our drop (Docker
+  Swarm, EVPN keep the port).
 """
 
 import struct
@@ -74,6 +78,39 @@ def arp_frames(vni, mac, n=3):
 
 def send(c, sender, dst, frames):
     c.sh(sender, sys.executable, "-c", SENDER, dst, *[f.hex() for f in frames])
+
+
+# ---- 11.1: FORWARD accepts overlay-to-overlay only ----------------------------------------------
+
+
+def test_another_docker_network_of_the_runner_reaches_no_overlay_address(c):
+    r1, r2 = c.runners
+    ip_a, ip_b = c.container_ip(r1, c.a), c.container_ip(r2, c.b)
+    # the control: overlay containers reach each other, the Host and the stranger's own gateway
+    assert c.ping(r1, c.a, ip_b) and c.ping(r2, c.b, ip_a) and c.ping(r1, c.a, "10.0.0.1")
+    assert c.ping(r1, c.stranger, "172.31.0.1")
+    assert c.sh(r1, "iptables", "-S", "FORWARD").stdout.splitlines()[1].endswith(
+        "--comment kohaku-overlay -j ACCEPT")         # ours first, Docker's isolation below
+    for dst in (ip_a, ip_b, "10.0.0.1"):
+        assert not c.ping(r1, c.stranger, dst), dst
+    assert c.sh(r1, "iptables", "-S", "FORWARD").stdout.splitlines()[1] == (
+        "-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i kohaku-overlay -o kohaku-overlay "
+        "-m comment --comment kohaku-overlay -j ACCEPT")
+
+
+def test_overlay_containers_still_reach_the_underlay_through_masquerade(c):
+    r1, r2 = c.runners
+    assert c.ping(r1, c.a, OUTSIDER_IP) and c.ping(r2, c.b, OUTSIDER_IP)
+
+
+def test_a_machine_on_the_lan_cannot_route_into_the_overlay_through_a_runner(c):
+    r1 = c.runners[0]
+    ip_a = c.container_ip(r1, c.a)
+    c.sh(c.outsider, "ip", "route", "replace", "10.1.0.0/16", "via", r1.ip)
+    try:
+        assert not c.ping(c.outsider, None, ip_a)
+    finally:
+        c.sh(c.outsider, "ip", "route", "del", "10.1.0.0/16", check=False)
 
 
 # ---- 11.3: the runner-side VXLAN filter ----------------------------------------------------------

@@ -388,20 +388,20 @@ def test_build_with_direct_routing_on_a_built_node(cfg, dnode):
 
 def test_switch_off_removes_vxdirect0_and_its_forward_pair(cfg, dnode):
     n = dnode(built=True, direct=True, peers=[peer(2)])
-    n.forward = FWD + DIRECT_FWD + n.forward[2:]
+    n.forward = FWD + DIRECT_FWD + n.forward[len(FWD):]
     changes = runner.build(cfg, alloc(), ME)
     assert n.argvs() == [["ip", "-batch", "-"], ["iptables-restore", "--noflush"]]
     assert n.mutations()[0].input.splitlines() == ["link del vxdirect0"]
     assert n.mutations()[1].input.splitlines()[1:] == \
         ["-D" + r[2:] for r in FWD + DIRECT_FWD] + \
-        ["-I FORWARD 1" + FWD[0][len("-A FORWARD"):],
-         "-I FORWARD 2" + FWD[1][len("-A FORWARD"):], "COMMIT"]
+        ["-I FORWARD %d%s" % (i + 1, r[len("-A FORWARD"):]) for i, r in enumerate(FWD)] + \
+        ["COMMIT"]
     assert changes[0] == "vxdirect0 removed (direct routing off)"
 
 
 def test_a_fully_built_direct_node_issues_no_mutating_command(cfg, dnode):
     n = dnode(built=True, direct=True, peers=[peer(2)])
-    n.forward = FWD + DIRECT_FWD + n.forward[2:]
+    n.forward = FWD + DIRECT_FWD + n.forward[len(FWD):]
     n.chains["KOHAKU-VXLAN"] = VXCHAIN[:1] + peer_accepts(2) + VXCHAIN[1:]
     n.sysctls = {"net.ipv4.conf.all.send_redirects": "0",
                  "net.ipv4.conf.kohaku-overlay.send_redirects": "0"}
@@ -412,13 +412,13 @@ def test_a_fully_built_direct_node_issues_no_mutating_command(cfg, dnode):
 
 def test_down_removes_vxdirect0_and_every_marked_rule(cfg, dnode):
     n = dnode(built=True, direct=True, peers=[peer(2)])
-    n.forward = FWD + DIRECT_FWD + n.forward[2:]
+    n.forward = FWD + DIRECT_FWD + n.forward[len(FWD):]
     runner.save_state(cfg["OVERLAY_STATE_FILE"], ALLOC)
     changes = runner.teardown(cfg)
     assert n.batch("ip") == [["route del 10.0.0.0/8 dev kohaku-overlay", "link del vxdirect0",
                               "link del vxlan0", "link del kohaku-overlay"]]
     assert "vxdirect0 removed" in changes
-    assert "6 marked iptables rule(s) and the chain KOHAKU-VXLAN removed" in changes
+    assert "5 marked iptables rule(s) and the chain KOHAKU-VXLAN removed" in changes
 
 
 def test_vxlan_accepts_for_peers_are_the_node0_vni():

@@ -33,8 +33,10 @@ ALLOC = {"runner_name": "runner1", "runner_id": 1, "subnet": "10.1.0.0/16",
          "host_physical_ip": HOST, "vni": 101, "vxlan_port": 4789, "mtu": 1450,
          "overlay_cidr": CIDR}
 
-FWD = ["-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
-       "-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"]
+FWD = ["-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i kohaku-overlay -o kohaku-overlay "
+       "-m comment --comment kohaku-overlay -j ACCEPT"]
+BROAD_FWD = ["-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
+             "-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"]
 NAT = ("-A POSTROUTING -s 10.0.0.0/8 ! -d 10.0.0.0/8 -m comment --comment kohaku-overlay "
        "-j MASQUERADE")
 DOCKER_FWD = ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1"]
@@ -57,9 +59,7 @@ CLEAN_BATCH = [
     "link set dev kohaku-overlay up",
     "route replace 10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay",
 ]
-CLEAN_RESTORE = ("*filter\n"
-                 "-I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
-                 "-I FORWARD 2 -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
+CLEAN_RESTORE = ("*filter\n-I FORWARD 1" + FWD[0][len("-A FORWARD"):] + "\n"
                  "-N KOHAKU-VXLAN\n" + "".join(r + "\n" for r in VXCHAIN) +
                  "-I INPUT 1" + JUMP[len("-A INPUT"):] + "\n"
                  "COMMIT\n*nat\n" + NAT + "\nCOMMIT\n")
@@ -424,13 +424,22 @@ def test_forward_rules_below_dockers_are_moved_to_the_top_in_one_transaction(cfg
     changes = runner.build(cfg, alloc(), ME)
     assert n.argvs() == [["iptables-restore", "--noflush"]]
     assert n.mutations()[0].input == (
-        "*filter\n"
-        "-D FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
-        "-D FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
-        "-I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
-        "-I FORWARD 2 -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT\n"
-        "COMMIT\n")
+        "*filter\n-D" + FWD[0][2:] + "\n-I FORWARD 1" + FWD[0][len("-A FORWARD"):] + "\nCOMMIT\n")
     assert changes == ["FORWARD accept rules for 10.0.0.0/8 moved to the top"]
+
+
+def test_the_broad_forward_pair_of_an_older_version_is_replaced_by_the_scoped_rule(cfg, node):
+    """Issue 11.1: `-s CIDR -j ACCEPT` / `-d CIDR -j ACCEPT` let other Docker networks and the LAN
+    into the overlay; one rule scoped to the bridge (in and out) replaces them, first."""
+    assert runner.forward_rules(CIDR, BR) == [
+        "-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i kohaku-overlay -o kohaku-overlay "
+        "-m comment --comment kohaku-overlay -j ACCEPT"]
+    n = node(built=True)
+    n.forward = BROAD_FWD + DOCKER_FWD
+    runner.build(cfg, alloc(), ME)
+    assert n.mutations()[0].input == (
+        "*filter\n" + "".join("-D" + r[2:] + "\n" for r in BROAD_FWD) +
+        "-I FORWARD 1" + FWD[0][len("-A FORWARD"):] + "\nCOMMIT\n")
 
 
 def test_vxlan_filter_accepts_the_host_for_our_vni_and_drops_only_our_vni_range():
@@ -705,13 +714,10 @@ def test_up_dry_run_runs_probes_only_and_prints_the_plan(cfg, mocker, capsys, pr
     assert out[0] == "[#] register runner1 at http://198.51.100.1:8000/api/overlay/register"
     assert out[2:8] == ["[#] ip " + line for line in CLEAN_BATCH]
     assert out[8] == "[#] " + " ".join(CREATE_NET)
-    assert out[9:12] == [
-        "[#] iptables -t filter -I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay "
-        "-j ACCEPT",
-        "[#] iptables -t filter -I FORWARD 2 -d 10.0.0.0/8 -m comment --comment kohaku-overlay "
-        "-j ACCEPT",
+    assert out[9:11] == [
+        "[#] iptables -t filter -I FORWARD 1" + FWD[0][len("-A FORWARD"):],
         "[#] iptables -t filter -N KOHAKU-VXLAN"]
-    assert out[12:16] == ["[#] iptables -t filter " + r for r in VXCHAIN] + [
+    assert out[11:15] == ["[#] iptables -t filter " + r for r in VXCHAIN] + [
         "[#] iptables -t filter -I INPUT 1" + JUMP[len("-A INPUT"):],
         "[#] iptables -t nat " + NAT]
     assert out[-1] == ("runner1: runner 1, subnet 10.1.0.0/16, network kohakuriver-overlay: "
@@ -740,10 +746,7 @@ def test_down_dry_run_prints_and_changes_nothing(cfg, mocker, capsys, probes_onl
     assert out == [
         "[#] docker network rm kohakuriver-overlay",
         "[#] iptables -t filter -D" + JUMP[2:],
-        "[#] iptables -t filter -D FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay "
-        "-j ACCEPT",
-        "[#] iptables -t filter -D FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay "
-        "-j ACCEPT",
+        "[#] iptables -t filter -D" + FWD[0][2:],
         "[#] iptables -t filter -F KOHAKU-VXLAN", "[#] iptables -t filter -X KOHAKU-VXLAN",
         "[#] iptables -t nat -D" + NAT[2:],
         "[#] ip link del vxlan0", "[#] ip link del kohaku-overlay",
@@ -1183,4 +1186,4 @@ def test_down_without_docker_installed_is_a_success(cfg, node, mocker):
     n.probe = no_docker
     changes = runner.teardown(cfg)
     assert n.argvs() == [["iptables-restore", "--noflush"], ["ip", "-batch", "-"]]
-    assert changes[-1] == "4 marked iptables rule(s) and the chain KOHAKU-VXLAN removed"
+    assert changes[-1] == "3 marked iptables rule(s) and the chain KOHAKU-VXLAN removed"
