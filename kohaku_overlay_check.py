@@ -45,6 +45,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -450,7 +451,12 @@ RULE_OPTS = {"-s": "src", "--source": "src", "-d": "dst", "--destination": "dst"
              "--destination-port": "dport", "--dports": "dports", "--ctstate": "states",
              "--state": "states", "--comment": "comment", "-j": "target", "--jump": "target",
              "-g": "target", "--goto": "target"}
-KNOWN_MATCHES = ("udp", "tcp", "comment", "conntrack", "state", "multiport")
+KNOWN_MATCHES = ("udp", "tcp", "comment", "conntrack", "state", "multiport", "u32")
+# the u32 expression of the VXLAN filter (issue 11.3): the VNI, the top 24 bits of the 4 bytes at
+# UDP offset 12 (after the IHL jump), as written ("0>>22&0x3C@12>>8=101") or as iptables-save
+# prints it ("0x0>>0x16&0x3c@0xc>>0x8=0x65"); =LO:HI is a range
+U32_VNI = re.compile(r"^(0x0|0)>>(0x16|22)&0x3c@(0xc|12)>>(0x8|8)=(\w+)(?::(\w+))?$", re.I)
+U32_WRITTEN = "0>>22&0x3C@12>>8"
 TERMINAL = ("ACCEPT", "DROP", "REJECT", "RETURN")
 
 
@@ -468,6 +474,15 @@ def parse_rule(line):
         if tok == "-m":
             if val not in KNOWN_MATCHES:
                 rule["complex"] = True
+            i += 2
+        elif tok == "--u32":
+            m = U32_VNI.match(val or "")
+            if m:
+                rule["vni"] = (int(m.group(5), 0), int(m.group(6) or m.group(5), 0))
+                if neg:
+                    rule["neg"].add("vni")
+            else:
+                rule["complex"] = True      # a u32 expression other than the VNI's
             i += 2
         elif tok in RULE_OPTS:
             rule[RULE_OPTS[tok]] = val
@@ -560,6 +575,9 @@ def rule_matches(rule, pkt):
             test(key, None if pkt.get(key) is None else iface_match(rule[key], pkt[key]))
     if "states" in rule:
         test("states", "NEW" in rule["states"].split(","))
+    if "vni" in rule:
+        test("vni", None if pkt.get("vni") is None else
+             rule["vni"][0] <= pkt["vni"] <= rule["vni"][1])
     if False in verdicts:
         return False
     return None if None in verdicts else True
@@ -1772,11 +1790,11 @@ def check_nat(snap):
                 "-j MASQUERADE" % (cidr, cidr, MARKER))
 
 
-def underlay_packet(snap, src, dst, port):
+def underlay_packet(snap, src, dst, port, vni=None):
     local = snap.local_ips()
     return {"src": ip_int(src) if src and is_ipv4(src) else None,
             "dst": ip_int(dst) if dst and is_ipv4(dst) else None,
-            "dport": port, "in": local.get(dst), "out": None}
+            "dport": port, "in": local.get(dst), "out": None, "vni": vni}
 
 
 def underlay_peers(snap):
@@ -1792,63 +1810,142 @@ def underlay_peers(snap):
     return local, [host_ip] if host_ip else []
 
 
+# The VXLAN filter of daemons before issue 11.3 accepts a registered sender for every VNI.
+# UNBOUND_VXLAN is its verdict: PASS while the Host on main still builds it, WARN once it binds
+# each runner to its own VNI.
+UNBOUND_VXLAN = PASS
+
+
+def dropped(table, pkt):
+    """-> the rule (or None: a policy) that drops pkt in INPUT, False when it passes."""
+    target, rule = verdict(table, "INPUT", pkt)
+    return (rule or None) if target in ("DROP", "REJECT") else False
+
+
+def ours(rule):
+    return rule is not None and rule is not False and \
+        rule["chain"].startswith(SOURCE_FILTER_CHAIN)
+
+
+def vni_bound(table):
+    """True when our filter chains match on the VNI (the form of issue 11.3)."""
+    return any("vni" in r for chain, rules in table.chains.items()
+               if chain.startswith(SOURCE_FILTER_CHAIN) for r in rules)
+
+
+def vxlan_filter_probes(snap, table, local, port, lo, hi, own):
+    """The filter's other promises, as (status, detail) of the first one broken, else None:
+    an unregistered sender of our VNIs is dropped; with the VNI-bound form, frames of VNIs
+    outside LO..HI (Docker Swarm, EVPN) are not dropped by our chain."""
+    probe = UNREGISTERED_PROBE
+    if dropped(table, underlay_packet(snap, probe, local, port, own)) is False:
+        return WARN, "UDP %d is accepted from unregistered senders (probe %s): anyone can " \
+            "inject frames" % (port, probe)
+    other = hi + 1 if hi < 2 ** 24 - 1 else lo - 1
+    if vni_bound(table) and ours(dropped(table, underlay_packet(snap, probe, local, port, other))):
+        return WARN, "%s drops UDP %d of VNI %d too, outside the overlay's %d..%d: other VXLAN " \
+            "users of the port (Docker Swarm, EVPN) are cut off" % (
+                SOURCE_FILTER_CHAIN, port, other, lo, hi)
+    return None
+
+
+def filter_chain_missing(snap, table, port):
+    """FAIL when the VXLAN filter chain or INPUT's jump to it is missing, else None."""
+    if SOURCE_FILTER_CHAIN not in table.chains:
+        return fail("source filter chain %s is missing: UDP %d is open to anyone" % (
+            SOURCE_FILTER_CHAIN, port), restart(snap))
+    if not any(r.get("target") == SOURCE_FILTER_CHAIN for r in table.rules("INPUT")):
+        return fail("INPUT does not jump to %s: the source filter is not applied" %
+                    SOURCE_FILTER_CHAIN,
+                    "iptables -I INPUT 1 -p udp --dport %d -m comment --comment %s -j %s" % (
+                        port, MARKER, SOURCE_FILTER_CHAIN))
+    return None
+
+
 def check_runner_vxlan_port(snap):
-    """Walks INPUT (jumps, RETURN, policy) for a UDP packet to the VXLAN port from the host.
-    FAIL: a rule or the policy drops it."""
+    """Walks INPUT (jumps, RETURN, policy, the u32 VNI match) for a VXLAN packet from the host
+    (vxlan0's remote) with this runner's VNI. FAIL: a rule or the policy drops it, or the
+    KOHAKU-VXLAN filter is missing. WARN: an unregistered sender of our VNIs is accepted, or the
+    filter drops VNIs outside ours."""
     table = snap.table("filter")
     port = snap.cfg["OVERLAY_VXLAN_PORT"]
     local, peers = underlay_peers(snap)
     if not peers:
         raise Skip("the host's underlay address is unknown (no allocation)")
-    host_ip = peers[0]
-    target, rule = verdict(table, "INPUT", underlay_packet(snap, host_ip, local, port))
-    if target in ("DROP", "REJECT"):
-        by = "rule `%s`" % rule["raw"] if rule else "INPUT policy %s" % target
-        return fail("INPUT drops UDP %d from the host %s: %s" % (port, host_ip, by),
-                    "iptables -I INPUT 1 -p udp -s %s --dport %d -m comment --comment %s "
-                    "-j ACCEPT" % (host_ip, port, MARKER))
-    return ok("INPUT accepts UDP %d from the host %s" % (port, host_ip))
+    link = snap.links.get(RUNNER_VXLAN)
+    remote = vxlan_info(link).get("remote") if link else None
+    host_ip = remote if remote and not loopback(remote) else peers[0]
+    alloc = snap.alloc
+    own = alloc.get("vni") or snap.cfg["OVERLAY_VXLAN_ID"] + (alloc.get("runner_id") or 0)
+    lo = own - (alloc.get("runner_id") or 0)
+    node_bits = int((alloc.get("subnet") or "/16").split("/")[1]) - \
+        ipaddress.IPv4Network(snap.overlay_cidr()).prefixlen
+    hi = lo + 2 ** node_bits - 1
+    rule = dropped(table, underlay_packet(snap, host_ip, local, port, own))
+    if rule is not False:
+        by = "rule `%s`" % rule["raw"] if rule else "INPUT policy %s" % \
+            table.policies.get("INPUT")
+        fix = restart(snap) if ours(rule) else \
+            "iptables -I INPUT 1 -p udp -s %s --dport %d -m comment --comment %s -j ACCEPT" % (
+                host_ip, port, MARKER)
+        return fail("INPUT drops UDP %d from the host %s: %s" % (port, host_ip, by), fix)
+    missing = filter_chain_missing(snap, table, port)
+    if missing:
+        return missing
+    broken = vxlan_filter_probes(snap, table, local, port, lo, hi, own)
+    if broken:
+        return broken + (restart(snap),)
+    return ok("INPUT accepts UDP %d from the host %s for VNI %d only" % (port, host_ip, own))
 
 
 def check_host_vxlan_port(snap):
-    """Walks INPUT (jumps, RETURN, policy) for a UDP packet to the VXLAN port from each runner.
-    FAIL: the KOHAKU-VXLAN source filter is missing or not jumped to, or a registered runner is
-    dropped. WARN: an unregistered sender is accepted."""
+    """Walks INPUT (jumps, RETURN, policy, the u32 VNI match) for a VXLAN packet from each
+    registered runner with its own VNI. FAIL: the KOHAKU-VXLAN source filter is missing or not
+    jumped to, or a registered runner is dropped. WARN: an unregistered sender is accepted, the
+    filter drops VNIs outside ours, or (once the Host binds sources to VNIs) a runner is
+    accepted for another runner's VNI."""
     table = snap.table("filter")
-    port = snap.cfg["OVERLAY_VXLAN_PORT"]
-    local, peers = underlay_peers(snap)
-    if snap.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
-        if SOURCE_FILTER_CHAIN not in table.chains:
-            return fail("source filter chain %s is missing: UDP %d is open to anyone" % (
-                SOURCE_FILTER_CHAIN, port), restart(snap))
-        jumps = [r for r in table.rules("INPUT") if r.get("target") == SOURCE_FILTER_CHAIN]
-        if not jumps:
-            return fail("INPUT does not jump to %s: the source filter is not applied" %
-                        SOURCE_FILTER_CHAIN,
-                        "iptables -I INPUT 1 -p udp --dport %d -m comment --comment %s -j %s" % (
-                            port, MARKER, SOURCE_FILTER_CHAIN))
-    blocked = []
-    for ip in peers:
-        target, rule = verdict(table, "INPUT", underlay_packet(snap, ip, local, port))
-        if target in ("DROP", "REJECT"):
-            blocked.append((ip, rule))
+    port, base = snap.cfg["OVERLAY_VXLAN_PORT"], snap.cfg["OVERLAY_VXLAN_ID"]
+    local, _peers = underlay_peers(snap)
+    pairs = sorted((a["physical_ip"], base + n) for n, a in host_allocations(snap).items()
+                   if a.get("physical_ip"))
+    source_filter = snap.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]
+    if source_filter:
+        missing = filter_chain_missing(snap, table, port)
+        if missing:
+            return missing
+    blocked = [(ip, vni, dropped(table, underlay_packet(snap, ip, local, port, vni)))
+               for ip, vni in pairs]
+    blocked = [b for b in blocked if b[2] is not False]
     if blocked:
-        ip, rule = blocked[0]
+        ip, vni, rule = blocked[0]
         by = "`%s`" % rule["raw"] if rule else "the INPUT policy"
-        chain = SOURCE_FILTER_CHAIN if rule and rule["chain"] == SOURCE_FILTER_CHAIN else "INPUT"
+        chain = SOURCE_FILTER_CHAIN if ours(rule) else "INPUT"
+        fix = restart(snap) if vni_bound(table) and ours(rule) else "\n".join(
+            "iptables -I %s 1 -s %s -p udp --dport %d -m comment --comment %s -j ACCEPT"
+            % (chain, b[0], port, MARKER) for b in blocked[:MAX_LISTED])
         return fail("UDP %d from registered runners %s is dropped by %s" % (
-            port, listed(b[0] for b in blocked), by),
-            "\n".join("iptables -I %s 1 -s %s -p udp --dport %d -m comment --comment %s -j ACCEPT"
-                      % (chain, b[0], port, MARKER) for b in blocked[:MAX_LISTED]))
-    if snap.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
-        probe = UNREGISTERED_PROBE
-        target, _ = verdict(table, "INPUT", underlay_packet(snap, probe, local, port))
-        if target not in ("DROP", "REJECT"):
-            return warn("UDP %d is accepted from unregistered senders (probe %s): anyone can "
-                        "inject frames" % (port, probe), restart(snap))
-        return ok("UDP %d accepted from %d registered runners only" % (port, len(peers)))
-    return ok("UDP %d accepted from %d registered runners (source filter off)" % (
-        port, len(peers)))
+            port, listed(b[0] for b in blocked), by), fix)
+    if not source_filter:
+        return ok("UDP %d accepted from %d registered runners (source filter off)" % (
+            port, len(pairs)))
+    lo, hi = base, base + snap.layout.max_id
+    broken = vxlan_filter_probes(snap, table, local, port, lo, hi, pairs[0][1] if pairs else lo + 1)
+    if broken:
+        return broken + (restart(snap),)
+    if pairs:
+        ip, own = pairs[0]
+        foreign = pairs[1][1] if len(pairs) > 1 else (own + 1 if own < hi else lo + 1)
+        if dropped(table, underlay_packet(snap, ip, local, port, foreign)) is False:
+            detail = "UDP %d from runner %s is accepted for VNI %d, not only its own %d: a " \
+                "runner can inject frames into another runner's segment" % (
+                    port, ip, foreign, own)
+            if UNBOUND_VXLAN == WARN:
+                return warn(detail, restart(snap))
+            return ok("UDP %d accepted from %d registered runners only (not bound to their "
+                      "VNIs: the Host's filter of before issue 11.3)" % (port, len(pairs)))
+    return ok("UDP %d accepted from %d registered runners only, each for its own VNI" % (
+        port, len(pairs)))
 
 
 def check_backends(snap):
