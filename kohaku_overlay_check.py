@@ -25,7 +25,8 @@ Exit codes: 0 nothing failed, 1 at least one check failed, 2 bad usage or unread
 
 Reads the kernel with a constant number of commands whatever the cluster size: one
 `ip -j -d -s addr show`, one `ip -j route`, one `iptables-save` per backend (root only),
-`firewall-cmd --list-all-zones` and `--get-default-zone` (only when a firewalld process exists),
+`firewall-cmd --list-all-zones` and `--get-default-zone` (only when a firewalld process and the
+system bus exist),
 one `docker network inspect` and one `bridge -j fdb show` (runner), two pings (runner), one
 `ip -j -s link show` (counters, >= 0.3 s after the first sample), two HTTP requests to the host
 API, and files under /proc. 255 tunnels take about half a second.
@@ -1030,6 +1031,17 @@ def read_bytes(path):
         return f.read()
 
 
+def system_bus_present():
+    """Does the system D-Bus socket firewall-cmd would use exist? (A firewalld process seen in
+    /proc may belong to another network namespace of the machine; without the bus firewall-cmd
+    can only fail, slowly: each call is a python start.) True for a non-path bus address."""
+    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+    for part in address.split(";")[0].split(":", 1)[-1].split(","):
+        if part.startswith("path="):
+            return os.path.exists(part[len("path="):])
+    return True
+
+
 def gather_firewalld():
     """(state, text): the zones (and the default zone, which --list-all-zones does not mark)
     when firewalld runs (`firewall-cmd --state` exits 0); firewall-cmd is slow to start, so the
@@ -1038,6 +1050,8 @@ def gather_firewalld():
         return ("missing", "firewall-cmd is not installed")
     if not firewalld_process():
         return ("stopped", "firewalld is not running")
+    if not system_bus_present():
+        return ("stopped", "firewalld is not running (no system D-Bus socket here)")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
     try:
         state_f = pool.submit(run, ["firewall-cmd", "--state"], False)

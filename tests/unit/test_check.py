@@ -371,6 +371,8 @@ def fake(mocker):
         mocker.patch.object(chk, name, side_effect=door(name))
     mocker.patch.object(chk, "is_root", side_effect=lambda: holder.node.root)
     mocker.patch.object(chk, "firewalld_process", side_effect=lambda: holder.node.fw_process)
+    mocker.patch.object(chk, "system_bus_present",
+                        side_effect=lambda: getattr(holder.node, "bus", True))
     mocker.patch.object(chk, "SAMPLE_GAP", 0)
     return holder
 
@@ -1300,6 +1302,27 @@ def test_no_firewalld_process_spawns_no_firewall_cmd(fake):
     _rc, results, _ = check_run(fake, node)
     assert results["host.firewalld.trusted"]["detail"] == "firewalld is not running"
     assert not [c for c in node.calls if c[0] == "firewall-cmd"]
+
+
+def test_a_firewalld_without_our_system_bus_spawns_no_firewall_cmd(fake):
+    node = healthy_host()
+    node.tools.add("firewall-cmd")
+    node.fw_process = True          # e.g. another network namespace's firewalld, seen in /proc
+    node.bus = False
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.firewalld.trusted"]["detail"] == (
+        "firewalld is not running (no system D-Bus socket here)")
+    assert not [c for c in node.calls if c[0] == "firewall-cmd"]
+
+
+def test_system_bus_present_reads_the_bus_address(monkeypatch, tmp_path):
+    sock = tmp_path / "bus.sock"
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=%s" % sock)
+    assert chk.system_bus_present() is False
+    sock.write_text("")
+    assert chk.system_bus_present() is True
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:abstract=/tmp/dbus-x")
+    assert chk.system_bus_present() is True
 
 
 def test_without_ping_the_probes_skip(fake):
