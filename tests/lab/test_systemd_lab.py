@@ -117,6 +117,16 @@ def exposure(m, unit):
     return float(found.group(1))
 
 
+def platform_python():
+    """What /usr/libexec/platform-python is in the Host container: KOHAKU_LAB_PYTHON's real
+    interpreter when set (python3.6 makes it RHEL 8's Python), else /usr/bin/python3."""
+    want = os.environ.get("KOHAKU_LAB_PYTHON")
+    if not want:
+        return "/usr/bin/python3"
+    res = nspawn._run([want, "-c", "import sys; print(sys.executable)"], env=dict(os.environ))
+    return res.stdout.strip()
+
+
 def install_source(m):
     dest = m.root / SRC.lstrip("/")
     for rel in ("kohaku_overlay_host.py", "kohaku_overlay_runner.py", "kohaku_overlay_check.py",
@@ -158,7 +168,7 @@ def nodes():
         pp = h.root / PLATFORM_PYTHON.lstrip("/")
         if not pp.exists():
             pp.parent.mkdir(parents=True, exist_ok=True)
-            pp.symlink_to("/usr/bin/python3")
+            pp.symlink_to(platform_python())
         for m in (h, r, r2):
             install_source(m)
         fleet.boot_all()
@@ -263,6 +273,8 @@ def test_the_rhel_layout_is_what_runs_on_the_host(nodes):
     pid = h.host_pid(h.main_pid(UNITS["host"]))
     argv = Path("/proc/%d/cmdline" % pid).read_bytes().split(b"\0")
     assert argv[0].decode() == PLATFORM_PYTHON
+    # the interpreter behind it (KOHAKU_LAB_PYTHON=python3.6: RHEL 8's Python, the floor)
+    assert os.readlink("/proc/%d/exe" % pid) == os.path.realpath(platform_python())
 
 
 def test_the_overlay_devices_exist(nodes):
