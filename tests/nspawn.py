@@ -16,6 +16,7 @@ Importable API (tests/ is on sys.path)::
         m = fleet.machine("host", "/run/netns/ko1x2a-host", masks=("docker.service",))
         m.root                          # Path: write files there before (or after) boot
         m.dropin("firewalld.service", "rhel.conf", "[Service]\\n...")   # before boot
+        m.enable("firewalld.service")   # systemctl --root=ROOT enable, before boot
         fleet.boot_all()                # boots every machine side by side, waits until up
         m.sh(*argv, check=True, timeout=60, input=None) -> CompletedProcess  # nsenter -a
         m.show(unit, *props) -> {prop: value}     # systemctl show
@@ -172,6 +173,10 @@ class Machine(object):
         if path.is_symlink() or path.exists():
             path.unlink()
         path.symlink_to("/dev/null")
+
+    def enable(self, *units):
+        """`systemctl enable` inside the root before boot (the machine's systemd is not asked)."""
+        _run(["systemctl", "--root=%s" % self.root, "enable"] + list(units))
 
     def dropin(self, unit, name, text):
         d = self.root / "etc/systemd/system" / (unit + ".d")

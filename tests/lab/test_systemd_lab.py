@@ -169,6 +169,10 @@ def nodes():
         if not pp.exists():
             pp.parent.mkdir(parents=True, exist_ok=True)
             pp.symlink_to(platform_python())
+        # the services as Debian enables them (whatever this machine's own /etc says)
+        h.enable("firewalld.service")
+        r.enable("firewalld.service", "docker.service", "containerd.service")
+        r2.enable("docker.service", "containerd.service")
         for m in (h, r, r2):
             install_source(m)
         fleet.boot_all()
