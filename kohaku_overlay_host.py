@@ -87,6 +87,9 @@ CONFIG_KEYS = collections.OrderedDict([
 ])
 
 HOST_DEVICE = "kohaku-host"
+# IPv6 off on every device the host creates (issue 11.9): a container must not be able to send
+# router advertisements into a tunnel and give the Host a route or an address.
+IPV6_OFF = (("accept_ra", "0"), ("forwarding", "0"), ("disable_ipv6", "1"))
 DEVICE_PREFIX = "vxkr"
 RULE_COMMENT = "kohaku-overlay"
 FILTER_CHAIN = "KOHAKU-VXLAN"
@@ -171,12 +174,14 @@ Result = collections.namedtuple("Result", "returncode stdout stderr")
 SKIPPED = Result(0, "", "")   # what run() returns for a mutation it skipped under --dry-run
 
 
-def run(argv, check=True, mutates=True, input=None, timeout=60, echo=None):
+def run(argv, check=True, mutates=True, input=None, timeout=60, echo=None, write=None):
     """Run argv (a list, never a shell string) and return Result.
 
     Mutating commands are logged as `[#] cmd` (echo: the lines to show instead of argv, so a
     batch shows every command it carries); under --dry-run they are printed and skipped
     (the result is SKIPPED) while read-only probes (mutates=False) still run.
+    write: {path: value} that argv (a `sysctl -w`) stands for, written here instead of starting
+    a process; a path that does not exist is skipped (that knob is not in this kernel).
     """
     shown = " ".join(shlex.quote(a) for a in argv)
     if mutates:
@@ -187,6 +192,8 @@ def run(argv, check=True, mutates=True, input=None, timeout=60, echo=None):
                 log.info("[#] %s", line)
         if DRY_RUN:
             return SKIPPED
+    if write is not None:
+        return _write_files(argv, write, check)
     SPAWNED[0] += 1
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -206,6 +213,29 @@ def run(argv, check=True, mutates=True, input=None, timeout=60, echo=None):
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, err)
     return Result(proc.returncode, out, err)
+
+
+def _write_files(argv, values, check):
+    for path, value in sorted(values.items()):
+        try:
+            with open(path, "w") as fh:
+                fh.write(value)
+        except (IOError, OSError) as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            if check:
+                raise CommandError(argv, 1, "cannot write {}: {}".format(path, exc.strerror))
+            return Result(1, "", "cannot write {}: {}".format(path, exc.strerror))
+    return Result(0, "", "")
+
+
+def read_sysctl(path):
+    """The value of a /proc/sys file, or None when it does not exist or cannot be read."""
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except (IOError, OSError):
+        return None
 
 
 def failpoint(name):
@@ -558,13 +588,16 @@ class Actions(object):
     table lines for one iptables-restore; chains: our filter chains once the rules are in
     (None: the rules do not change them); trust: interfaces for firewalld's trusted zone;
     repair: the runners' IPs when our chain is not known to be there, so the table is probed
-    (after the devices) and every rule of ours repaired.
+    (after the devices) and every rule of ours repaired; ipv6_off: devices whose IPv6 is
+    switched off (IPV6_OFF) once they exist, written in-process: no process per device.
     """
 
-    def __init__(self, ip=(), links=None, rules=(), chains=None, trust=(), repair=None):
+    def __init__(self, ip=(), links=None, rules=(), chains=None, trust=(), repair=None,
+                 ipv6_off=()):
         self.ip, self.links, self.rules = list(ip), dict(links or {}), list(rules)
         self.chains, self.trust = chains, list(trust)
         self.repair = repair  # runner IPs: probe the table after the devices, repair every rule
+        self.ipv6_off = list(ipv6_off)
 
     def __add__(self, other):
         links = dict(self.links)
@@ -572,7 +605,8 @@ class Actions(object):
         return Actions(self.ip + other.ip, links, self.rules + other.rules,
                        self.chains if other.chains is None else other.chains,
                        self.trust + other.trust,
-                       self.repair if other.repair is None else other.repair)
+                       self.repair if other.repair is None else other.repair,
+                       self.ipv6_off + other.ipv6_off)
 
 
 class Kernel(object):
@@ -614,6 +648,11 @@ class Kernel(object):
                         self.links.pop(name, None)
                     else:
                         self.links[name] = link
+        if act.ipv6_off:
+            settings = [("net.ipv6.conf.{}.{}".format(dev, key), value)
+                        for dev in act.ipv6_off for key, value in IPV6_OFF]
+            run(["sysctl", "-w"] + ["{}={}".format(k, v) for k, v in settings], check=check,
+                write=dict(("/proc/sys/" + k.replace(".", "/"), v) for k, v in settings))
         if step:
             failpoint(step + ":after-device")
         try:
@@ -803,6 +842,8 @@ class Kernel(object):
             lines, spec = self.tunnel_plan(n, remote)
             act.ip += lines
             act.links[spec.name] = spec
+            if any(line.startswith("link add ") for line in lines):
+                act.ipv6_off.append(spec.name)
         if prune:
             for name, link in sorted(self.links.items()):
                 n = self.layout.id_of_device(name)
@@ -848,8 +889,17 @@ class Kernel(object):
                 run(["ip", "link", "add", HOST_DEVICE, "type", "bridge"])
             log.info("created %s (%s) with %s/%s", HOST_DEVICE, kind, self.layout.host_ip,
                      self.layout.host_prefix)
-        self.apply(Actions(ip=lines), check=True)
+        self.apply(Actions(ip=lines, ipv6_off=[HOST_DEVICE] if missing else []), check=True)
         return lines
+
+    def ensure_ipv6_off(self, names):
+        """IPv6 off on these devices of ours; probes /proc/sys (no process), returns the
+        devices it had to fix (a device or a kernel without IPv6 needs nothing)."""
+        wrong = [dev for dev in names if any(
+            read_sysctl("/proc/sys/net/ipv6/conf/{}/{}".format(dev, key)) not in (None, value)
+            for key, value in IPV6_OFF)]
+        self.apply(Actions(ipv6_off=wrong), check=True)
+        return wrong
 
     # -- WireGuard (OVERLAY_ENCRYPTION = "wireguard") -----------------------------------------
     def underlay(self):
@@ -1819,6 +1869,10 @@ class Hub(object):
             if err:
                 log.error("cannot build %s for %s: %s", self.layout.device(n),
                           allocs[n]["runner_name"] or "(recovered)", err)
+        ipv6 = self.kernel.ensure_ipv6_off([HOST_DEVICE, WG_DEV] +  # absent: nothing to do
+                                           [self.layout.device(n) for n in allocs])
+        if ipv6:
+            repairs.append("IPv6 off on " + " ".join(ipv6))
         if self.kernel.ensure_rules(self.runner_ips(allocs)):
             repairs.append("iptables rules")
             kinds["rules"] += 1

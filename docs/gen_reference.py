@@ -92,6 +92,9 @@ FILES = [
      "WireGuard key pair (mode 0600, the private key never logged or in argv)",
      "once, at the first serve with `OVERLAY_ENCRYPTION = \"wireguard\"`; kept by `down`"),
     ("host", "`/proc/sys/net/ipv4/ip_forward`", "set to 1 (sysctl)", "serve"),
+    ("host", "`/proc/sys/net/ipv6/conf/<dev>/{accept_ra,forwarding,disable_ipv6}` of "
+     "`kohaku-host` and each `vxkrN`", "IPv6 off: 0, 0, 1 (written in-process, logged as "
+     "`sysctl -w`)", "when serve creates the device, and by each repair pass when it drifted"),
     ("runner", "the config file (`--config`, default `~/.kohakuriver/runner_config.py`)",
      "read with `ast`, never executed", "never"),
     ("runner", "`OVERLAY_STATE_FILE`", "the last allocation (JSON, mode 0600), asked back at "

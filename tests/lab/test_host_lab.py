@@ -288,3 +288,25 @@ def test_a_restart_with_a_full_pool_evicts_no_live_runner(host):
             p.kill()
             p.wait()
         c.host_config(OVERLAY_REPAIR_INTERVAL=1)
+
+
+def test_ipv6_is_off_on_every_device_the_host_creates_and_stays_off(host):
+    """Issue 11.9: a container could send router advertisements into vxlan0 that the Host
+    accepted on vxkrN (accept_ra=1 by default): now IPv6 is off on kohaku-host and each vxkrN,
+    and the repair pass switches it off again if someone turns it on."""
+    c = host
+    for r in c.runners:
+        assert register(c, r)[0] == 200
+
+    def knobs(dev):
+        return [c.sh(c.host, "sysctl", "-n", "net.ipv6.conf.%s.%s" % (dev, key)).stdout.strip()
+                for key in ("accept_ra", "forwarding", "disable_ipv6")]
+
+    for dev in ("kohaku-host", "vxkr1", "vxkr2"):
+        assert knobs(dev) == ["0", "0", "1"], dev
+        assert [a for a in links(c)[dev]["addr_info"] if a["family"] == "inet6"] == []
+    c.sh(c.host, "sysctl", "-w", "net.ipv6.conf.vxkr2.disable_ipv6=0",
+         "net.ipv6.conf.vxkr2.accept_ra=1")
+    c.wait_for(lambda: knobs("vxkr2") == ["0", "0", "1"], timeout=10,
+               what="IPv6 off again on vxkr2", log="host")
+    assert "IPv6 off on vxkr2" in c.log_tail("host")

@@ -168,11 +168,16 @@ class FakeRun(object):
     def __init__(self, script=None):
         self.script = list(script or [])
         self.calls, self.inputs = [], []
+        self.writes = []        # run(..., write=): files written in-process, not processes
 
     def answer(self, prefix, result):
         self.script.insert(0, (list(prefix), result))
 
-    def __call__(self, argv, check=True, mutates=True, input=None, timeout=60, echo=True):
+    def __call__(self, argv, check=True, mutates=True, input=None, timeout=60, echo=True,
+                 write=None):
+        if write is not None:
+            self.writes.append(dict(write))
+            return host.Result(0, "", "")
         self.calls.append(list(argv))
         self.inputs.append(input)
         rc, out, err = 0, "", ""
@@ -1124,7 +1129,68 @@ def test_ensure_host_device_dry_run_prints_and_runs_nothing(tmp_path, popen, mon
     assert popen.calls == []
     assert capsys.readouterr().out == ("[#] ip link add kohaku-host type dummy\n"
                                        "[#] ip addr replace 10.0.0.1/8 dev kohaku-host\n"
-                                       "[#] ip link set kohaku-host up\n")
+                                       "[#] ip link set kohaku-host up\n" + IPV6_ECHO)
+
+
+IPV6_ECHO = ("[#] sysctl -w net.ipv6.conf.kohaku-host.accept_ra=0 "
+             "net.ipv6.conf.kohaku-host.forwarding=0 net.ipv6.conf.kohaku-host.disable_ipv6=1\n")
+
+
+def ipv6_off(*devices):
+    """The files run(write=) gets to switch IPv6 off on these devices (issue 11.9)."""
+    return dict(("/proc/sys/net/ipv6/conf/%s/%s" % (d, k), v) for d in devices
+                for k, v in (("accept_ra", "0"), ("forwarding", "0"), ("disable_ipv6", "1")))
+
+
+def test_a_new_tunnel_gets_ipv6_off_without_a_process(tmp_path, fake):
+    hub = make_hub(tmp_path)
+    job = host.Job("register", runner_name="r1", physical_ip="198.51.100.11",
+                   previous_runner_id=None)
+    hub.commit([job])
+    assert job.status == 200
+    assert fake.calls == [BATCH, RESTORE]               # still 2 processes per registration
+    assert fake.writes == [ipv6_off("vxkr1")]
+    again = host.Job("register", runner_name="r1", physical_ip="198.51.100.11",
+                     previous_runner_id=None)
+    hub.commit([again])                          # nothing created: nothing written
+    assert fake.writes == [ipv6_off("vxkr1")]
+
+
+def test_ensure_host_device_switches_ipv6_off_when_it_creates_it(tmp_path, fake):
+    k = kernel(tmp_path, {})
+    k.ensure_host_device()
+    assert fake.writes == [ipv6_off("kohaku-host")]
+    k.links["kohaku-host"] = host.Link("kohaku-host", "dummy", True, 1500, None, None, None, None,
+                                       None, {"10.0.0.1/8"})
+    assert k.ensure_host_device() == [] and fake.writes == [ipv6_off("kohaku-host")]
+
+
+def test_ensure_ipv6_off_fixes_only_the_devices_that_drifted(tmp_path, fake, monkeypatch):
+    values = {"/proc/sys/net/ipv6/conf/vxkr2/disable_ipv6": "0"}     # someone switched it on
+    monkeypatch.setattr(host, "read_sysctl", lambda path: values.get(path, dict(
+        (("accept_ra", "0"), ("forwarding", "0"), ("disable_ipv6", "1")))[path.split("/")[-1]]))
+    k = kernel(tmp_path)
+    assert k.ensure_ipv6_off(["kohaku-host", "vxkr1", "vxkr2"]) == ["vxkr2"]
+    assert fake.writes == [ipv6_off("vxkr2")] and fake.calls == []
+    monkeypatch.setattr(host, "read_sysctl", lambda path: None)     # no IPv6 in this kernel
+    assert k.ensure_ipv6_off(["vxkr1"]) == [] and len(fake.writes) == 1
+
+
+def test_run_write_writes_the_files_instead_of_a_process(tmp_path, monkeypatch, capsys,
+                                                         caplog):
+    caplog.set_level(logging.INFO, logger="kohaku-overlay-host")
+    target = tmp_path / "disable_ipv6"
+    target.write_text("0\n")
+    before = host.SPAWNED[0]
+    res = host.run(["sysctl", "-w", "x.disable_ipv6=1"],
+                   write={str(target): "1", str(tmp_path / "gone" / "accept_ra"): "0"})
+    assert res == host.Result(0, "", "") and host.SPAWNED[0] == before
+    assert target.read_text() == "1"
+    assert [r.getMessage() for r in caplog.records] == ["[#] sysctl -w x.disable_ipv6=1"]
+    monkeypatch.setattr(host, "DRY_RUN", True)
+    target.write_text("0")
+    assert host.run(["sysctl", "-w", "x=1"], write={str(target): "1"}) is host.SKIPPED
+    assert target.read_text() == "0" and capsys.readouterr().out == "[#] sysctl -w x=1\n"
 
 
 def test_sync_tunnels_dry_run_prints_and_runs_nothing(tmp_path, popen, monkeypatch, capsys):
