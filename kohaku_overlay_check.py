@@ -100,6 +100,9 @@ HOST_KEYS = {
     "OVERLAY_VXLAN_SOURCE_FILTER": (BOOL, True, False),
     "OVERLAY_DIRECT_ROUTING": (BOOL, False, False),
     "OVERLAY_REPAIR_INTERVAL": (INT, 10, False),
+    "OVERLAY_ENCRYPTION": (STR, "none", False),
+    "OVERLAY_WG_PORT": (INT, 51820, False),
+    "OVERLAY_WG_SUBNET": (STR, "172.16.0.0/23", False),
 }
 RUNNER_KEYS = {
     "HOST_ADDRESS": (STR, "", False),
@@ -121,13 +124,13 @@ RUNNER_KEYS = {
     "OVERLAY_METRICS_FILE": (STR, "", False),
 }
 ROLE_KEYS = {"host": HOST_KEYS, "runner": RUNNER_KEYS}
-# numeric keys -> (lowest, highest) accepted, as the daemons bound them (OVERLAY_VXLAN_ID: the
-# runner's bound, the host's for the default 255 runners; OVERLAY_HOST_PREFIX: the Layout also
-# wants at least NETWORK_PREFIX, as the host does)
+# numeric keys -> (lowest, highest) accepted, the daemons' own bounds (tests/unit/
+# test_config_files.py holds them equal); the Layout also wants OVERLAY_HOST_PREFIX at least
+# NETWORK_PREFIX and room above OVERLAY_VXLAN_ID for the layout's runners, as the host does
 RANGES = {"HOST_PORT": (1, 65535), "OVERLAY_VXLAN_PORT": (1, 65535), "OVERLAY_MTU": (576, 9000),
-          "OVERLAY_VXLAN_ID": (1, 2 ** 24 - 256), "OVERLAY_HOST_PREFIX": (1, 32),
+          "OVERLAY_VXLAN_ID": (1, 2 ** 24 - 2), "OVERLAY_HOST_PREFIX": (1, 32),
           "OVERLAY_INACTIVE_AFTER": (1, 86400), "OVERLAY_REPAIR_INTERVAL": (1, 3600),
-          "HEARTBEAT_INTERVAL": (0.001, 3600)}
+          "HEARTBEAT_INTERVAL": (0.001, 3600), "OVERLAY_WG_PORT": (1, 65535)}
 
 PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "firewall-cmd": "firewalld",
             "docker": "docker.io (or docker-ce)", "ping": "iputils-ping",
@@ -314,15 +317,6 @@ class Layout(object):
         return str(self.subnet(n).network_address + (254 if size >= 256 else size - 2))
 
 
-def literal_kind(node):
-    names = {"Import": "an import", "ImportFrom": "an import", "FunctionDef": "a def",
-             "ClassDef": "a class", "Call": "a call", "JoinedStr": "an f-string",
-             "Attribute": "an attribute", "If": "an if", "For": "a loop", "While": "a loop",
-             "With": "a with", "Try": "a try", "AugAssign": "an augmented assignment"}
-    name = type(node).__name__
-    return names.get(name, "a " + name.lower())
-
-
 def short_repr(value, limit=60):
     """repr() bounded in length (and safe for ints too long to print)."""
     try:
@@ -333,63 +327,143 @@ def short_repr(value, limit=60):
 
 
 def parse_config(text, path, role):
-    """Read NAME = literal lines with ast; return (values, warnings, ignored_names)."""
-    keys = ROLE_KEYS[role]
+    """Our keys of a config file (see the KohakuRiver block below): (values, warnings, ignored)."""
     fname = os.path.basename(path)
     if len(text) > MAX_CONFIG:
         raise ConfigError("%s is larger than %d bytes: it is not a config file; pass the right "
                           "--config" % (fname, MAX_CONFIG))
+    spec = dict((k, (types, nullable)) for k, (types, _d, nullable) in ROLE_KEYS[role].items())
+    return parse_config_source(text, fname, spec, RANGES)
+
+
+# >>> KohakuRiver config files: this block is the same, word for word, in kohaku_overlay_host.py,
+# kohaku_overlay_runner.py and kohaku_overlay_check.py (tests/unit/test_config_files.py holds it).
+# The file `kohakuriver init config --generate` writes (a docstring, imports, annotations,
+# LogLevel.INFO, def config_gen) is read with ast and never executed: a key we own comes from a
+# plain top-level `NAME = literal` or `NAME: annotation = literal` line, everything else is
+# KohakuRiver's and passed over without a word.
+
+# KohakuRiver's own keys in host_config.py and runner_config.py: never warned about by a script
+# that does not own them (an unknown OVERLAY_* name, or a near miss of a key of ours, is)
+KOHAKURIVER_KEYS = frozenset((
+    "ADDITIONAL_MOUNTS", "ADMIN_SECRET", "AUTH_ENABLED", "AUTO_RESTORE_ON_CREATE",
+    "AUTO_SNAPSHOT_ON_STOP", "CLEANUP_CHECK_INTERVAL_SECONDS", "CONTAINER_DIR",
+    "CONTAINER_TAR_DIR", "DB_FILE", "DEFAULT_CONTAINER_NAME", "DEFAULT_WORKING_DIR",
+    "DOCKER_IMAGE_SYNC_TIMEOUT", "DOCKER_NETWORK_GATEWAY", "DOCKER_NETWORK_NAME",
+    "DOCKER_NETWORK_SUBNET", "HEARTBEAT_INTERVAL_SECONDS", "HEARTBEAT_TIMEOUT_FACTOR",
+    "HOST_ADDRESS", "HOST_BIND_IP", "HOST_LOG_FILE", "HOST_PORT", "HOST_REACHABLE_ADDRESS",
+    "HOST_SSH_PROXY_PORT", "INITIAL_BASE_IMAGE", "LOCAL_TEMP_DIR", "LOG_LEVEL",
+    "MAX_SNAPSHOTS_PER_VPS", "NUMACTL_PATH", "OVERLAY_ENABLED", "OVERLAY_MTU",
+    "OVERLAY_NETWORK_NAME", "OVERLAY_SUBNET", "OVERLAY_VXLAN_ID", "OVERLAY_VXLAN_PORT",
+    "RESOURCE_CHECK_INTERVAL_SECONDS", "RUNNER_BIND_IP", "RUNNER_LOG_FILE", "RUNNER_PORT",
+    "RUNNER_USER", "SESSION_EXPIRE_HOURS", "SHARED_DIR", "TASKS_PRIVILEGED",
+    "TUNNEL_CLIENT_PATH", "TUNNEL_ENABLED", "VM_ACS_OVERRIDE", "VM_DEFAULT_DISK_SIZE",
+    "VM_DEFAULT_MEMORY_MB", "VM_IMAGES_DIR", "VM_INSTANCES_DIR"))
+# KohakuRiver's name -> ours: honoured where our own key is not set in the same file
+CONFIG_ALIASES = {"HEARTBEAT_INTERVAL_SECONDS": "HEARTBEAT_INTERVAL"}
+CONFIG_TYPE_WORDS = ((bool, "True or False"), (int, "an integer"), (float, "a number"),
+                     (str, "a string"), (bytes, "bytes"), (list, "a list"), (tuple, "a tuple"),
+                     (dict, "a dict"), (set, "a set"), (complex, "a complex number"),
+                     (type(None), "None"))
+CONFIG_KINDS = {"Import": "an import", "ImportFrom": "an import", "FunctionDef": "a def",
+                "AsyncFunctionDef": "a def", "ClassDef": "a class", "Call": "a call",
+                "Attribute": "an attribute", "Name": "a name", "JoinedStr": "an f-string",
+                "BinOp": "an expression", "UnaryOp": "an expression", "Subscript": "a subscript",
+                "Assign": "an assignment to more than one name", "AugAssign": "an augmented "
+                "assignment", "If": "an if", "For": "a loop", "While": "a loop", "With": "a with",
+                "Try": "a try", "Global": "a global statement"}
+
+
+def parse_config_source(source, filename, keys, ranges):
+    """KohakuRiver-style config text (or bytes) -> (values, warnings, ignored names).
+
+    keys: {NAME: (accepted types, None allowed)} for the keys this script owns; ranges:
+    {NAME: (lowest, highest)}. Raises ConfigError, one sentence naming the line and the key,
+    for a key we own that is set other than by a plain literal, of the wrong type or out of range.
+    """
     try:
-        tree = ast.parse(text, filename=path)
-    except SyntaxError as e:
-        raise ConfigError("%s line %s: syntax error (%s); fix the line" % (fname, e.lineno, e.msg))
-    except (ValueError, RecursionError, MemoryError) as e:
-        raise ConfigError("%s cannot be read as NAME = literal lines (%s); fix the file" % (
-            fname, short_repr(str(e))[1:-1] if str(e) else type(e).__name__))
-    values, warnings, ignored = {}, [], []
+        tree = ast.parse(source, filename)
+    except SyntaxError as exc:
+        raise ConfigError("%s line %s: not valid Python (%s); fix that line" % (
+            filename, exc.lineno or "?", exc.msg))
+    except (ValueError, MemoryError, RecursionError) as exc:
+        raise ConfigError("%s cannot be parsed as Python (%s); fix the file" % (
+            filename, type(exc).__name__))
+    values, aliased, warnings, ignored = {}, {}, [], []
     for node in tree.body:
-        target = value = None
-        if isinstance(node, ast.Expr):
-            try:
-                if isinstance(ast.literal_eval(node.value), str):
-                    continue
-            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
-                pass
-            raise ConfigError("%s line %d: only NAME = literal lines are allowed (found %s); "
-                              "remove it" % (fname, node.lineno, literal_kind(node.value)))
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value = node.target, node.value
-        if not isinstance(target, ast.Name):
-            raise ConfigError("%s line %d: only NAME = literal lines are allowed (found %s); "
-                              "remove it" % (fname, node.lineno, literal_kind(node)))
-        try:
-            val = ast.literal_eval(value)
-        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
-            raise ConfigError("%s line %d: %s must be a literal (found %s); write a plain value"
-                              % (fname, node.lineno, target.id, literal_kind(value)))
-        name = target.id
-        if name not in keys:
-            close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.88)
-            if close:
-                warnings.append("%s line %d: unknown key %s (did you mean %s?), ignored" % (
-                    fname, node.lineno, name, close[0]))
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and node.value is not None:
+            name, value = node.target.id, node.value
+        else:
+            owned = [n for n in config_bound_names(node)
+                     if n in keys or CONFIG_ALIASES.get(n) in keys]
+            if owned:
+                raise ConfigError("%s line %d: %s is set by %s, which this script does not run; "
+                                  "set it on a plain `%s = value` line" % (
+                                      filename, node.lineno, owned[0], config_kind(node),
+                                      owned[0]))
+            continue
+        key = name if name in keys else CONFIG_ALIASES.get(name)
+        if key not in keys:
+            close = difflib.get_close_matches(name, sorted(keys), n=1, cutoff=0.85)
+            if name not in KOHAKURIVER_KEYS and (close or name.startswith("OVERLAY_")):
+                warnings.append("%s line %d: unknown key %s%s, ignored" % (
+                    filename, node.lineno, name, " (did you mean %s?)" % close[0] if close else ""))
             else:
                 ignored.append(name)
             continue
-        types, _default, nullable = keys[name]
-        ok = (val is None and nullable) or (isinstance(val, types) and not (
-            isinstance(val, bool) and bool not in types))
-        if not ok:
-            raise ConfigError("%s: %s must be %s, got %s; fix that line" % (
-                fname, name, "/".join(t.__name__ for t in types), short_repr(val)))
-        low, high = RANGES.get(name, (None, None))
-        if low is not None and val is not None and not low <= val <= high:
-            raise ConfigError("%s: %s must be %s..%s, got %s; fix that line" % (
-                fname, name, low, high, short_repr(val)))
-        values[name] = val
+        (values if key == name else aliased)[key] = config_value(
+            value, name, keys[key], ranges.get(key), "%s line %d" % (filename, node.lineno))
+    for key, literal in aliased.items():
+        values.setdefault(key, literal)
     return values, warnings, ignored
+
+
+def config_value(node, name, spec, bounds, where):
+    """The literal of a key we own, checked against its types and range."""
+    try:
+        literal = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ConfigError("%s: %s must be a plain literal, not %s; write the value itself" % (
+            where, name, config_kind(node)))
+    types, nullable = spec
+    if not (type(literal) in types or (literal is None and nullable)):
+        number = float in types  # then an integer is a number too
+        wanted = [w for t, w in CONFIG_TYPE_WORDS if t in types and not (number and t is int)]
+        raise ConfigError("%s: %s must be %s, not %s; fix the value" % (
+            where, name, " or ".join(wanted + (["None"] if nullable else [])),
+            dict(CONFIG_TYPE_WORDS).get(type(literal), "a " + type(literal).__name__)))
+    if bounds and literal is not None and not bounds[0] <= literal <= bounds[1]:
+        shown = repr(literal) if type(literal) is float or abs(literal) < 10 ** 15 else \
+            "a %d-bit number" % literal.bit_length()
+        raise ConfigError("%s: %s = %s is out of range: use %s..%s" % (
+            where, name, shown, bounds[0], bounds[1]))
+    return literal
+
+
+def config_bound_names(node):
+    """The module-level names a statement binds (not those inside defs, classes or lambdas)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    if isinstance(node, ast.Global):
+        return list(node.names)
+    if isinstance(node, ast.Name):
+        return [node.id] if isinstance(node.ctx, ast.Store) else []
+    if isinstance(node, ast.Lambda):
+        return []
+    return [name for child in ast.iter_child_nodes(node) for name in config_bound_names(child)]
+
+
+def config_kind(node):
+    """'an import', 'a call', ...: what a statement or an expression is, for messages."""
+    name = type(node).__name__
+    return CONFIG_KINDS.get(name, "a " + name.lower())
+# <<< KohakuRiver config files
 
 
 def config_with_defaults(values, role):

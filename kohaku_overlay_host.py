@@ -85,6 +85,13 @@ CONFIG_KEYS = collections.OrderedDict([
     ("OVERLAY_WG_PORT", (int, 51820)),
     ("OVERLAY_WG_SUBNET", (str, "172.16.0.0/23")),  # tunnel addresses: host first, runner N +N
 ])
+# name -> (lowest, highest) accepted, checked as the file is read. The check script and the runner
+# hold the same bounds for the keys they share (tests/unit/test_config_files.py); the Layout also
+# bounds OVERLAY_HOST_PREFIX by NETWORK_PREFIX and OVERLAY_VXLAN_ID by the number of runners.
+RANGES = {"HOST_PORT": (1, 65535), "OVERLAY_VXLAN_PORT": (1, 65535), "OVERLAY_MTU": (576, 9000),
+          "OVERLAY_VXLAN_ID": (1, 2 ** 24 - 2), "OVERLAY_HOST_PREFIX": (1, 32),
+          "OVERLAY_INACTIVE_AFTER": (1, 86400), "OVERLAY_REPAIR_INTERVAL": (1, 3600),
+          "OVERLAY_WG_PORT": (1, 65535)}
 
 HOST_DEVICE = "kohaku-host"
 # IPv6 off on every device the host creates (issue 11.9): a container must not be able to send
@@ -257,15 +264,11 @@ def tool_exists(name):
 # ---------------------------------------------------------------------------------------------
 
 
-# what ast and literal_eval raise on hostile input: unhashable set members, deep nesting
-LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
-
-
 def read_config(path, keys, explicit):
-    """Read NAME = literal lines from a config file into a dict of known keys.
+    """The known keys of a config file over their defaults (see the KohakuRiver block below).
 
-    Unknown names are a warning naming the line; statements that are not literal assignments
-    and values of the wrong type are a ConfigError naming the line or the key.
+    Unknown OVERLAY_* names and near misses of ours are a warning naming the line; a missing
+    default file means the defaults.
     """
     values = dict((k, d) for k, (t, d) in keys.items())
     full = os.path.expanduser(path)
@@ -278,58 +281,142 @@ def read_config(path, keys, explicit):
             return values
         raise ConfigError("cannot read config {}: {}; pass --config with a readable file".format(
             full, exc.strerror))
-    where = os.path.basename(full)
-    try:
-        tree = ast.parse(source, filename=full)
-    except LITERAL_ERRORS as exc:
-        raise ConfigError("{} line {}: not valid Python syntax ({}); fix that line".format(
-            where, getattr(exc, "lineno", "?"), getattr(exc, "msg", exc)))
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and _is_string(node.value):
-            continue  # a docstring or a bare string
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value = node.target, node.value
-        else:
-            raise ConfigError("{} line {}: only NAME = value lines are allowed, found {}; "
-                              "remove it".format(where, node.lineno, _describe_node(node)))
-        if not isinstance(target, ast.Name):
-            raise ConfigError("{} line {}: only NAME = value lines are allowed; remove it".format(
-                where, node.lineno))
-        name = target.id
-        if name not in keys:
-            close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.8)
-            log.warning("%s line %d: unknown key %s%s, ignored", where, node.lineno, name,
-                        " (did you mean {}?)".format(close[0]) if close else "")
-            continue
-        try:
-            literal = ast.literal_eval(value)
-        except LITERAL_ERRORS:
-            raise ConfigError("{} line {}: {} must be a plain literal, not an expression that "
-                              "runs code; write the value itself".format(where, node.lineno, name))
-        want = keys[name][0]
-        if type(literal) is not want:  # bool is not an int here, and int is not a bool
-            raise ConfigError("{}: {} must be {}, got {} on line {}".format(
-                where, name, {bool: "True or False", int: "an integer", str: "a string"}[want],
-                _short(literal), node.lineno))
-        values[name] = literal
+    spec = dict((k, ((t,), d is None)) for k, (t, d) in keys.items())
+    found, warnings, _ignored = parse_config_source(source, os.path.basename(full), spec, RANGES)
+    for warning in warnings:
+        log.warning("%s", warning)
+    values.update(found)
     return values
 
 
-def _describe_node(node):
-    names = {ast.Import: "an import", ast.ImportFrom: "an import", ast.FunctionDef: "a function",
-             ast.ClassDef: "a class", ast.Expr: "an expression", ast.If: "an if statement",
-             ast.For: "a loop", ast.While: "a loop", ast.With: "a with statement",
-             ast.AugAssign: "an augmented assignment"}
-    return names.get(type(node), "a {} statement".format(type(node).__name__))
+# >>> KohakuRiver config files: this block is the same, word for word, in kohaku_overlay_host.py,
+# kohaku_overlay_runner.py and kohaku_overlay_check.py (tests/unit/test_config_files.py holds it).
+# The file `kohakuriver init config --generate` writes (a docstring, imports, annotations,
+# LogLevel.INFO, def config_gen) is read with ast and never executed: a key we own comes from a
+# plain top-level `NAME = literal` or `NAME: annotation = literal` line, everything else is
+# KohakuRiver's and passed over without a word.
+
+# KohakuRiver's own keys in host_config.py and runner_config.py: never warned about by a script
+# that does not own them (an unknown OVERLAY_* name, or a near miss of a key of ours, is)
+KOHAKURIVER_KEYS = frozenset((
+    "ADDITIONAL_MOUNTS", "ADMIN_SECRET", "AUTH_ENABLED", "AUTO_RESTORE_ON_CREATE",
+    "AUTO_SNAPSHOT_ON_STOP", "CLEANUP_CHECK_INTERVAL_SECONDS", "CONTAINER_DIR",
+    "CONTAINER_TAR_DIR", "DB_FILE", "DEFAULT_CONTAINER_NAME", "DEFAULT_WORKING_DIR",
+    "DOCKER_IMAGE_SYNC_TIMEOUT", "DOCKER_NETWORK_GATEWAY", "DOCKER_NETWORK_NAME",
+    "DOCKER_NETWORK_SUBNET", "HEARTBEAT_INTERVAL_SECONDS", "HEARTBEAT_TIMEOUT_FACTOR",
+    "HOST_ADDRESS", "HOST_BIND_IP", "HOST_LOG_FILE", "HOST_PORT", "HOST_REACHABLE_ADDRESS",
+    "HOST_SSH_PROXY_PORT", "INITIAL_BASE_IMAGE", "LOCAL_TEMP_DIR", "LOG_LEVEL",
+    "MAX_SNAPSHOTS_PER_VPS", "NUMACTL_PATH", "OVERLAY_ENABLED", "OVERLAY_MTU",
+    "OVERLAY_NETWORK_NAME", "OVERLAY_SUBNET", "OVERLAY_VXLAN_ID", "OVERLAY_VXLAN_PORT",
+    "RESOURCE_CHECK_INTERVAL_SECONDS", "RUNNER_BIND_IP", "RUNNER_LOG_FILE", "RUNNER_PORT",
+    "RUNNER_USER", "SESSION_EXPIRE_HOURS", "SHARED_DIR", "TASKS_PRIVILEGED",
+    "TUNNEL_CLIENT_PATH", "TUNNEL_ENABLED", "VM_ACS_OVERRIDE", "VM_DEFAULT_DISK_SIZE",
+    "VM_DEFAULT_MEMORY_MB", "VM_IMAGES_DIR", "VM_INSTANCES_DIR"))
+# KohakuRiver's name -> ours: honoured where our own key is not set in the same file
+CONFIG_ALIASES = {"HEARTBEAT_INTERVAL_SECONDS": "HEARTBEAT_INTERVAL"}
+CONFIG_TYPE_WORDS = ((bool, "True or False"), (int, "an integer"), (float, "a number"),
+                     (str, "a string"), (bytes, "bytes"), (list, "a list"), (tuple, "a tuple"),
+                     (dict, "a dict"), (set, "a set"), (complex, "a complex number"),
+                     (type(None), "None"))
+CONFIG_KINDS = {"Import": "an import", "ImportFrom": "an import", "FunctionDef": "a def",
+                "AsyncFunctionDef": "a def", "ClassDef": "a class", "Call": "a call",
+                "Attribute": "an attribute", "Name": "a name", "JoinedStr": "an f-string",
+                "BinOp": "an expression", "UnaryOp": "an expression", "Subscript": "a subscript",
+                "Assign": "an assignment to more than one name", "AugAssign": "an augmented "
+                "assignment", "If": "an if", "For": "a loop", "While": "a loop", "With": "a with",
+                "Try": "a try", "Global": "a global statement"}
 
 
-def _is_string(node):
+def parse_config_source(source, filename, keys, ranges):
+    """KohakuRiver-style config text (or bytes) -> (values, warnings, ignored names).
+
+    keys: {NAME: (accepted types, None allowed)} for the keys this script owns; ranges:
+    {NAME: (lowest, highest)}. Raises ConfigError, one sentence naming the line and the key,
+    for a key we own that is set other than by a plain literal, of the wrong type or out of range.
+    """
     try:
-        return isinstance(ast.literal_eval(node), str)
-    except LITERAL_ERRORS:
-        return False
+        tree = ast.parse(source, filename)
+    except SyntaxError as exc:
+        raise ConfigError("%s line %s: not valid Python (%s); fix that line" % (
+            filename, exc.lineno or "?", exc.msg))
+    except (ValueError, MemoryError, RecursionError) as exc:
+        raise ConfigError("%s cannot be parsed as Python (%s); fix the file" % (
+            filename, type(exc).__name__))
+    values, aliased, warnings, ignored = {}, {}, [], []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and node.value is not None:
+            name, value = node.target.id, node.value
+        else:
+            owned = [n for n in config_bound_names(node)
+                     if n in keys or CONFIG_ALIASES.get(n) in keys]
+            if owned:
+                raise ConfigError("%s line %d: %s is set by %s, which this script does not run; "
+                                  "set it on a plain `%s = value` line" % (
+                                      filename, node.lineno, owned[0], config_kind(node),
+                                      owned[0]))
+            continue
+        key = name if name in keys else CONFIG_ALIASES.get(name)
+        if key not in keys:
+            close = difflib.get_close_matches(name, sorted(keys), n=1, cutoff=0.85)
+            if name not in KOHAKURIVER_KEYS and (close or name.startswith("OVERLAY_")):
+                warnings.append("%s line %d: unknown key %s%s, ignored" % (
+                    filename, node.lineno, name, " (did you mean %s?)" % close[0] if close else ""))
+            else:
+                ignored.append(name)
+            continue
+        (values if key == name else aliased)[key] = config_value(
+            value, name, keys[key], ranges.get(key), "%s line %d" % (filename, node.lineno))
+    for key, literal in aliased.items():
+        values.setdefault(key, literal)
+    return values, warnings, ignored
+
+
+def config_value(node, name, spec, bounds, where):
+    """The literal of a key we own, checked against its types and range."""
+    try:
+        literal = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ConfigError("%s: %s must be a plain literal, not %s; write the value itself" % (
+            where, name, config_kind(node)))
+    types, nullable = spec
+    if not (type(literal) in types or (literal is None and nullable)):
+        number = float in types  # then an integer is a number too
+        wanted = [w for t, w in CONFIG_TYPE_WORDS if t in types and not (number and t is int)]
+        raise ConfigError("%s: %s must be %s, not %s; fix the value" % (
+            where, name, " or ".join(wanted + (["None"] if nullable else [])),
+            dict(CONFIG_TYPE_WORDS).get(type(literal), "a " + type(literal).__name__)))
+    if bounds and literal is not None and not bounds[0] <= literal <= bounds[1]:
+        shown = repr(literal) if type(literal) is float or abs(literal) < 10 ** 15 else \
+            "a %d-bit number" % literal.bit_length()
+        raise ConfigError("%s: %s = %s is out of range: use %s..%s" % (
+            where, name, shown, bounds[0], bounds[1]))
+    return literal
+
+
+def config_bound_names(node):
+    """The module-level names a statement binds (not those inside defs, classes or lambdas)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    if isinstance(node, ast.Global):
+        return list(node.names)
+    if isinstance(node, ast.Name):
+        return [node.id] if isinstance(node.ctx, ast.Store) else []
+    if isinstance(node, ast.Lambda):
+        return []
+    return [name for child in ast.iter_child_nodes(node) for name in config_bound_names(child)]
+
+
+def config_kind(node):
+    """'an import', 'a call', ...: what a statement or an expression is, for messages."""
+    name = type(node).__name__
+    return CONFIG_KINDS.get(name, "a " + name.lower())
+# <<< KohakuRiver config files
 
 
 def _short(value):
@@ -451,13 +538,7 @@ def load_settings(path, explicit):
     """Config plus layout, validated together; ConfigError on anything wrong."""
     cfg = read_config(path, CONFIG_KEYS, explicit)
     layout = Layout(cfg["OVERLAY_SUBNET"], cfg["OVERLAY_HOST_IP"], cfg["OVERLAY_HOST_PREFIX"])
-    for key, low, high in (("HOST_PORT", 1, 65535), ("OVERLAY_VXLAN_PORT", 1, 65535),
-                           ("OVERLAY_MTU", 576, 9000), ("OVERLAY_INACTIVE_AFTER", 1, 86400),
-                           ("OVERLAY_REPAIR_INTERVAL", 1, 3600), ("OVERLAY_WG_PORT", 1, 65535)):
-        if not low <= cfg[key] <= high:
-            raise ConfigError("{} = {} is out of range: use {}..{}".format(
-                key, _short(cfg[key]), low, high))
-    if not 1 <= cfg["OVERLAY_VXLAN_ID"] or cfg["OVERLAY_VXLAN_ID"] + layout.max_id > 0xFFFFFF:
+    if cfg["OVERLAY_VXLAN_ID"] + layout.max_id > 0xFFFFFF:
         raise ConfigError("OVERLAY_VXLAN_ID = {} leaves no room for {} VNIs below 16777216".format(
             _short(cfg["OVERLAY_VXLAN_ID"]), layout.max_id))
     if not re.match(r"\A[\x21-\x7e]*\Z", cfg["OVERLAY_TOKEN"]):
@@ -2237,6 +2318,11 @@ class ApiServer(object):
             self.sock.bind((address, port))
         except OSError as exc:
             self.sock.close()
+            if exc.errno == errno.EADDRINUSE:  # issue 11.13: KohakuRiver's own host has 8000
+                raise OverlayError(
+                    "HOST_PORT {} is already in use on {} (KohakuRiver's own host listens on "
+                    "8000 by default): set HOST_PORT to a free port in the Host's config and the "
+                    "same HOST_PORT in every runner's config".format(port, address))
             raise OverlayError("cannot listen on {}:{}: {}; set HOST_BIND_IP/HOST_PORT or stop "
                                "what uses the port".format(address, port, exc.strerror))
         self.sock.listen(512)

@@ -100,6 +100,11 @@ RUNNER_KEYS = [
     ("OVERLAY_METRICS_FILE", (str,), ""),
 ]
 KEY_TYPES = {k: t for k, t, _ in RUNNER_KEYS}
+# key -> (lowest, highest) accepted, checked as the file is read; the Host and the check script
+# hold the same bounds (tests/unit/test_config_files.py). OVERLAY_VXLAN_ID: VNI base + runner id
+# must stay below 2**24 (the Host also knows how many runners its layout has).
+RANGES = {"HOST_PORT": (1, 65535), "OVERLAY_VXLAN_PORT": (1, 65535), "OVERLAY_MTU": (576, 9000),
+          "OVERLAY_VXLAN_ID": (1, 2 ** 24 - 2), "HEARTBEAT_INTERVAL": (0.001, 3600)}
 KEY_DEFAULTS = {k: d for k, _, d in RUNNER_KEYS}
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -215,82 +220,141 @@ def shown(value, limit=60):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-TYPE_WORDS = {str: "a string in quotes", int: "an integer", float: "a number",
-              bool: "True or False"}
-
-
-def type_name(types):
-    return "a number" if float in types else " or ".join(TYPE_WORDS[t] for t in types)
-
-
-def type_ok(value, types):
-    if isinstance(value, bool):          # bool is not an int, int is not a bool
-        return bool in types
-    return isinstance(value, tuple(t for t in types if t is not bool))
-
-
 def parse_config_text(text, filename="runner_config.py"):
-    """Parse `NAME = literal` / `NAME: type = literal` lines with ast, never executing the file.
-
-    Returns (values, warnings). Raises ConfigError for code or a wrong type.
-    """
-    try:
-        tree = ast.parse(text, filename)
-    except SyntaxError as e:
-        raise ConfigError("%s line %s: not valid Python (%s); fix the line" % (
-            filename, e.lineno, e.msg))
-    except (MemoryError, RecursionError, ValueError) as e:
-        raise ConfigError("%s cannot be read (%s): keep to NAME = value lines" % (
-            filename, type(e).__name__))
-    values, warnings = {}, []
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and is_string_literal(node.value):
-            continue                         # docstring or bare string
-        target, value = None, None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value = node.target, node.value
-        if not isinstance(target, ast.Name):
-            raise ConfigError("%s line %d: only NAME = literal lines are allowed (found %s); "
-                              "remove it" % (filename, node.lineno, describe_node(node)))
-        try:
-            literal = ast.literal_eval(value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise ConfigError("%s line %d: the value of %s is not a literal (found %s); write a "
-                              "plain value" % (filename, node.lineno, target.id,
-                                               describe_node(value)))
-        name = target.id
-        if name not in KEY_TYPES:
-            close = difflib.get_close_matches(name, list(KEY_TYPES), n=1, cutoff=0.8)
-            hint = " (did you mean %s?)" % close[0] if close else ""
-            warnings.append("%s line %d: unknown key %s%s, ignored" % (
-                filename, node.lineno, name, hint))
-            continue
-        if not type_ok(literal, KEY_TYPES[name]):
-            raise ConfigError("%s line %d: %s must be %s, not %s; fix the value" % (
-                filename, node.lineno, name, type_name(KEY_TYPES[name]), shown(literal)))
-        values[name] = literal
+    """Our keys of a runner config (see the KohakuRiver block below): (values, warnings)."""
+    spec = dict((k, (t, False)) for k, t in KEY_TYPES.items())
+    values, warnings, _ignored = parse_config_source(text, filename, spec, RANGES)
     return values, warnings
 
 
-def is_string_literal(node):
+# >>> KohakuRiver config files: this block is the same, word for word, in kohaku_overlay_host.py,
+# kohaku_overlay_runner.py and kohaku_overlay_check.py (tests/unit/test_config_files.py holds it).
+# The file `kohakuriver init config --generate` writes (a docstring, imports, annotations,
+# LogLevel.INFO, def config_gen) is read with ast and never executed: a key we own comes from a
+# plain top-level `NAME = literal` or `NAME: annotation = literal` line, everything else is
+# KohakuRiver's and passed over without a word.
+
+# KohakuRiver's own keys in host_config.py and runner_config.py: never warned about by a script
+# that does not own them (an unknown OVERLAY_* name, or a near miss of a key of ours, is)
+KOHAKURIVER_KEYS = frozenset((
+    "ADDITIONAL_MOUNTS", "ADMIN_SECRET", "AUTH_ENABLED", "AUTO_RESTORE_ON_CREATE",
+    "AUTO_SNAPSHOT_ON_STOP", "CLEANUP_CHECK_INTERVAL_SECONDS", "CONTAINER_DIR",
+    "CONTAINER_TAR_DIR", "DB_FILE", "DEFAULT_CONTAINER_NAME", "DEFAULT_WORKING_DIR",
+    "DOCKER_IMAGE_SYNC_TIMEOUT", "DOCKER_NETWORK_GATEWAY", "DOCKER_NETWORK_NAME",
+    "DOCKER_NETWORK_SUBNET", "HEARTBEAT_INTERVAL_SECONDS", "HEARTBEAT_TIMEOUT_FACTOR",
+    "HOST_ADDRESS", "HOST_BIND_IP", "HOST_LOG_FILE", "HOST_PORT", "HOST_REACHABLE_ADDRESS",
+    "HOST_SSH_PROXY_PORT", "INITIAL_BASE_IMAGE", "LOCAL_TEMP_DIR", "LOG_LEVEL",
+    "MAX_SNAPSHOTS_PER_VPS", "NUMACTL_PATH", "OVERLAY_ENABLED", "OVERLAY_MTU",
+    "OVERLAY_NETWORK_NAME", "OVERLAY_SUBNET", "OVERLAY_VXLAN_ID", "OVERLAY_VXLAN_PORT",
+    "RESOURCE_CHECK_INTERVAL_SECONDS", "RUNNER_BIND_IP", "RUNNER_LOG_FILE", "RUNNER_PORT",
+    "RUNNER_USER", "SESSION_EXPIRE_HOURS", "SHARED_DIR", "TASKS_PRIVILEGED",
+    "TUNNEL_CLIENT_PATH", "TUNNEL_ENABLED", "VM_ACS_OVERRIDE", "VM_DEFAULT_DISK_SIZE",
+    "VM_DEFAULT_MEMORY_MB", "VM_IMAGES_DIR", "VM_INSTANCES_DIR"))
+# KohakuRiver's name -> ours: honoured where our own key is not set in the same file
+CONFIG_ALIASES = {"HEARTBEAT_INTERVAL_SECONDS": "HEARTBEAT_INTERVAL"}
+CONFIG_TYPE_WORDS = ((bool, "True or False"), (int, "an integer"), (float, "a number"),
+                     (str, "a string"), (bytes, "bytes"), (list, "a list"), (tuple, "a tuple"),
+                     (dict, "a dict"), (set, "a set"), (complex, "a complex number"),
+                     (type(None), "None"))
+CONFIG_KINDS = {"Import": "an import", "ImportFrom": "an import", "FunctionDef": "a def",
+                "AsyncFunctionDef": "a def", "ClassDef": "a class", "Call": "a call",
+                "Attribute": "an attribute", "Name": "a name", "JoinedStr": "an f-string",
+                "BinOp": "an expression", "UnaryOp": "an expression", "Subscript": "a subscript",
+                "Assign": "an assignment to more than one name", "AugAssign": "an augmented "
+                "assignment", "If": "an if", "For": "a loop", "While": "a loop", "With": "a with",
+                "Try": "a try", "Global": "a global statement"}
+
+
+def parse_config_source(source, filename, keys, ranges):
+    """KohakuRiver-style config text (or bytes) -> (values, warnings, ignored names).
+
+    keys: {NAME: (accepted types, None allowed)} for the keys this script owns; ranges:
+    {NAME: (lowest, highest)}. Raises ConfigError, one sentence naming the line and the key,
+    for a key we own that is set other than by a plain literal, of the wrong type or out of range.
+    """
     try:
-        return isinstance(ast.literal_eval(node), str)
+        tree = ast.parse(source, filename)
+    except SyntaxError as exc:
+        raise ConfigError("%s line %s: not valid Python (%s); fix that line" % (
+            filename, exc.lineno or "?", exc.msg))
+    except (ValueError, MemoryError, RecursionError) as exc:
+        raise ConfigError("%s cannot be parsed as Python (%s); fix the file" % (
+            filename, type(exc).__name__))
+    values, aliased, warnings, ignored = {}, {}, [], []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and node.value is not None:
+            name, value = node.target.id, node.value
+        else:
+            owned = [n for n in config_bound_names(node)
+                     if n in keys or CONFIG_ALIASES.get(n) in keys]
+            if owned:
+                raise ConfigError("%s line %d: %s is set by %s, which this script does not run; "
+                                  "set it on a plain `%s = value` line" % (
+                                      filename, node.lineno, owned[0], config_kind(node),
+                                      owned[0]))
+            continue
+        key = name if name in keys else CONFIG_ALIASES.get(name)
+        if key not in keys:
+            close = difflib.get_close_matches(name, sorted(keys), n=1, cutoff=0.85)
+            if name not in KOHAKURIVER_KEYS and (close or name.startswith("OVERLAY_")):
+                warnings.append("%s line %d: unknown key %s%s, ignored" % (
+                    filename, node.lineno, name, " (did you mean %s?)" % close[0] if close else ""))
+            else:
+                ignored.append(name)
+            continue
+        (values if key == name else aliased)[key] = config_value(
+            value, name, keys[key], ranges.get(key), "%s line %d" % (filename, node.lineno))
+    for key, literal in aliased.items():
+        values.setdefault(key, literal)
+    return values, warnings, ignored
+
+
+def config_value(node, name, spec, bounds, where):
+    """The literal of a key we own, checked against its types and range."""
+    try:
+        literal = ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False
+        raise ConfigError("%s: %s must be a plain literal, not %s; write the value itself" % (
+            where, name, config_kind(node)))
+    types, nullable = spec
+    if not (type(literal) in types or (literal is None and nullable)):
+        number = float in types  # then an integer is a number too
+        wanted = [w for t, w in CONFIG_TYPE_WORDS if t in types and not (number and t is int)]
+        raise ConfigError("%s: %s must be %s, not %s; fix the value" % (
+            where, name, " or ".join(wanted + (["None"] if nullable else [])),
+            dict(CONFIG_TYPE_WORDS).get(type(literal), "a " + type(literal).__name__)))
+    if bounds and literal is not None and not bounds[0] <= literal <= bounds[1]:
+        shown = repr(literal) if type(literal) is float or abs(literal) < 10 ** 15 else \
+            "a %d-bit number" % literal.bit_length()
+        raise ConfigError("%s: %s = %s is out of range: use %s..%s" % (
+            where, name, shown, bounds[0], bounds[1]))
+    return literal
 
 
-def describe_node(node):
-    kind = type(node).__name__
-    names = {"Import": "an import", "ImportFrom": "an import", "Call": "a call",
-             "FunctionDef": "a function", "ClassDef": "a class", "JoinedStr": "an f-string",
-             "Attribute": "an attribute", "Expr": "an expression", "If": "an if",
-             "For": "a loop", "While": "a loop", "With": "a with block", "Subscript": "a subscript",
-             "AugAssign": "an augmented assignment", "Name": "a name", "BinOp": "an expression",
-             "Assign": "an assignment to more than one name",
-             "AnnAssign": "an annotation without a value"}
-    return names.get(kind, "a %s statement" % kind)
+def config_bound_names(node):
+    """The module-level names a statement binds (not those inside defs, classes or lambdas)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    if isinstance(node, ast.Global):
+        return list(node.names)
+    if isinstance(node, ast.Name):
+        return [node.id] if isinstance(node.ctx, ast.Store) else []
+    if isinstance(node, ast.Lambda):
+        return []
+    return [name for child in ast.iter_child_nodes(node) for name in config_bound_names(child)]
+
+
+def config_kind(node):
+    """'an import', 'a call', ...: what a statement or an expression is, for messages."""
+    name = type(node).__name__
+    return CONFIG_KINDS.get(name, "a " + name.lower())
+# <<< KohakuRiver config files
 
 
 def load_config(path=None):
@@ -334,18 +398,6 @@ def validate_config(cfg):
     if not NAME_RE.match(cfg["RUNNER_NAME"]):
         bad("RUNNER_NAME", "is %s, not 1-63 of A-Za-z0-9._- starting alphanumeric"
             % shown(cfg["RUNNER_NAME"]), "set a valid name")
-    for key in ("HOST_PORT", "OVERLAY_VXLAN_PORT"):
-        if not 1 <= cfg[key] <= 65535:
-            bad(key, "is %s, not a port (1-65535)" % shown(cfg[key]), "fix the value")
-    if not 1 <= cfg["OVERLAY_VXLAN_ID"] <= 16777215 - 255:
-        bad("OVERLAY_VXLAN_ID", "is %s, out of range" % shown(cfg["OVERLAY_VXLAN_ID"]),
-            "use a base between 1 and 16776960 (the host's value)")
-    if not 576 <= cfg["OVERLAY_MTU"] <= 9000:
-        bad("OVERLAY_MTU", "is %s, out of range" % shown(cfg["OVERLAY_MTU"]),
-            "use the host's value (1450 for a 1500-byte underlay)")
-    if not 0 < cfg["HEARTBEAT_INTERVAL"] <= 3600:
-        bad("HEARTBEAT_INTERVAL", "is %s" % shown(cfg["HEARTBEAT_INTERVAL"]),
-            "use 1 to 3600 seconds")
     for key in ("OVERLAY_BRIDGE_NAME",):
         if not IFNAME_RE.match(cfg[key]) or cfg[key] == VXLAN_DEV:
             bad(key, "is %s, not a valid interface name" % shown(cfg[key]),

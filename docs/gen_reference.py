@@ -191,10 +191,16 @@ def config_section(mods):
     host_rows = [(k, t, d) for k, (t, d) in host.CONFIG_KEYS.items()]
     runner_rows = list(runner.RUNNER_KEYS)
     out = ["## Configuration", "",
-           "Python files of `NAME: type = value` (or `NAME = value`) lines, read with `ast` and "
-           "never executed; an unknown key is a warning naming the line, a wrong type or a value "
-           "out of range an error naming the key (exit 2). Ranges are the ones the daemons "
-           "enforce (`RANGES` of kohaku_overlay_check.py, tested against them).", "",
+           "Python files such as the ones KohakuRiver writes (`kohakuriver init config "
+           "--generate`), read with `ast` and never executed. A key below comes from a plain "
+           "top-level `NAME: type = value` or `NAME = value` line; everything else (the "
+           "docstring, imports, `def config_gen()`, KohakuRiver's own keys whatever their value) "
+           "is passed over in silence. An unknown `OVERLAY_*` name or a near miss of a key below "
+           "is a warning naming the line; a key below set by code, of the wrong type or out of "
+           "range is an error naming the line and the key (exit 2). Ranges are the ones the "
+           "daemons enforce (each script's `RANGES`, held equal by "
+           "tests/unit/test_config_files.py). The runner takes KohakuRiver's "
+           "`HEARTBEAT_INTERVAL_SECONDS` where `HEARTBEAT_INTERVAL` is not set.", "",
            "### Host: `~/.kohakuriver/host_config.py` (kohaku_overlay_host.py)", ""]
     out += key_table(host_rows, ranges,
                      example_comments(ROOT / "contrib" / "config" / "host_config.py"))

@@ -1,6 +1,8 @@
 """kohaku-overlay host config (example): copy to /etc/kohakuriver/host_config.py, mode 0600.
 
-Read with `ast`, never executed: only `NAME: type = literal` lines, comments and strings.
+Read with `ast`, never executed: the keys below come from plain `NAME: type = literal` lines;
+anything else (imports, defs, KohakuRiver's own keys) is passed over, so KohakuRiver's own
+generated host_config.py with these lines appended works too.
 Every key but HOST_REACHABLE_ADDRESS, OVERLAY_ENABLED and OVERLAY_TOKEN shows its default.
 """
 

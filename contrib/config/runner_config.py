@@ -1,6 +1,8 @@
 """kohaku-overlay runner config (example): copy to /etc/kohakuriver/runner_config.py, mode 0600.
 
-Read with `ast`, never executed: only `NAME: type = literal` lines, comments and strings.
+Read with `ast`, never executed: the keys below come from plain `NAME: type = literal` lines;
+anything else (imports, defs, KohakuRiver's own keys) is passed over, so KohakuRiver's own
+generated runner_config.py with these lines appended works too.
 Every key but HOST_ADDRESS, OVERLAY_ENABLED and OVERLAY_TOKEN shows its default.
 """
 
@@ -20,7 +22,7 @@ OVERLAY_VXLAN_ID: int = 100           # must equal the Host's
 OVERLAY_VXLAN_PORT: int = 4789        # must equal the Host's
 OVERLAY_MTU: int = 1450               # must equal the Host's
 OVERLAY_TOKEN: str = ""               # the Host's OVERLAY_TOKEN
-HEARTBEAT_INTERVAL: int = 5           # seconds
+HEARTBEAT_INTERVAL: int = 5           # seconds; unset: KohakuRiver's HEARTBEAT_INTERVAL_SECONDS
 OVERLAY_STATE_FILE: str = "/var/lib/kohakuriver/overlay-runner.json"  # last allocation
 # node_exporter textfile collector: heartbeat, repairs, vxlan0/bridge counters, rewritten every
 # heartbeat; "" = off. E.g. "/var/lib/prometheus/node-exporter/kohaku-overlay.prom" (Debian).

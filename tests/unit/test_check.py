@@ -1715,18 +1715,19 @@ def test_missing_explicit_config_is_exit_2(fake, capsys):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("import os\n", "error: host_config.py line 1: only NAME = literal lines are allowed "
-                    "(found an import); remove it\n"),
-    ("OVERLAY_MTU = '1450'\n", "error: host_config.py: OVERLAY_MTU must be int, got '1450'; "
-                               "fix that line\n"),
-    ("OVERLAY_ENABLED = 1\n", "error: host_config.py: OVERLAY_ENABLED must be bool, got 1; "
-                              "fix that line\n"),
-    ("OVERLAY_MTU = True\n", "error: host_config.py: OVERLAY_MTU must be int, got True; "
-                             "fix that line\n"),
-    ("OVERLAY_MTU = int('1')\n", "error: host_config.py line 1: OVERLAY_MTU must be a literal "
-                                 "(found a call); write a plain value\n"),
-    ("OVERLAY_MTU = = 3\n", "error: host_config.py line 1: syntax error (invalid syntax); "
-                            "fix the line\n"),
+    ("import os as OVERLAY_MTU\n",
+     "error: host_config.py line 1: OVERLAY_MTU is set by an import, which this script does not "
+     "run; set it on a plain `OVERLAY_MTU = value` line\n"),
+    ("OVERLAY_MTU = '1450'\n", "error: host_config.py line 1: OVERLAY_MTU must be an integer, "
+                               "not a string; fix the value\n"),
+    ("OVERLAY_ENABLED = 1\n", "error: host_config.py line 1: OVERLAY_ENABLED must be True or "
+                              "False, not an integer; fix the value\n"),
+    ("OVERLAY_MTU = True\n", "error: host_config.py line 1: OVERLAY_MTU must be an integer, not "
+                             "True or False; fix the value\n"),
+    ("OVERLAY_MTU = int('1')\n", "error: host_config.py line 1: OVERLAY_MTU must be a plain "
+                                 "literal, not a call; write the value itself\n"),
+    ("OVERLAY_MTU = = 3\n", "error: host_config.py line 1: not valid Python (invalid syntax); "
+                            "fix that line\n"),
     ('OVERLAY_SUBNET = "10.0.0.0/8/8/8"\n',
      'error: OVERLAY_SUBNET "10.0.0.0/8/8/8": the three numbers must be positive and sum to 32 '
      '(e.g. "10.0.0.0/8/8/16")\n'),
@@ -1745,15 +1746,16 @@ HOSTILE = [
     (b"OVERLAY_ENABLED = True\n#\xff\n",
      "error: /cfg/host_config.py is not UTF-8 text (byte 0xff at offset 24); save it as UTF-8\n"),
     (b"OVERLAY_MTU = 0x" + b"f" * 5000 + b"\n",
-     "error: host_config.py: OVERLAY_MTU must be 576..9000, got an int of 20000 bits; fix that "
-     "line\n"),
+     "error: host_config.py line 1: OVERLAY_MTU = a 20000-bit number is out of range: use "
+     "576..9000\n"),
     (b"OVERLAY_VXLAN_PORT = 0\n",
-     "error: host_config.py: OVERLAY_VXLAN_PORT must be 1..65535, got 0; fix that line\n"),
+     "error: host_config.py line 1: OVERLAY_VXLAN_PORT = 0 is out of range: use 1..65535\n"),
     (b"OVERLAY_MTU = {[1]}\n",
-     "error: host_config.py line 1: OVERLAY_MTU must be a literal (found a set); write a plain "
-     "value\n"),
+     "error: host_config.py line 1: OVERLAY_MTU must be a plain literal, not a set; write the "
+     "value itself\n"),
     (b"OVERLAY_TOKEN = '" + b"x" * 100 + b"'\nOVERLAY_MTU = '" + b"y" * 100 + b"'\n",
-     "error: host_config.py: OVERLAY_MTU must be int, got '" + "y" * 59 + "...; fix that line\n"),
+     "error: host_config.py line 2: OVERLAY_MTU must be an integer, not a string; fix the "
+     "value\n"),
     (b"X = " + b"[" * 100000 + b"]" * 100000 + b"\n", None),
     (b"X = 1\0\n", None),
 ]
@@ -1764,7 +1766,7 @@ DAEMON_RANGES = [
     ("host", "OVERLAY_MTU", 576, True), ("host", "OVERLAY_MTU", 575, False),
     ("host", "OVERLAY_MTU", 9000, True), ("runner", "OVERLAY_MTU", 9001, False),
     ("host", "OVERLAY_VXLAN_ID", 1, True), ("runner", "OVERLAY_VXLAN_ID", 0, False),
-    ("runner", "OVERLAY_VXLAN_ID", 16776960, True), ("host", "OVERLAY_VXLAN_ID", 16776961, False),
+    ("runner", "OVERLAY_VXLAN_ID", 16777214, True), ("host", "OVERLAY_VXLAN_ID", 16777215, False),
     ("host", "OVERLAY_INACTIVE_AFTER", 86400, True),
     ("host", "OVERLAY_INACTIVE_AFTER", 86401, False),
     ("host", "OVERLAY_REPAIR_INTERVAL", 3600, True),
@@ -1785,8 +1787,8 @@ def test_config_ranges_are_the_daemons(role, key, value, accepted):
         with pytest.raises(chk.ConfigError) as e:
             chk.parse_config(text, "/cfg/x_config.py", role)
         low, high = chk.RANGES[key]
-        assert str(e.value) == "x_config.py: %s must be %s..%s, got %s; fix that line" % (
-            key, low, high, value)
+        assert str(e.value) == "x_config.py line 1: %s = %s is out of range: use %s..%s" % (
+            key, value, low, high)
 
 
 def test_layout_bounds_are_the_hosts(fake, capsys):

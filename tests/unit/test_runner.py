@@ -271,7 +271,7 @@ def test_config_unknown_key_is_a_warning_with_a_suggestion(tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs[0] == ("runner_config.py line 1: unknown key OVERLAY_ENABLE "
                        "(did you mean OVERLAY_ENABLED?), ignored")
-    assert msgs[1] == "runner_config.py line 2: unknown key RUNNER_PORT, ignored"
+    assert len(msgs) == 1  # RUNNER_PORT is KohakuRiver's own key: passed over (issue 11.13)
 
 
 @pytest.mark.parametrize("line,key", [
@@ -290,11 +290,11 @@ def test_config_wrong_type_is_an_error_naming_the_key(tmp_path, line, key):
 
 
 @pytest.mark.parametrize("code,found", [
-    ("import os\nos.system('touch {marker}')\n", "an import"),
+    ("import os as HOST_ADDRESS\nos.system('touch {marker}')\n", "an import"),
     ("HOST_ADDRESS = str(open('{marker}', 'w'))\n", "a call"),
     ("HOST_ADDRESS = open('{marker}', 'w').name\n", "an attribute"),
-    ("__import__('os').system('touch {marker}')\n", "an expression"),
-    ("def f():\n    pass\n", "a function"),
+    ("for HOST_PORT in __import__('os').system('touch {marker}'):\n    pass\n", "a loop"),
+    ("def RUNNER_NAME():\n    pass\n", "a def"),
 ])
 def test_config_code_is_refused_without_running(tmp_path, code, found):
     marker = tmp_path / "pwned"
@@ -1104,7 +1104,7 @@ def test_wrong_type_message_names_the_expected_type(tmp_path):
     with pytest.raises(runner.ConfigError) as e:
         runner.load_config(str(p))
     assert str(e.value) == ("runner_config.py line 1: HEARTBEAT_INTERVAL must be a number, not "
-                            "'often'; fix the value")
+                            "a string; fix the value")
 
 
 def test_up_without_root_is_one_sentence(cfg, mocker, capsys, as_root):
@@ -1152,7 +1152,8 @@ def test_status_before_any_registration(cfg, node, mocker, capsys):
 
 
 @pytest.mark.parametrize("text,words", [
-    ("OVERLAY_MTU = 0x" + "f" * 5000 + "\n", "OVERLAY_MTU in runner_config.py is a number of"),
+    ("OVERLAY_MTU = 0x" + "f" * 5000 + "\n",
+     "runner_config.py line 1: OVERLAY_MTU = a 20000-bit number is out of range"),
     ("HOST_ADDRESS = " + "not " * 40000 + "1\n", "runner_config.py "),
     ("RUNNER_NAME = '" + "x" * 500 + "'\n", "RUNNER_NAME in runner_config.py is 'xxx"),
 ])
