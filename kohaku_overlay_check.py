@@ -2723,8 +2723,9 @@ def guess_role(text, path):
                                 ast.Name)]
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         names = []
-    if set(names) & {"HOST_REACHABLE_ADDRESS", "OVERLAY_HOST_IP", "OVERLAY_SUBNET",
-                     "HOST_BIND_IP", "OVERLAY_VXLAN_SOURCE_FILTER"}:
+    # (not OVERLAY_SUBNET: KohakuRiver's own runner_config.py has it too)
+    if set(names) & {"HOST_REACHABLE_ADDRESS", "OVERLAY_HOST_IP", "HOST_BIND_IP",
+                     "OVERLAY_VXLAN_SOURCE_FILTER"}:
         return "host"
     if set(names) & {"HOST_ADDRESS", "RUNNER_NAME", "RUNNER_ADDRESS", "OVERLAY_NETWORK_NAME"}:
         return "runner"

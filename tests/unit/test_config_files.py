@@ -281,3 +281,13 @@ def test_the_fixtures_are_never_run(tmp_path, caplog):
     got = answers(tmp_path, caplog, text, ["OVERLAY_ENABLED"])
     assert got == dict((name, ({"OVERLAY_ENABLED": True}, [])) for name in READERS)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("fixture, role", [("host_config.py", "host"),
+                                           ("runner_config.py", "runner")])
+def test_the_check_tells_the_role_of_kohakurivers_files(fixture, role):
+    """Without --role the check goes by the keys: KohakuRiver's runner file also carries
+    OVERLAY_SUBNET, which once made it a host config."""
+    text = (FIXTURES / fixture).read_text()
+    assert "OVERLAY_SUBNET" in text
+    assert chk.guess_role(text, "/etc/kohakuriver/overlay.py") == role
