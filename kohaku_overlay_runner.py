@@ -21,7 +21,8 @@ the chain KOHAKU-VXLAN (the VXLAN filter INPUT jumps to), firewalld's
 runtime trusted zone, net.ipv4.ip_forward, the Docker networks OVERLAY_NETWORK_NAME and
 DOCKER_NETWORK_NAME, the local state file OVERLAY_STATE_FILE and, when set, OVERLAY_METRICS_FILE
 (node_exporter textfile-collector figures, rewritten every heartbeat). Docker is reached with the
-plain `docker` CLI (DOCKER_HOST is honoured).
+plain `docker` CLI (DOCKER_HOST is honoured). Reads /etc/resolv.conf: a nameserver, route or
+address of this node inside the overlay CIDR that is not the overlay's makes the build refuse.
 """
 
 __version__ = "0.1.0"
@@ -73,6 +74,7 @@ REPAIR_EVERY = 3                    # serve re-checks the local build every N he
 HTTP_TIMEOUT = 10.0
 STATE_VERSION = 1
 HEARTBEAT_RECORD_EVERY = 30.0       # seconds between writes of last_heartbeat to the state file
+RESOLV_CONF = "/etc/resolv.conf"    # its nameservers must lie outside the overlay CIDR
 DIRECT_DEV = "vxdirect0"            # direct routing: VXLAN to every peer, VNI OVERLAY_VXLAN_ID
 PROBE_EVERY = 1.0                   # seconds between probe rounds of the direct paths
 PROBE_WAIT = 0.5                    # how long a round waits for the echo replies
@@ -919,6 +921,26 @@ def probe_links():
     return parse_links(run(["ip", "-j", "-d", "addr", "show"], mutates=False).out)
 
 
+def probe_routes():
+    """The main routing table (`ip -j route show`)."""
+    return parse_json(run(["ip", "-j", "route", "show"], mutates=False).out, "ip -j route show")
+
+
+def read_nameservers(path=None):
+    """The IPv4 nameservers of resolv.conf, in order ([] when it cannot be read)."""
+    try:
+        with open(path or RESOLV_CONF, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver" and parse_ipv4(words[1]):
+            found.append(words[1])
+    return found
+
+
 def probe_route(cidr):
     routes = parse_json(run(["ip", "-j", "route", "show", "exact", cidr], mutates=False).out,
                         "ip -j route show")
@@ -1094,6 +1116,47 @@ def undo(stack, description, argv, input=None, echo=None):
         except OverlayError as e:
             log.warning("rollback step failed: %s", e)
     stack.callback(callback)
+
+
+def own_devices(cfg):
+    """The devices the overlay makes: their routes and addresses in the overlay CIDR are ours."""
+    return (cfg["OVERLAY_BRIDGE_NAME"], VXLAN_DEV, DIRECT_DEV, WG_DEV)
+
+
+def overlay_conflicts(cidr, own, routes, links, nameservers):
+    """What of this node lies in the overlay CIDR without being the overlay's: routes (but the
+    default route), addresses and nameservers, as words for the refusal. Pure."""
+    net = ipaddress.IPv4Network(cidr)
+    found = []
+    for r in routes:
+        try:
+            dst = ipaddress.IPv4Network(r.get("dst", ""), strict=False)
+        except ValueError:              # "default", IPv6, a type we do not route
+            continue
+        if dst.prefixlen and dst.overlaps(net) and r.get("dev") not in own:
+            found.append("route %s" % " ".join([r["dst"]] + ["%s %s" % (w, r[k]) for w, k in (
+                ("via", "gateway"), ("dev", "dev")) if r.get(k)]))
+    for name, link in sorted(links.items()):
+        if name not in own:
+            found += ["address %s on %s" % (a, name) for a in ipv4_addrs(link)
+                      if ipaddress.IPv4Interface(a).ip in net]
+    found += ["nameserver %s in %s" % (ip, RESOLV_CONF) for ip in nameservers
+              if ipaddress.IPv4Address(ip) in net]
+    return found
+
+
+def refuse_conflicts(cfg, alloc):
+    """Raise a ConfigError naming what of this node the overlay CIDR would take over: we never
+    replace a route we did not create, nor capture a LAN address or the nameserver."""
+    cidr = alloc["overlay_cidr"]
+    found = overlay_conflicts(cidr, own_devices(cfg), probe_routes(), probe_links(),
+                              read_nameservers())
+    if found:
+        raise ConfigError(
+            "the overlay CIDR %s overlaps %s of this runner, which the overlay does not own and "
+            "would take its traffic: set OVERLAY_SUBNET on the Host to a range clear of it, then "
+            "restart the Host and its runners" % (cidr, ", ".join(found[:3]) + (
+                " and %d more" % (len(found) - 3) if len(found) > 3 else "")))
 
 
 def ensure_ip_forward():
@@ -1923,6 +1986,7 @@ def build(cfg, alloc, address, errors=None, direct=None):
     "relayed": names of the peers reached through the Host}.
     """
     br = cfg["OVERLAY_BRIDGE_NAME"]
+    refuse_conflicts(cfg, alloc)            # before anything changes, in up and in repairs
     try:
         net, diff = check_docker_network(cfg, alloc)
     except CommandError as e:

@@ -1,4 +1,4 @@
-"""The runner's firewall for real (issue 11.1 and 11.3): scoped FORWARD rules, the VXLAN filter.
+"""The runner's firewall and routes for real (issue 11.1, 11.3, 11.4).
 
 One cluster for the module: the Host, two runners with their own dockerd, and a bare namespace
 `outsider` (198.51.100.66) on the underlay that stands for "the internet" and for an attacker on
@@ -12,8 +12,11 @@ the LAN. Runner 1 also has a second Docker network (`other`, 172.31.0.0/16) with
   (the bridge never learns their source MAC on vxlan0); the same frames from the Host's address
   come out of vxlan0 (the control); a frame of a foreign VNI is not counted by our drop (Docker
   Swarm, EVPN keep the port).
+- 11.4: an operator's 10.0.0.0/8 route via the LAN makes `up` refuse with one sentence (exit 2),
+  is left as it was, and `down` does not delete it.
 """
 
+import json
 import struct
 import sys
 
@@ -152,4 +155,35 @@ def test_down_removes_the_vxlan_filter_and_up_builds_it_again(c):
     assert res.returncode == 0, res.stdout + res.stderr
     c.b = c.container(r2, "cb")
     assert "-N KOHAKU-VXLAN" in c.sh(r2, "iptables", "-S").stdout
+    assert c.ping(r2, c.b, "10.0.0.1")
+
+
+# ---- 11.4: routes that are not ours ------------------------------------------------------------
+
+
+def test_an_operator_route_covering_the_overlay_is_never_replaced_nor_deleted(c):
+    r2 = c.runners[1]
+    c.docker(r2, "rm", "-f", c.b)
+    assert c.script(r2, "runner", "down").returncode == 0
+    c.sh(r2, "ip", "route", "add", "10.0.0.0/8", "via", "198.51.100.254", "dev", "eth0")
+    try:
+        res = c.script(r2, "runner", "up")
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert res.stderr.strip().splitlines()[-1] == (
+            "error: the overlay CIDR 10.0.0.0/8 overlaps route 10.0.0.0/8 via 198.51.100.254 dev "
+            "eth0 of this runner, which the overlay does not own and would take its traffic: set "
+            "OVERLAY_SUBNET on the Host to a range clear of it, then restart the Host and its "
+            "runners")
+        route = c.sh(r2, "ip", "-j", "route", "show", "exact", "10.0.0.0/8").stdout
+        assert [(r["gateway"], r["dev"]) for r in json.loads(route)] == [
+            ("198.51.100.254", "eth0")]
+        assert "vxlan0" not in c.sh(r2, "ip", "-br", "link").stdout
+        assert c.script(r2, "runner", "down").returncode == 0
+        route = c.sh(r2, "ip", "-j", "route", "show", "exact", "10.0.0.0/8").stdout
+        assert [r["gateway"] for r in json.loads(route)] == ["198.51.100.254"]
+    finally:
+        c.sh(r2, "ip", "route", "del", "10.0.0.0/8", "via", "198.51.100.254", check=False)
+    res = c.script(r2, "runner", "up")
+    assert res.returncode == 0, res.stdout + res.stderr
+    c.b = c.container(r2, "cb")
     assert c.ping(r2, c.b, "10.0.0.1")

@@ -22,6 +22,7 @@ _spec = importlib.util.spec_from_file_location("kohaku_overlay_runner",
                                                str(ROOT / "kohaku_overlay_runner.py"))
 runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runner)
+runner.RESOLV_CONF = os.devnull      # never the machine's (its nameserver may lie in 10.0.0.0/8)
 
 BR = "kohaku-overlay"
 ME = "198.51.100.11"
@@ -118,6 +119,8 @@ class FakeNode(object):
                              "addr_info": [{"family": "inet", "local": "127.0.0.1",
                                             "prefixlen": 8}]}}
         self.route = None
+        self.main_routes = [{"dst": "198.51.100.0/24", "dev": "eth0", "protocol": "kernel",
+                             "scope": "link", "prefsrc": ME}]     # the rest of the main table
         self.forward = list(DOCKER_FWD)
         self.input = []
         self.chains = {}                  # user chains of the filter table: {name: rules}
@@ -163,6 +166,8 @@ class FakeNode(object):
         if argv[:5] == ["ip", "-j", "route", "show", "exact"]:
             ok = self.route and self.route["dst"] == argv[5]
             return 0, json.dumps([self.route] if ok else []), ""
+        if argv == ["ip", "-j", "route", "show"]:
+            return 0, json.dumps(([self.route] if self.route else []) + self.main_routes), ""
         if argv[:4] == ["ip", "-j", "route", "get"]:
             return 0, json.dumps([{"dst": argv[4], "dev": "eth0", "prefsrc": ME}]), ""
         if argv == ["iptables", "-S", "FORWARD"]:
@@ -364,6 +369,7 @@ def test_fully_built_node_issues_no_mutating_command(cfg, node):
     assert runner.build(cfg, alloc(), ME) == []
     assert n.mutations() == []
     assert [c.argv[:3] for c in n.calls] == [
+        ["ip", "-j", "route"], ["ip", "-j", "-d"],         # what the overlay CIDR overlaps (11.4)
         ["docker", "network", "inspect"], ["ip", "-j", "-d"], ["ip", "-j", "route"],
         ["iptables", "-S"], ["iptables", "-t", "nat"], ["firewall-cmd", "--state"],
         ["firewall-cmd", "--zone=trusted", "--list-interfaces"]]
@@ -464,6 +470,53 @@ def test_vxlan_filter_drift_is_repaired_in_one_transaction(cfg, node):
         "-D" + JUMP[2:] + "\n-I INPUT 1" + JUMP[len("-A INPUT"):] + "\nCOMMIT\n")
     assert changes == ["VXLAN filter KOHAKU-VXLAN fixed",
                        "INPUT jump to KOHAKU-VXLAN for UDP 4789 moved to the top"]
+
+
+@pytest.mark.parametrize("what,words", [
+    ("route", "route 10.0.0.0/8 via 192.168.1.1 dev eth1"),
+    ("inner route", "route 10.20.0.0/16 via 192.168.1.1 dev eth1"),
+    ("address", "address 10.20.0.7/16 on eth1"),
+    ("nameserver", "nameserver 10.255.255.53 in /etc/resolv.conf"),
+])
+def test_a_route_address_or_nameserver_of_the_node_in_the_overlay_is_refused_untouched(
+        cfg, node, tmp_path, monkeypatch, what, words):
+    """Issue 11.4: a corporate 10.0.0.0/8 route via the LAN was replaced (and `down` deleted
+    it); now nothing is changed and one sentence names the conflict and OVERLAY_SUBNET."""
+    n = node(built=(what == "route"))
+    if what == "route":
+        n.route = {"dst": CIDR, "gateway": "192.168.1.1", "dev": "eth1", "flags": []}
+    elif what == "inner route":
+        n.main_routes.append({"dst": "10.20.0.0/16", "gateway": "192.168.1.1", "dev": "eth1"})
+    elif what == "address":
+        n.links["eth1"] = bridge_link(name="eth1", addrs=("10.20.0.7/16",), kind="veth")
+    else:
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text("# x\nnameserver 127.0.0.53\nnameserver 10.255.255.53\n")
+        monkeypatch.setattr(runner, "RESOLV_CONF", str(resolv))
+    with pytest.raises(runner.ConfigError) as e:
+        runner.build(cfg, alloc(), ME, [] if what == "route" else None)
+    assert str(e.value) == (
+        "the overlay CIDR 10.0.0.0/8 overlaps %s of this runner, which the overlay does not own "
+        "and would take its traffic: set OVERLAY_SUBNET on the Host to a range clear of it, then "
+        "restart the Host and its runners" % words.replace("/etc/resolv.conf", runner.RESOLV_CONF))
+    assert n.mutations() == []
+
+
+def test_our_own_routes_and_addresses_and_a_wider_route_are_no_conflict(cfg, node):
+    n = node(built=True)
+    n.main_routes += [{"dst": "10.1.0.0/16", "dev": BR, "protocol": "kernel"},
+                      {"dst": "default", "gateway": "198.51.100.254", "dev": "eth0"},
+                      {"dst": "10.2.0.0/32", "dev": "vxdirect0", "scope": "link"}]
+    assert runner.build(cfg, alloc(), ME) == []
+
+
+def test_down_deletes_only_our_route(cfg, node):
+    n = node(built=True)
+    n.route = {"dst": CIDR, "gateway": "192.168.1.1", "dev": "eth1", "flags": []}
+    runner.save_state(cfg["OVERLAY_STATE_FILE"], ALLOC)
+    runner.teardown(cfg)
+    batch = [c.input for c in n.mutations() if c.argv == ["ip", "-batch", "-"]][0]
+    assert "route del" not in batch
 
 
 def test_link_drift_is_repaired_with_minimal_commands(cfg, node):
@@ -722,7 +775,7 @@ def test_up_dry_run_runs_probes_only_and_prints_the_plan(cfg, mocker, capsys, pr
         "[#] iptables -t nat " + NAT]
     assert out[-1] == ("runner1: runner 1, subnet 10.1.0.0/16, network kohakuriver-overlay: "
                        "would change 9 thing(s)")
-    assert len(n.calls) == 7                  # probes only, every one of them answered
+    assert len(n.calls) == 9                  # probes only, every one of them answered
     assert Path(cfg["OVERLAY_STATE_FILE"]).read_text() == before
     assert runner.DRY_RUN is False
 
