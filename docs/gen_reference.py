@@ -101,6 +101,8 @@ FILES = [
      "registration", "atomically (`.tmp`, fsync, rename) after each registration"),
     ("runner", "`OVERLAY_STATE_FILE` + `.serve.lock`", "held while serve runs: one serve per "
      "state file", "created once, never replaced"),
+    ("runner", "`/etc/resolv.conf`", "read: a nameserver inside the overlay CIDR makes the build "
+     "refuse", "never"),
     ("runner", "`OVERLAY_METRICS_FILE`", "node_exporter textfile figures (when set)",
      "atomically every heartbeat"),
     ("runner", "`OVERLAY_STATE_FILE` without `.json`, + `-wg.key` / `-wg.pub`", "the runner's "
