@@ -843,8 +843,8 @@ class Fact(object):
 
 class Snapshot(object):
     """Everything the checks look at, gathered once up front so checks are pure functions."""
-    links, links2, routes, ipt, zones, docker_net, fdb, pings, state, nameservers = (
-        Fact() for _ in range(10))
+    links, links2, routes, ipt, zones, docker_net, fdb, pings, state, nameservers, direct = (
+        Fact() for _ in range(11))
 
     def __init__(self, role, cfg, cfg_path, cfg_found=True, cfg_warnings=(), cfg_ignored=()):
         self.role, self.cfg, self.cfg_path, self.cfg_found = role, cfg, cfg_path, cfg_found
@@ -861,6 +861,7 @@ class Snapshot(object):
         self.pings = {}                 # "ping"/"df" -> (ok, detail)
         self.state = None               # host: parsed state file; runner: local allocation
         self.nameservers = []           # IPv4 nameservers of /etc/resolv.conf
+        self.direct = None              # runner: {"neigh", "fdb"} of vxdirect0 (when it exists)
         self.state_mode = None
         self.alloc = None               # runner: the expected allocation
         self.layout = None              # host: Layout
@@ -1005,6 +1006,12 @@ def gather(snap, links, links_text=""):
         jobs["docker"] = lambda: gather_docker(cfg["OVERLAY_NETWORK_NAME"])
         jobs["fdb"] = lambda: run(["bridge", "-j", "fdb", "show", "br",
                                    cfg["OVERLAY_BRIDGE_NAME"]]).out
+        if DIRECT_DEVICE in links:
+            jobs["direct"] = lambda: {
+                "neigh": json.loads(run(["ip", "-j", "neigh", "show", "dev",
+                                         DIRECT_DEVICE]).out or "[]"),
+                "fdb": json.loads(run(["bridge", "-j", "fdb", "show", "dev",
+                                       DIRECT_DEVICE]).out or "[]")}
     if not is_root():
         jobs = dict((k, v) for k, v in jobs.items() if not k.startswith("ipt:"))
         snap.lost("ipt", "iptables needs root: run as root (sudo)")
@@ -1158,8 +1165,11 @@ def gather_docker(name):
 def gather_api(snap):
     """Ask /healthz and /api/overlay/status; errors are kept as strings."""
     out = {}
-    for key, path, token in (("health", "/healthz", ""),
-                             ("status", "/api/overlay/status", snap.cfg["OVERLAY_TOKEN"])):
+    asks = [("health", "/healthz", ""),
+            ("status", "/api/overlay/status", snap.cfg["OVERLAY_TOKEN"])]
+    if snap.role == "runner":
+        asks.append(("peers", "/api/overlay/peers", snap.cfg["OVERLAY_TOKEN"]))
+    for key, path, token in asks:
         url = snap.api_url(path)
         if snap.role == "runner" and not snap.cfg["HOST_ADDRESS"]:
             out[key] = "HOST_ADDRESS is not set"
@@ -1260,6 +1270,12 @@ def store_results(snap, results):
             snap.raw["docker-network.json"] = val[1]
             nets = json.loads(val[1])
             snap.docker_net = nets[0] if nets else None
+    if "direct" in results:
+        ok, val = results["direct"]
+        if ok:
+            snap.direct = val
+        else:
+            snap.lost("direct", val)
     if "fdb" in results:
         ok, val = results["fdb"]
         if ok:
@@ -2440,6 +2456,139 @@ def check_udp_csum(snap):
     return warn("Udp InCsumErrors %d%s" % (after, why), fix)
 
 
+# -- direct routing (runner) ---------------------------------------------------------------------
+
+def direct_expected(snap):
+    """(on, peers without this runner, version, source): the Host's peer table when it serves
+    one (GET /api/overlay/peers), else what the runner's state file last kept."""
+    state = snap.state if isinstance(snap.state, dict) else {}
+    res = snap.api.get("peers")
+    if isinstance(res, tuple) and res[0] == 200 and isinstance(res[1], dict) and \
+            isinstance(res[1].get("peers"), list):
+        body, source = res[1], "the host's peer table"
+        on = bool(body.get("version"))
+    else:
+        body = state.get("peers") if isinstance(state.get("peers"), dict) else {}
+        on, source = state.get("direct_routing") is True, "the runner's state file"
+    name = snap.runner_name()
+    peers = [p for p in body.get("peers") or [] if isinstance(p, dict) and
+             p.get("runner_name") != name and is_ipv4(str(p.get("physical_ip")))]
+    return on, peers, body.get("version"), source
+
+
+def direct_paths(snap):
+    """{peer name: {"path", "since"}} as the runner's serve last saved them."""
+    state = snap.state if isinstance(snap.state, dict) else {}
+    return dict((n, p) for n, p in (state.get("paths") or {}).items() if isinstance(p, dict))
+
+
+def net_address(subnet):
+    return str(ipaddress.IPv4Network(subnet, strict=False).network_address)
+
+
+def check_direct_device(snap):
+    """PASS: direct routing is off and vxdirect0 absent, or on and vxdirect0 right. FAIL:
+    vxdirect0 missing while it is on, left over while it is off, or not VXLAN on the node-0 VNI
+    and port, learning off, up, with the subnet's network address /32."""
+    on, _, _, source = direct_expected(snap)
+    dev = snap.links.get(DIRECT_DEVICE)
+    if not on:
+        if dev is not None:
+            return fail("%s exists but direct routing is off (%s)" % (DIRECT_DEVICE, source),
+                        restart(snap))
+        return ok("direct routing is off (OVERLAY_DIRECT_ROUTING on the host): no %s" %
+                  DIRECT_DEVICE)
+    if dev is None:
+        return fail("direct routing is on (%s) but %s does not exist" % (source, DIRECT_DEVICE),
+                    restart(snap))
+    info = (dev.get("linkinfo") or {})
+    data = info.get("info_data") or {}
+    want_addr = "%s/32" % net_address(snap.alloc["subnet"]) if (snap.alloc or {}).get(
+        "subnet") else None
+    problems = []
+    if info.get("info_kind") != "vxlan":
+        problems.append("is a %s, not VXLAN" % (info.get("info_kind") or "device"))
+    if data.get("id") != snap.cfg["OVERLAY_VXLAN_ID"]:
+        problems.append("VNI %s (want %s)" % (data.get("id"), snap.cfg["OVERLAY_VXLAN_ID"]))
+    if data.get("port") != snap.cfg["OVERLAY_VXLAN_PORT"]:
+        problems.append("port %s (want %s)" % (data.get("port"), snap.cfg["OVERLAY_VXLAN_PORT"]))
+    if data.get("learning"):
+        problems.append("learning on")
+    if "UP" not in (dev.get("flags") or []):
+        problems.append("down")
+    if want_addr and want_addr not in ipv4_addrs(dev):
+        problems.append("no address %s" % want_addr)
+    if problems:
+        return fail("%s: %s" % (DIRECT_DEVICE, ", ".join(problems)), restart(snap))
+    return ok("%s: VNI %s, port %s, learning off, up%s" % (
+        DIRECT_DEVICE, data.get("id"), data.get("port"), ", " + want_addr if want_addr else ""))
+
+
+def check_direct_peers(snap):
+    """PASS: per peer of the host's table, vxdirect0 holds the /32 route to its address, the
+    subnet route (unless the peer is relayed), a permanent neighbour with its MAC and an FDB
+    entry to its physical IP, and nothing for runners not in the table. FAIL: what differs."""
+    on, peers, version, source = direct_expected(snap)
+    if not on:
+        return ok("direct routing is off: no peers")
+    routes = dict((r.get("dst"), r) for r in snap.need("routes") if r.get("dev") == DIRECT_DEVICE)
+    facts = snap.need("direct") or {}
+    neigh = dict((n.get("dst"), n) for n in facts.get("neigh") or [])
+    fdb = dict((e.get("mac"), e.get("dst")) for e in facts.get("fdb") or [] if e.get("dst"))
+    paths = direct_paths(snap)
+    wrong, wanted_routes = [], set()
+    for p in peers:
+        addr, mac = net_address(p["subnet"]), p.get("vtep_mac")
+        wanted_routes.add(addr)
+        missing = []
+        if addr not in routes:
+            missing.append("the route to %s" % addr)
+        if (paths.get(p["runner_name"]) or {}).get("path") != "relayed":
+            wanted_routes.add(p["subnet"])
+            r = routes.get(p["subnet"]) or {}
+            if r.get("gateway") != addr:
+                missing.append("the route %s via %s" % (p["subnet"], addr))
+        n = neigh.get(addr) or {}
+        if n.get("lladdr") != mac or "PERMANENT" not in (n.get("state") or []):
+            missing.append("the permanent neighbour %s %s" % (addr, mac))
+        if fdb.get(mac) != p["physical_ip"]:
+            missing.append("the FDB entry %s dst %s" % (mac, p["physical_ip"]))
+        if missing:
+            wrong.append("%s lacks %s" % (p["runner_name"], ", ".join(missing)))
+    stale = sorted(set(routes) - wanted_routes) + sorted(
+        set(fdb) - set(p.get("vtep_mac") for p in peers))
+    if stale:
+        wrong.append("stale entries for runners not in the table: %s" % listed(stale))
+    if wrong:
+        return fail("%s does not match %s (version %s): %s" % (
+            DIRECT_DEVICE, source, version, "; ".join(wrong)), restart(snap))
+    return ok("%d peer(s): routes, neighbours and FDB match %s (version %s)" % (
+        len(peers), source, version))
+
+
+def check_direct_paths(snap):
+    """PASS: every peer is reached directly. WARN: peers reached only through the host, named
+    with the likely cause (UDP to the VXLAN port blocked between the two runners)."""
+    on, peers, _, _ = direct_expected(snap)
+    if not on:
+        return ok("direct routing is off: every runner is reached through the host")
+    paths = direct_paths(snap)
+    relayed = [p for p in peers if (paths.get(p["runner_name"]) or {}).get("path") == "relayed"]
+    if not relayed:
+        return ok("all %d peer(s) reached directly" % len(peers))
+    me = (snap.alloc or {}).get("physical_ip") or snap.cfg["RUNNER_ADDRESS"] or "this runner"
+    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    since = paths[relayed[0]["runner_name"]].get("since")
+    return warn("%s reached only through the host%s: the direct path does not answer, likely "
+                "UDP %d blocked between %s and %s" % (
+                    listed("%s (%s)" % (p["runner_name"], p["physical_ip"]) for p in relayed),
+                    time.strftime(" since %H:%M:%S UTC", time.gmtime(since)) if since else "",
+                    port, me, listed(p["physical_ip"] for p in relayed)),
+                "open UDP %d in both directions between %s and %s (host firewall, security "
+                "group, site firewall); the runner goes direct again within 5 s" % (
+                    port, me, listed(p["physical_ip"] for p in relayed)))
+
+
 # -- the registry -------------------------------------------------------------------------------
 # One row per check, in the order they run; a check runs after the checks it needs (a FAIL or
 # SKIP of one of those makes it SKIP). Row(name, title, function, roles=BOTH, needs=()); where
@@ -2498,6 +2647,12 @@ CHECKS = [
     Row("rp_filter", "no strict rp_filter on overlay interfaces", check_rp_filter),
     Row("vxlan_traffic", "VXLAN devices receive what they send", check_vxlan_traffic),
     Row("udp_csum", "no UDP checksum errors", check_udp_csum),
+    Row("direct.device", "vxdirect0 matches the host's direct routing switch",
+        check_direct_device, RUNNER, needs=("allocation",)),
+    Row("direct.peers", "vxdirect0's routes, neighbours and FDB match the host's peer table",
+        check_direct_peers, RUNNER, needs=("direct.device",)),
+    Row("direct.paths", "every peer is reached directly, not only through the host",
+        check_direct_paths, RUNNER, needs=("direct.device",)),
 ]
 REGISTRY = [c for role in BOTH for row in CHECKS for c in row.checks() if c.role == role]
 

@@ -152,6 +152,7 @@ class FakeNode(object):
         self.docker = None              # None: network missing; else the inspect JSON list
         self.docker_err = None
         self.fdb = []
+        self.neigh, self.direct_fdb = [], []      # vxdirect0's (direct routing)
         self.ping_ok = {"ping": True, "df": True}
         self.snmp = [0, 0]
         self.links, self.routes = [], []
@@ -195,8 +196,10 @@ class FakeNode(object):
                 rc, err = 1, "Error response from daemon: network %s not found\n" % a[3]
             else:
                 out = json.dumps(self.docker)
+        elif a[:3] == ("ip", "-j", "neigh"):
+            out = json.dumps(self.neigh)
         elif a[:3] == ("bridge", "-j", "fdb"):
-            out = json.dumps(self.fdb)
+            out = json.dumps(self.direct_fdb if a[-2:] == ("dev", "vxdirect0") else self.fdb)
         elif tool == "ping":
             good = self.ping_ok["df" if "-M" in a else "ping"]
             rc = 0 if good else 1
@@ -817,6 +820,63 @@ def f_runner_nameserver(n):
         "nameserver 198.51.100.53\nnameserver fd00::53\n"
 
 
+PEER2 = {"runner_name": "runner2", "runner_id": 2, "subnet": "10.2.0.0/16",
+         "physical_ip": "198.51.100.12", "vtep_mac": "02:6b:64:00:00:02"}
+
+
+def direct_on(n, relayed=False):
+    """Direct routing on and fully built: the host serves runner1 and runner2, runner1's state
+    file keeps the table and the path to runner2 (relayed: through the host since 22:55:41)."""
+    state = json.loads(n.files[RUNNER_STATE])
+    state.update(direct_routing=True, peers_version=7, peers={"version": 7, "peers": [PEER2]},
+                 paths={"runner2": {"path": "relayed" if relayed else "direct",
+                                    "since": 1795992941.0}})
+    n.files[RUNNER_STATE] = json.dumps(state)
+    me = dict(PEER2, runner_name="runner1", runner_id=1, subnet="10.1.0.0/16",
+              physical_ip="198.51.100.11", vtep_mac="02:6b:64:00:00:01")
+    n.http["http://198.51.100.1:8000/api/overlay/peers"] = (
+        200, {"version": 7, "peers": [me, PEER2]}, TOKEN)
+    n.links.append(vxlan("vxdirect0", 100, "198.51.100.11", None, addrs=["10.1.0.0/32"]))
+    n.routes += [{"dst": "10.2.0.0", "dev": "vxdirect0", "scope": "link", "flags": []}]
+    if not relayed:
+        n.routes += [{"dst": "10.2.0.0/16", "gateway": "10.2.0.0", "dev": "vxdirect0",
+                      "flags": ["onlink"]}]
+    n.neigh = [{"dst": "10.2.0.0", "dev": "vxdirect0", "lladdr": "02:6b:64:00:00:02",
+                "state": ["PERMANENT"]}]
+    n.direct_fdb = [{"mac": "02:6b:64:00:00:02", "dst": "198.51.100.12", "flags": ["self"],
+                     "state": "permanent"}]
+
+
+def f_runner_direct_no_device(n):
+    direct_on(n)
+    n.links = [lk for lk in n.links if lk["ifname"] != "vxdirect0"]
+
+
+def f_runner_direct_left_over(n):
+    n.links.append(vxlan("vxdirect0", 100, "198.51.100.11", None, addrs=["10.1.0.0/32"]))
+
+
+def f_runner_direct_wrong_vni(n):
+    direct_on(n)
+    n.link("vxdirect0")["linkinfo"]["info_data"]["id"] = 101
+
+
+def f_runner_direct_peer_missing(n):
+    direct_on(n)
+    n.direct_fdb, n.neigh = [], []
+    n.routes = [r for r in n.routes if r["dst"] != "10.2.0.0/16"]
+
+
+def f_runner_direct_stale_peer(n):
+    direct_on(n)
+    n.routes.append({"dst": "10.3.0.0/16", "gateway": "10.3.0.0", "dev": "vxdirect0",
+                     "flags": ["onlink"]})
+
+
+def f_runner_direct_relayed(n):
+    direct_on(n, relayed=True)
+
+
 FAULTS = [
     # (fault, check id, status, words in the detail, words in the fix)
     (f_host_ip_forward, "host.ip_forward", "FAIL", "ip_forward = 0",
@@ -1000,7 +1060,46 @@ FAULTS = [
      "every runner"),
     (f_runner_nameserver, "runner.cidr_overlap", "FAIL",
      "overlaps nameserver 10.255.255.53 in /etc/resolv.conf, which", "OVERLAY_SUBNET"),
+    (f_runner_direct_no_device, "runner.direct.device", "FAIL",
+     "direct routing is on (the host's peer table) but vxdirect0 does not exist",
+     "systemctl restart kohakuriver-overlay-runner"),
+    (f_runner_direct_left_over, "runner.direct.device", "FAIL",
+     "vxdirect0 exists but direct routing is off (the runner's state file)",
+     "systemctl restart kohakuriver-overlay-runner"),
+    (f_runner_direct_wrong_vni, "runner.direct.device", "FAIL", "vxdirect0: VNI 101 (want 100)",
+     "systemctl restart"),
+    (f_runner_direct_peer_missing, "runner.direct.peers", "FAIL",
+     "vxdirect0 does not match the host's peer table (version 7): runner2 lacks the route "
+     "10.2.0.0/16 via 10.2.0.0, the permanent neighbour 10.2.0.0 02:6b:64:00:00:02, the FDB "
+     "entry 02:6b:64:00:00:02 dst 198.51.100.12", "systemctl restart"),
+    (f_runner_direct_stale_peer, "runner.direct.peers", "FAIL",
+     "stale entries for runners not in the table: 10.3.0.0/16", "systemctl restart"),
+    (f_runner_direct_relayed, "runner.direct.paths", "WARN",
+     "runner2 (198.51.100.12) reached only through the host since 22:55:41 UTC: the direct "
+     "path does not answer, likely UDP 4789 blocked between 198.51.100.11 and 198.51.100.12",
+     "open UDP 4789 in both directions between 198.51.100.11 and 198.51.100.12"),
 ]
+
+
+def test_direct_routing_fully_built_passes_its_three_checks(fake):
+    node = healthy_runner()
+    direct_on(node)
+    _rc, results, _ = check_run(fake, node)
+    assert [(results[i]["status"], results[i]["detail"]) for i in (
+        "runner.direct.device", "runner.direct.peers", "runner.direct.paths")] == [
+        ("PASS", "vxdirect0: VNI 100, port 4789, learning off, up, 10.1.0.0/32"),
+        ("PASS", "1 peer(s): routes, neighbours and FDB match the host's peer table (version 7)"),
+        ("PASS", "all 1 peer(s) reached directly")]
+    assert ["ip", "-j", "neigh", "show", "dev", "vxdirect0"] in node.calls
+    assert ["bridge", "-j", "fdb", "show", "dev", "vxdirect0"] in node.calls
+
+
+def test_direct_routing_off_is_a_pass_without_vxdirect0_commands(fake):
+    node = healthy_runner()
+    _rc, results, _ = check_run(fake, node)
+    assert results["runner.direct.device"]["detail"] == (
+        "direct routing is off (OVERLAY_DIRECT_ROUTING on the host): no vxdirect0")
+    assert not any("vxdirect0" in a for call in node.calls for a in call)
 
 
 @pytest.mark.parametrize("fault,cid,status,detail,fix", FAULTS,
