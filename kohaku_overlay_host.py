@@ -549,6 +549,10 @@ def load_settings(path, explicit):
     except ValueError:
         raise ConfigError("HOST_BIND_IP {!r} is not an IPv4 address".format(cfg["HOST_BIND_IP"]))
     check_encryption(cfg, layout)
+    if cfg["OVERLAY_DIRECT_ROUTING"] and cfg["OVERLAY_ENCRYPTION"] == "wireguard":
+        raise ConfigError('OVERLAY_DIRECT_ROUTING = True with OVERLAY_ENCRYPTION = "wireguard" is '
+                          "not supported yet (the direct frames between runners would leave "
+                          "unencrypted): set one of them back")
     return cfg, layout
 
 
