@@ -2433,7 +2433,9 @@ class Agent(object):
         self.ready = False
         self.beats = 0
         self.registered_at = None
-        self.heartbeat_recorded = 0.0
+        self.pending = False          # started from the saved allocation, not registered yet
+        self.heartbeat_recorded = None  # time.monotonic() of the last last_heartbeat write
+        self.last_heartbeat = None    # its wall-clock time, what the state file shows
         self.last = {}
         self.metrics = RunnerMetrics()
         self.peers = dict(NO_PEERS)   # direct routing: the Host's peer table, as last fetched
@@ -2461,6 +2463,9 @@ class Agent(object):
         state = load_state(cfg["OVERLAY_STATE_FILE"])
         if parse_settings(state)["direct_routing"]:
             self.peers, self.paths = saved_direct(state)
+        saved = saved_allocation(state)
+        if saved is not None:
+            return self.start_from(saved, state)
         alloc = register_with_retry(cfg, self.address, state.get("runner_id"), self.stop,
                                     retry_full=True)
         if alloc is None:
@@ -2470,6 +2475,19 @@ class Agent(object):
         self.sync_peers()
         self.repair(first=True)
         self.metrics.write(cfg, self.alloc, self.metric_peers())
+        return True
+
+    def start_from(self, saved, state):
+        """A saved allocation: build from it first (so systemd hears READY=1 while the Host is
+        down), then register; until the Host answers, every beat registers again."""
+        log.info("building from the saved allocation in %s (runner %d, subnet %s), then "
+                 "registering with %s", self.cfg["OVERLAY_STATE_FILE"], saved["runner_id"],
+                 saved["subnet"], host_where(self.cfg))
+        self.alloc, self.registered_at, self.pending = saved, state.get("registered_at"), True
+        self.repair(first=True)
+        self.metrics.write(self.cfg, self.alloc, self.metric_peers())
+        if not self.stop.is_set():
+            self.reregister()
         return True
 
     def adopt(self, alloc):
@@ -2512,6 +2530,16 @@ class Agent(object):
         return True
 
     def beat(self):
+        if self.pending:                  # started from the saved allocation: register first
+            self.reregister()
+        else:
+            self.send_heartbeat()
+        self.beats += 1
+        if not self.built or self.beats % REPAIR_EVERY == 0:
+            self.repair()
+        self.metrics.write(self.cfg, self.alloc, self.metric_peers())
+
+    def send_heartbeat(self):
         cfg = self.cfg
         sent = time.monotonic()
         try:
@@ -2536,19 +2564,25 @@ class Agent(object):
         except OverlayError as e:
             self.metrics.heartbeat("error")
             self.say("host", logging.ERROR, str(e))
-        self.beats += 1
-        if not self.built or self.beats % REPAIR_EVERY == 0:
-            self.repair()
-        self.metrics.write(cfg, self.alloc, self.metric_peers())
 
     def reregister(self):
+        """Register with the last runner id, from this runner's address as it is now (DHCP or
+        a cloud re-address changes it): a new address rebuilds vxlan0 on it."""
+        before = self.address
+        self.address = self.current_address()
         try:
             alloc = register(self.cfg, self.address, self.alloc["runner_id"])
         except OverlayError as e:
-            self.say("register", logging.ERROR, "registering again failed: %s" % e)
+            self.say("register", logging.ERROR, "registering %sfailed: %s%s" % (
+                "" if self.pending else "again ", e, "; the overlay stays up on the saved "
+                "allocation, retrying every heartbeat" if self.pending else ""))
+            if self.address != before:
+                self.built = False        # vxlan0 on the new address now, the Host follows
+                self.repair()
             return
-        self.metrics.inc("registrations", "again")
-        changed = alloc != self.alloc
+        first, self.pending = self.pending, False
+        self.metrics.inc("registrations", "first" if first else "again")
+        changed = alloc != self.alloc or self.address != before
         self.adopt(alloc)
         self.say("register", logging.INFO, "registered again as runner %d" % alloc["runner_id"])
         if changed:
@@ -2556,17 +2590,29 @@ class Agent(object):
             self.sync_peers()
             self.repair()
 
-    def record_heartbeat(self):
-        """Keep last_heartbeat in the state file for `status`, written at most every 30 s."""
-        now = time.time()
-        if now - self.heartbeat_recorded < HEARTBEAT_RECORD_EVERY:
-            return
-        self.heartbeat_recorded = now
+    def current_address(self):
+        """This runner's underlay address now (RUNNER_ADDRESS, else the source of the route to
+        the Host); the last one known when it cannot be told."""
         try:
-            save_state(self.cfg["OVERLAY_STATE_FILE"], self.alloc, last_heartbeat=now,
-                       registered_at=self.registered_at, **self.direct_state())
+            address = runner_address(self.cfg)
         except OverlayError as e:
-            self.say("state", logging.WARNING, str(e))
+            self.say("address", logging.WARNING, "cannot tell this runner's address (%s); "
+                     "keeping %s" % (e, self.address))
+            return self.address
+        self.say("address", logging.INFO, "")
+        if self.address is not None and address != self.address:
+            log.warning("this runner's underlay address changed from %s to %s: vxlan0 follows",
+                        self.address, address)
+        return address
+
+    def record_heartbeat(self):
+        """Keep last_heartbeat in the state file for `status`, written at most every 30 s. The
+        schedule is monotonic: a wall clock set back does not stop the record."""
+        if self.heartbeat_recorded is not None and \
+                time.monotonic() - self.heartbeat_recorded < HEARTBEAT_RECORD_EVERY:
+            return
+        self.heartbeat_recorded, self.last_heartbeat = time.monotonic(), time.time()
+        self.save()
 
     # -- direct routing: the peer table and the per-peer path, kept by the same loop
 
@@ -2597,7 +2643,7 @@ class Agent(object):
         try:
             save_state(self.cfg["OVERLAY_STATE_FILE"], self.alloc,
                        registered_at=self.registered_at,
-                       last_heartbeat=self.heartbeat_recorded or None, **self.direct_state())
+                       last_heartbeat=self.last_heartbeat, **self.direct_state())
         except OverlayError as e:
             self.say("state", logging.WARNING, str(e))
 

@@ -137,6 +137,7 @@ def agent(cfg, mocker):
     a.alloc, a.address = runner.parse_allocation(ALLOC), "198.51.100.11"
     a.built = a.ready = True
     a.build = mocker.patch.object(runner, "build", return_value=[])
+    mocker.patch.object(runner, "runner_address", return_value="198.51.100.11")   # unchanged
     a.links = links
     return a
 

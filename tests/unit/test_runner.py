@@ -960,6 +960,8 @@ def agent(cfg, mocker):
     a = runner.Agent(cfg, stop=FakeStop(), notify=mocker.Mock())
     a.alloc, a.address, a.built, a.ready = runner.parse_allocation(ALLOC), ME, True, True
     a.build = mocker.patch.object(runner, "build", return_value=[])
+    # a registration looks the address up again (issue 11.7): the same one here
+    mocker.patch.object(runner, "runner_address", return_value=ME)
     return a
 
 
@@ -1122,6 +1124,83 @@ def test_serve_start_waits_for_the_underlay_route_then_registers_and_builds(cfg,
     assert build.call_args[0][3] is None
     notify.assert_called_once_with("READY=1")
     assert runner.load_state(cfg["OVERLAY_STATE_FILE"])["runner_id"] == 1
+
+
+def test_serve_with_the_host_down_builds_the_saved_allocation_then_registers_in_the_loop(
+        cfg, mocker, caplog):
+    """Issue 11.8: the unit is Type=notify; READY=1 must not wait for the Host."""
+    runner.save_state(cfg["OVERLAY_STATE_FILE"], ALLOC, registered_at=1000.0)
+    mocker.patch.object(runner, "route_source", return_value=ME)
+    reg = mocker.patch.object(runner, "register", side_effect=[
+        runner.HostUnreachable("connection refused"), runner.HostUnreachable("connection refused"),
+        runner.parse_allocation(ALLOC)])
+    hb = mocker.patch.object(runner, "heartbeat")
+    build = mocker.patch.object(runner, "build", return_value=["bridge kohaku-overlay created"])
+    notify = mocker.Mock()
+    a = runner.Agent(cfg, stop=FakeStop(), notify=notify)
+    with caplog.at_level(logging.INFO):
+        assert a.start() is True
+    assert build.call_args[0][1]["subnet"] == "10.1.0.0/16"      # the saved one
+    notify.assert_called_once_with("READY=1")
+    assert reg.call_count == 1 and reg.call_args[0][1:] == (ME, 1)
+    assert "the overlay stays up on the saved allocation" in caplog.text
+    a.beat()                                   # still down: registers again, no heartbeat
+    a.beat()                                   # the Host is back: registered
+    assert (reg.call_count, hb.call_count) == (3, 0)
+    a.beat()
+    assert hb.call_count == 1
+    assert runner.load_state(cfg["OVERLAY_STATE_FILE"])["registered_at"] > 1000.0
+
+
+def test_serve_without_a_saved_allocation_still_waits_for_the_host(cfg, mocker):
+    mocker.patch.object(runner, "route_source", return_value=ME)
+    mocker.patch.object(runner, "register", side_effect=runner.HostUnreachable("refused"))
+    build = mocker.patch.object(runner, "build")
+    a = runner.Agent(cfg, stop=FakeStop(stop_after=2))
+    assert a.start() is False
+    assert build.call_count == 0
+
+
+def test_a_new_underlay_address_is_taken_at_the_next_registration_and_rebuilds_vxlan0(
+        agent, mocker):
+    """Issue 11.7: the Host answers a heartbeat from another address with 404; the runner
+    registers from its address as it is now and rebuilds vxlan0 on it."""
+    mocker.patch.object(runner, "heartbeat", side_effect=runner.NotRegistered("gone"))
+    mocker.patch.object(runner, "runner_address", return_value="198.51.100.99")
+    reg = mocker.patch.object(runner, "register", return_value=runner.parse_allocation(ALLOC))
+    agent.beat()
+    assert reg.call_args[0][1:] == ("198.51.100.99", 1)
+    assert agent.build.call_args[0][2] == "198.51.100.99"
+
+
+def test_an_evicted_runner_keeps_repairing_and_keeps_registering(agent, mocker):
+    """Issue 11.5: evicted (404) and the pool full (503): the devices and rules stay, repairs
+    go on with the last allocation, every heartbeat tries again."""
+    mocker.patch.object(runner, "heartbeat", side_effect=runner.NotRegistered("gone"))
+    reg = mocker.patch.object(runner, "register", side_effect=runner.OverlayError(
+        "the host at 198.51.100.1:8000 has no free runner id"))
+    teardown = mocker.patch.object(runner, "teardown")
+    for _ in range(3):
+        agent.beat()
+    assert reg.call_count == 3
+    assert agent.build.call_count == 1 and agent.build.call_args[0][1]["runner_id"] == 1
+    assert teardown.call_count == 0
+
+
+def test_the_heartbeat_record_goes_on_after_the_clock_is_set_back(agent, mocker, cfg):
+    """Issue 11.12: the 30 s schedule is monotonic; last_heartbeat is the wall clock."""
+    mocker.patch.object(runner, "heartbeat")
+    clock = {"wall": 2000000000.0, "mono": 100.0}
+    mocker.patch.object(runner.time, "time", side_effect=lambda: clock["wall"])
+    mocker.patch.object(runner.time, "monotonic", side_effect=lambda: clock["mono"])
+    agent.beat()
+    assert runner.load_state(cfg["OVERLAY_STATE_FILE"])["last_heartbeat"] == 2000000000.0
+    clock["wall"], clock["mono"] = 1000000000.0, 131.0       # set back 31 years, 31 s later
+    agent.beat()
+    assert runner.load_state(cfg["OVERLAY_STATE_FILE"])["last_heartbeat"] == 1000000000.0
+    clock["wall"], clock["mono"] = 1000000010.0, 141.0
+    agent.beat()                                               # 10 s: not yet
+    assert runner.load_state(cfg["OVERLAY_STATE_FILE"])["last_heartbeat"] == 1000000000.0
 
 
 def test_one_serve_per_state_file_and_down_refuses_while_it_runs(cfg, mocker, capsys):
