@@ -24,10 +24,10 @@ Usage:
 Exit codes: 0 nothing failed, 1 at least one check failed, 2 bad usage or unreadable config.
 
 Reads the kernel with a constant number of commands whatever the cluster size: one
-`ip -j -d -s addr show`, one `ip -j route`, one `iptables-save` per backend (root only),
-`firewall-cmd --list-all-zones` and `--get-default-zone` (only when a firewalld process and the
-system bus exist),
-one `docker network inspect` and one `bridge -j fdb show` (runner), two pings (runner), one
+`ip -j -d -s addr show`, one `ip -j route`, one `iptables-save` per backend and one
+`nft -j list ruleset` where nft exists (root only), `firewall-cmd --list-all-zones` and
+`--get-default-zone` (only when a firewalld process and the system bus exist), one
+`docker network inspect` and one `bridge -j fdb show` (runner), two pings (runner), one
 `ip -j -s link show` (counters, >= 0.3 s after the first sample), two HTTP requests to the host
 API, and files under /proc. 255 tunnels take about half a second.
 
@@ -692,6 +692,148 @@ def can_drop(table, chain, seen=None):
     return False
 
 
+# ---- nftables (nft -j list ruleset) ----
+# iptables-nft's own tables (read through iptables-save already): family ip, these names
+NFT_COMPAT = ("filter", "nat", "mangle", "raw", "security")
+NFT_FAMILIES = ("ip", "inet", "bridge")      # the families that see IPv4 overlay traffic
+
+
+def parse_nft(text):
+    """nft -j list ruleset -> {(family, table, chain): {"hook", "policy", "rules": [expr]}}."""
+    chains = {}
+    for item in json.loads(text or "{}").get("nftables", []):
+        if "chain" in item:
+            c = item["chain"]
+            chains[(c["family"], c["table"], c["name"])] = {
+                "hook": c.get("hook"), "policy": c.get("policy"), "rules": []}
+        elif "rule" in item:
+            r = item["rule"]
+            key = (r["family"], r["table"], r["chain"])
+            chains.setdefault(key, {"hook": None, "policy": None, "rules": []})
+            chains[key]["rules"].append(r.get("expr") or [])
+    return chains
+
+
+def nft_compat(family, table):
+    return family == "ip" and table in NFT_COMPAT
+
+
+NFT_FIELDS = {("payload", "ip", "saddr"): "src", ("payload", "ip", "daddr"): "dst",
+              ("payload", "udp", "dport"): "dport", ("payload", "th", "dport"): "dport",
+              ("meta", None, "iifname"): "in", ("meta", None, "oifname"): "out",
+              ("meta", None, "l4proto"): "proto", ("payload", "ip", "protocol"): "proto",
+              ("ct", None, "state"): "state"}
+
+
+def nft_field(left):
+    """A match's left side -> the packet key it reads, or None (not one we reason about)."""
+    if not isinstance(left, dict) or len(left) != 1:
+        return None
+    kind, spec = list(left.items())[0]
+    if not isinstance(spec, dict):
+        return None
+    return NFT_FIELDS.get((kind, spec.get("protocol"), spec.get("field") or spec.get("key")))
+
+
+def nft_value(right, value, key):
+    """Does packet value match the right side (an address, prefix, range, set, name)? True,
+    False, None (cannot tell)."""
+    if isinstance(right, dict) and "set" in right:
+        right = right["set"]
+    if isinstance(right, list):
+        results = [nft_value(r, value, key) for r in right]
+        return True if True in results else None if None in results else False
+    if key in ("src", "dst"):
+        if isinstance(right, dict) and "prefix" in right:
+            return in_net(value, ip_int_net("%s/%s" % (right["prefix"]["addr"],
+                                                       right["prefix"]["len"])))
+        if isinstance(right, dict) and "range" in right:
+            lo, hi = (ip_int(x) for x in right["range"])
+            return lo <= value <= hi
+        return value == ip_int(right) if isinstance(right, str) and is_ipv4(right) else None
+    if key == "dport":
+        if isinstance(right, dict) and "range" in right:
+            return right["range"][0] <= value <= right["range"][1]
+        return value == right if isinstance(right, int) else None
+    if key in ("in", "out") and isinstance(right, str):
+        return value.startswith(right[:-1]) if right.endswith("*") else value == right
+    if key == "proto":
+        return value == right or {"udp": 17}.get(value) == right
+    if key == "state":
+        return value == right
+    return None
+
+
+def nft_match(match, pkt):
+    key = nft_field(match.get("left"))
+    value = pkt.get(key)
+    if key is None or value is None:
+        return None
+    result = nft_value(match.get("right"), value, key)
+    op = match.get("op", "==")
+    if result is None or op in ("==", "in"):
+        return result
+    return (not result) if op == "!=" else None
+
+
+def nft_walk(chains, key, pkt, depth=0):
+    """Where pkt ends in one chain: ("accept" | "drop" | "maybe" | None (falls through),
+    what decided it). "maybe": a rule that may drop it matches on what this cannot tell."""
+    if depth > 16 or key not in chains:
+        return None, None
+    unsure = None                       # the first rule that may have dropped or accepted it
+    for expr in chains[key]["rules"]:
+        applies, last = True, None
+        for stmt in expr:
+            if "match" in stmt:
+                m = nft_match(stmt["match"], pkt)
+                if m is False:
+                    applies = False
+                    break
+                if m is None:
+                    applies = None
+            elif any(k in stmt for k in ("limit", "quota", "xt")):
+                applies = None if applies else applies
+            elif any(k in stmt for k in ("accept", "drop", "reject", "jump", "goto", "return",
+                                         "vmap")):
+                last = stmt
+                break
+        if applies is False or last is None:
+            continue
+        verdict = list(last)[0]
+        if verdict in ("jump", "goto"):
+            target = (key[0], key[1], last[verdict]["target"])
+            sub, why = nft_walk(chains, target, pkt, depth + 1)
+            if sub is None:
+                continue
+            verdict, expr = sub, why
+        elif verdict == "vmap":
+            verdict, applies = "maybe", None
+        elif verdict == "return":
+            if applies:
+                return (None, None) if unsure is None else ("maybe", unsure)
+            continue
+        if verdict in ("drop", "reject", "maybe"):
+            if applies and verdict != "maybe" and unsure is None:
+                return "drop", expr
+            unsure = unsure or expr
+            continue
+        if verdict == "accept" and applies:
+            return ("accept", expr) if unsure is None else ("maybe", unsure)
+        if verdict == "accept":
+            unsure = unsure or expr
+    policy = chains[key].get("policy")
+    if policy == "drop":
+        return ("drop", "policy drop") if unsure is None else ("maybe", unsure)
+    return (None, None) if unsure is None else ("maybe", unsure)
+
+
+def nft_text(expr):
+    """A rule's expressions as short JSON (what nft -j printed), for a detail line."""
+    text = expr if isinstance(expr, str) else json.dumps(expr)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
 def parse_firewalld_zones(text, default_zone=""):
     """firewall-cmd --list-all-zones (+ --get-default-zone) -> {zone: {default, target,
     interfaces, sources, ports, rich}}."""
@@ -843,8 +985,8 @@ class Fact(object):
 
 class Snapshot(object):
     """Everything the checks look at, gathered once up front so checks are pure functions."""
-    links, links2, routes, ipt, zones, docker_net, fdb, pings, state, nameservers, direct = (
-        Fact() for _ in range(11))
+    links, links2, routes, ipt, zones, docker_net, fdb, pings, state, nameservers, direct, \
+        nft = (Fact() for _ in range(12))
 
     def __init__(self, role, cfg, cfg_path, cfg_found=True, cfg_warnings=(), cfg_ignored=()):
         self.role, self.cfg, self.cfg_path, self.cfg_found = role, cfg, cfg_path, cfg_found
@@ -862,6 +1004,7 @@ class Snapshot(object):
         self.state = None               # host: parsed state file; runner: local allocation
         self.nameservers = []           # IPv4 nameservers of /etc/resolv.conf
         self.direct = None              # runner: {"neigh", "fdb"} of vxdirect0 (when it exists)
+        self.nft = {}                   # nftables chains (parse_nft)
         self.state_mode = None
         self.alloc = None               # runner: the expected allocation
         self.layout = None              # host: Layout
@@ -1012,6 +1155,12 @@ def gather(snap, links, links_text=""):
                                          DIRECT_DEVICE]).out or "[]"),
                 "fdb": json.loads(run(["bridge", "-j", "fdb", "show", "dev",
                                        DIRECT_DEVICE]).out or "[]")}
+    if not which("nft"):
+        snap.lost("nft", "nft is not installed: no native nftables to read")
+    elif is_root():
+        jobs["nft"] = lambda: run(["nft", "-j", "list", "ruleset"]).out
+    else:
+        snap.lost("nft", "nft needs root: run as root (sudo)")
     if not is_root():
         jobs = dict((k, v) for k, v in jobs.items() if not k.startswith("ipt:"))
         snap.lost("ipt", "iptables needs root: run as root (sudo)")
@@ -1250,6 +1399,15 @@ def store_results(snap, results):
                 snap.lost("ipt", val)
     if snap.ipt_active not in snap.ipt and "ipt" not in snap.unavailable:
         snap.lost("ipt", "iptables-save could not be read")
+    if "nft" in results:
+        ok, val = results["nft"]
+        try:
+            snap.nft = parse_nft(val) if ok else None
+            snap.raw["nft-ruleset.json"] = val
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            ok, val = False, "nft -j list ruleset printed no ruleset (%s)" % e
+        if not ok:
+            snap.lost("nft", val)
     ok, val = results["zones"]
     if not ok:
         snap.lost("zones", val)
@@ -2078,6 +2236,78 @@ def check_backends(snap):
                 "against the other" % (active, other), fix)
 
 
+def overlay_packets(snap, cidr):
+    """{hook: [(what, packet)]}: the overlay's own traffic as the forward and input hooks see
+    it (a new connection between two runners' subnets; VXLAN from each peer)."""
+    net = ipaddress.IPv4Network(cidr)
+    if snap.role == "host":
+        devs = (snap.vxlan_devices() + [vxkr_name(1), vxkr_name(2)])[:2]
+        src, dst = (str(snap.layout.subnet(n).network_address + 2) for n in (1, 2))
+        ends = (devs[0], devs[1])
+    else:
+        src = str(ipaddress.IPv4Network(snap.alloc.get("subnet")).network_address + 2)
+        dst = snap.alloc.get("host_overlay_ip") or str(net.network_address + 1)
+        ends = (snap.cfg["OVERLAY_BRIDGE_NAME"],) * 2
+    forward = {"src": ip_int(src), "dst": ip_int(dst), "in": ends[0], "out": ends[1],
+               "state": "new"}
+    local, peers = underlay_peers(snap)
+    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    inputs = [("VXLAN from %s" % ip, dict(underlay_packet(snap, ip, local, port), proto="udp",
+                                          state="new")) for ip in peers]
+    return {"forward": [("%s -> %s" % (src, dst), forward)], "input": inputs}
+
+
+def nft_fix(snap, family, table, chain, hook, what, cidr):
+    if table == "firewalld" and family == "inet":
+        if hook == "input":
+            return "firewall-cmd --add-port=%d/udp && firewall-cmd --permanent " \
+                "--add-port=%d/udp" % ((snap.cfg["OVERLAY_VXLAN_PORT"],) * 2)
+        return "\n".join("firewall-cmd --zone=trusted --add-interface=%s" % i
+                         for i in snap.overlay_ifaces())
+    if hook == "input":
+        return "nft insert rule %s %s %s ip saddr %s udp dport %d accept" % (
+            family, table, chain, what.split()[-1], snap.cfg["OVERLAY_VXLAN_PORT"])
+    return "nft insert rule %s %s %s ip saddr %s ip daddr %s accept" % (
+        family, table, chain, cidr, cidr)
+
+
+def check_nftables(snap):
+    """PASS: no native nftables chain on the forward or input hook (a table of nft's own,
+    firewalld's, ebtables'; not iptables-nft's, which iptables-save shows) drops overlay traffic.
+    FAIL: one drops it (policy drop, a drop or reject rule), with the command that accepts it
+    first. WARN: one may drop it (a rule that matches on what the check cannot tell)."""
+    chains = snap.nft
+    cidr = snap.overlay_cidr()
+    if cidr is None:
+        raise Skip("overlay CIDR unknown (no allocation)")
+    packets = overlay_packets(snap, cidr)
+    bad, unsure, looked = [], [], 0
+    for key in sorted(chains):
+        family, table, name = key
+        hook = chains[key]["hook"]
+        if hook not in packets or family not in NFT_FAMILIES or nft_compat(family, table):
+            continue
+        looked += 1
+        for what, pkt in packets[hook]:
+            if family == "bridge":          # bridge ports, not the bridge, are its in/out
+                pkt = dict(pkt, **{"in": None, "out": None})
+            verdict, why = nft_walk(chains, key, pkt)
+            where = "table %s %s chain %s (hook %s)" % (family, table, name, hook)
+            if verdict == "drop":
+                bad.append(("%s drops %s: %s" % (where, what, nft_text(why)),
+                            nft_fix(snap, family, table, name, hook, what, cidr)))
+            elif verdict == "maybe" and table != "firewalld":   # firewalld.*: its zones
+                unsure.append(("%s may drop %s: %s" % (where, what, nft_text(why)),
+                               nft_fix(snap, family, table, name, hook, what, cidr)))
+    for found, verdict in ((bad, fail), (unsure, warn)):
+        if found:
+            return verdict("; ".join(d for d, _ in found[:MAX_LISTED]) + (
+                " (and %d more)" % (len(found) - MAX_LISTED) if len(found) > MAX_LISTED else ""),
+                "\n".join(sorted(set(f for _, f in found), key=[f for _, f in found].index)))
+    return ok("no native nftables chain on the forward or input hook drops overlay traffic "
+              "(%d looked at)" % looked)
+
+
 # -- firewalld ----------------------------------------------------------------------------------
 
 def check_firewalld_trusted(snap):
@@ -2626,6 +2856,7 @@ CHECKS = [
     Row("vxlan_port", "UDP to the VXLAN port is accepted from the peers",
         {"host": check_host_vxlan_port, "runner": check_runner_vxlan_port}),
     Row("iptables.backends", "overlay rules live in one iptables backend only", check_backends),
+    Row("nftables", "no native nftables chain drops overlay traffic", check_nftables),
     Row("firewalld.trusted", "overlay interfaces are in firewalld's trusted zone",
         check_firewalld_trusted),
     Row("firewalld.vxlan_port", "firewalld lets UDP to the VXLAN port in from the peers",

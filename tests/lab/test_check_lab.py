@@ -63,6 +63,18 @@ def assert_fault(c, node, cid, detail, fix_words):
     return res["fix"]
 
 
+def assert_hub_fault_fixed(c, cid, detail, fix_words):
+    """The hub drops a1 -> b1; the host's check cid FAILs with detail and a fix holding
+    fix_words; that fix, applied as printed, makes cid PASS and a1 reach b1 again."""
+    b1 = c.container_ip(c.runners[1], "b1")
+    assert not c.ping(c.runners[0], "a1", b1)      # the fault is real: the hub drops
+    fix = assert_fault(c, c.host, cid, detail, fix_words)
+    apply_fix(c, c.host, fix)
+    rc, results = check(c, c.host, "--only", cid)
+    assert (rc, results[cid]["status"]) == (0, "PASS")
+    assert c.ping(c.runners[0], "a1", b1)
+
+
 def firewalld_skips(c, node, results):
     """What a healthy node of a lab without firewalld reports as not PASS."""
     role = "host" if node is c.host else "runner"
@@ -135,25 +147,37 @@ def test_ip_forward_off_on_the_host(healthy):
 
 def test_forward_rules_deleted_with_policy_drop(healthy):
     c = healthy
-    b1 = c.container_ip(c.runners[1], "b1")
     # the daemon's marked rules, whichever form it builds (broad before issue 11.1, scoped after)
     ours = [r for r in c.sh(c.host, "iptables", "-S", "FORWARD").stdout.splitlines()
             if "kohaku-overlay" in r]
     c.iptables_drift(c.host, policy={"FORWARD": "DROP"}, delete=ours)
     try:
-        assert not c.ping(c.runners[0], "a1", b1)      # the fault is real: the hub drops
-        fix = assert_fault(c, c.host, "host.forward_rules",
-                           "FORWARD accept rule `-s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+` "
-                           "missing: policy DROP drops",
-                           ["iptables -I FORWARD 1 -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ "
-                            "-m comment --comment kohaku-overlay -j ACCEPT"])
         # the check's fix is the scoped rule (issue 11.1): it carries the hub's traffic
-        apply_fix(c, c.host, fix)
-        rc, results = check(c, c.host, "--only", "host.forward_rules")
-        assert (rc, results["host.forward_rules"]["status"]) == (0, "PASS")
-        assert c.ping(c.runners[0], "a1", b1)
+        assert_hub_fault_fixed(c, "host.forward_rules",
+                               "FORWARD accept rule `-s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o "
+                               "vxkr+` missing: policy DROP drops",
+                               ["iptables -I FORWARD 1 -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o "
+                                "vxkr+ -m comment --comment kohaku-overlay -j ACCEPT"])
     finally:
         c.sh(c.host, "iptables", "-P", "FORWARD", "ACCEPT")
+
+
+def test_a_native_nftables_forward_drop_breaks_the_hub_and_is_named(healthy):
+    """Issue 11.11: a native nftables table (not iptables-nft's) with policy drop on the forward
+    hook; iptables-save does not show it, the nftables check names it and its fix works."""
+    c = healthy
+    c.sh(c.host, "nft", "-f", "-", input="table inet kolabfw {\n chain lab_forward { type filter "
+         "hook forward priority 0; policy drop; ct state established,related accept; }\n}\n")
+    try:
+        rc, results = check(c, c.host, "--only", "host.forward_rules")
+        assert (rc, results["host.forward_rules"]["status"]) == (0, "PASS")  # iptables: fine
+        assert_hub_fault_fixed(c, "host.nftables",
+                               "table inet kolabfw chain lab_forward (hook forward) drops "
+                               "10.1.0.2 -> 10.2.0.2: policy drop",
+                               ["nft insert rule inet kolabfw lab_forward ip saddr 10.0.0.0/8 "
+                                "ip daddr 10.0.0.0/8 accept"])
+    finally:
+        c.sh(c.host, "nft", "delete", "table", "inet", "kolabfw", check=False)
 
 
 def test_forward_rules_buried_below_a_drop_on_a_runner(healthy):

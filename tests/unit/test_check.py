@@ -136,6 +136,37 @@ trusted (active)
 """
 
 
+def nft_ruleset(*items):
+    """`nft -j list ruleset` as nftables 1.0.6 prints it (captured in a namespace): the table
+    and chains iptables-nft makes (read through iptables-save, not judged here), then items."""
+    return {"nftables": [
+        {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5",
+                      "json_schema_version": 1}},
+        {"table": {"family": "ip", "name": "filter", "handle": 1}},
+        {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "handle": 1,
+                   "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}},
+        {"chain": {"family": "ip", "table": "filter", "name": "INPUT", "handle": 3,
+                   "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 2, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                       "right": {"prefix": {"addr": "10.0.0.0", "len": 8}}}},
+            {"xt": {"type": "match", "name": "comment"}}, {"counter": {"packets": 0, "bytes": 0}},
+            {"accept": None}]}}] + list(items)}
+
+
+def nft_table(family, name, *chains):
+    """A native table: chains are (name, hook or None, policy or None, [rule expr lists])."""
+    out = [{"table": {"family": family, "name": name, "handle": 7}}]
+    for n, (chain, hook, policy, rules) in enumerate(chains):
+        c = {"family": family, "table": name, "name": chain, "handle": n + 1}
+        if hook:
+            c.update(type="filter", hook=hook, prio=0, policy=policy)
+        out.append({"chain": c})
+        out += [{"rule": {"family": family, "table": name, "chain": chain, "handle": 20 + k,
+                          "expr": expr}} for k, expr in enumerate(rules)]
+    return out
+
+
 class FakeNode(object):
     """A scripted node: what each command prints, which files exist, what the API answers."""
 
@@ -143,7 +174,7 @@ class FakeNode(object):
         self.role = role
         self.root = True
         self.tools = {"ip", "bridge", "iptables", "iptables-nft-save", "iptables-legacy-save",
-                      "docker", "ping", "journalctl"}
+                      "docker", "ping", "journalctl", "nft"}
         self.ipt_active = "nft"
         self.ipt = {"nft": "", "legacy": ""}
         self.files, self.modes = {}, {}
@@ -160,6 +191,7 @@ class FakeNode(object):
         self.calls = []
         self.raises = {}                # file path -> exception class
         self.fw_process = True          # a firewalld process exists
+        self.nft = nft_ruleset()        # what nft -j list ruleset prints
 
     # -- the mocked doors --
     def run(self, argv, check=True, mutates=False, input=None, timeout=10):
@@ -198,6 +230,8 @@ class FakeNode(object):
                 out = json.dumps(self.docker)
         elif a[:3] == ("ip", "-j", "neigh"):
             out = json.dumps(self.neigh)
+        elif a == ("nft", "-j", "list", "ruleset"):
+            out = json.dumps(self.nft)
         elif a[:3] == ("bridge", "-j", "fdb"):
             out = json.dumps(self.direct_fdb if a[-2:] == ("dev", "vxdirect0") else self.fdb)
         elif tool == "ping":
@@ -702,6 +736,37 @@ def f_runner_filter_drops_other_vnis(n):
         "-A KOHAKU-VXLAN -j DROP")
 
 
+CT_ESTABLISHED = [{"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                             "right": ["established", "related"]}}, {"accept": None}]
+VXLAN_ON_ETH0_DROP = [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                 "right": "eth0"}},
+                      {"match": {"op": "==", "left": {"payload": {"protocol": "udp",
+                                                                  "field": "dport"}},
+                                 "right": 4789}}, {"drop": None}]
+
+
+def f_host_nft_forward_policy_drop(n):
+    n.nft = nft_ruleset(*nft_table("inet", "filter", ("input", "input", "accept", []),
+                                   ("forward", "forward", "drop", [CT_ESTABLISHED])))
+
+
+def f_runner_nft_input_drop(n):
+    n.nft = nft_ruleset(*nft_table("inet", "filter", ("input", "input", "accept",
+                                                      [VXLAN_ON_ETH0_DROP])))
+
+
+def f_runner_nft_input_maybe(n):
+    mark = {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1}}
+    n.nft = nft_ruleset(*nft_table("inet", "filter", ("input", "input", "accept",
+                                                      [[mark, {"drop": None}]])))
+
+
+def f_host_nft_firewalld_reject(n):
+    """firewalld's own table, as captured: a reject in its filter_FORWARD base chain."""
+    n.nft = nft_ruleset(*nft_table("inet", "firewalld", ("filter_FORWARD", "forward", "accept", [
+        [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}]])))
+
+
 def f_runner_firewalld_untrusted(n):
     n.tools.add("firewall-cmd")
     n.zones = ZONES % "vxlan0"
@@ -1025,6 +1090,19 @@ FAULTS = [
     (f_runner_filter_drops_other_vnis, "runner.vxlan_port", "WARN", "KOHAKU-VXLAN drops UDP 4789 "
      "of VNI 356 too, outside the overlay's 100..355: other VXLAN users of the port (Docker "
      "Swarm, EVPN) are cut off", "systemctl restart kohakuriver-overlay-runner"),
+    (f_host_nft_forward_policy_drop, "host.nftables", "FAIL",
+     "table inet filter chain forward (hook forward) drops 10.1.0.2 -> 10.2.0.2: policy drop",
+     "nft insert rule inet filter forward ip saddr 10.0.0.0/8 ip daddr 10.0.0.0/8 accept"),
+    (f_runner_nft_input_drop, "runner.nftables", "FAIL",
+     "table inet filter chain input (hook input) drops VXLAN from 198.51.100.1: [{\"match\"",
+     "nft insert rule inet filter input ip saddr 198.51.100.1 udp dport 4789 accept"),
+    (f_runner_nft_input_maybe, "runner.nftables", "WARN",
+     "table inet filter chain input (hook input) may drop VXLAN from 198.51.100.1",
+     "nft insert rule inet filter input ip saddr 198.51.100.1 udp dport 4789 accept"),
+    (f_host_nft_firewalld_reject, "host.nftables", "FAIL",
+     "table inet firewalld chain filter_FORWARD (hook forward) drops 10.1.0.2 -> 10.2.0.2",
+     "firewall-cmd --zone=trusted --add-interface=kohaku-host\n"
+     "firewall-cmd --zone=trusted --add-interface=vxkr1"),
     (f_runner_firewalld_untrusted, "runner.firewalld.trusted", "FAIL",
      "kohaku-overlay in zone public, not trusted", "--add-interface=kohaku-overlay"),
     (f_runner_firewalld_port_closed, "runner.firewalld.vxlan_port", "FAIL",
@@ -1313,6 +1391,56 @@ def test_u32_vni_expressions_are_parsed_in_both_spellings():
     assert chk.parse_rule('-A INPUT -m u32 --u32 "6&0xFF=0x11" -j DROP')["complex"] is True
 
 
+# ---- native nftables (issue 11.11) --------------------------------------------------------------
+
+def test_nftables_accept_ahead_of_a_drop_policy_passes(fake):
+    accept = [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                         "right": {"prefix": {"addr": "10.0.0.0", "len": 8}}}}, {"accept": None}]
+    node = healthy_host()
+    node.nft = nft_ruleset(*nft_table("inet", "filter",
+                                      ("forward", "forward", "drop", [CT_ESTABLISHED, accept])))
+    assert result_of(fake, node, "nftables") == (
+        "PASS", "no native nftables chain on the forward or input hook drops overlay traffic "
+        "(1 looked at)", None)
+
+
+def test_nftables_follows_jumps_and_leaves_iptables_nft_tables_to_iptables(fake):
+    node = healthy_runner()
+    jump = [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                       "right": {"set": ["eth0", "kohaku-*"]}}}, {"jump": {"target": "guard"}}]
+    node.nft = nft_ruleset(*nft_table("inet", "fw", ("forward", "forward", "accept", [jump]),
+                                      ("guard", None, None, [[{"drop": None}]])))
+    status, detail, fix = result_of(fake, node, "nftables")
+    assert (status, fix) == ("FAIL", "nft insert rule inet fw forward ip saddr 10.0.0.0/8 ip "
+                             "daddr 10.0.0.0/8 accept")
+    assert detail == 'table inet fw chain forward (hook forward) drops 10.1.0.2 -> 10.0.0.1: ' \
+        '[{"drop": null}]'
+    node.nft = nft_ruleset()        # ip filter FORWARD policy drop: iptables-nft's, not judged
+    assert result_of(fake, node, "nftables")[:2] == (
+        "PASS", "no native nftables chain on the forward or input hook drops overlay traffic "
+        "(0 looked at)")
+
+
+def test_a_bridge_family_drop_cuts_the_runner_bridge(fake):
+    node = healthy_runner()
+    node.nft = nft_ruleset(*nft_table("bridge", "filter", ("FORWARD", "forward", "drop", [])))
+    assert result_of(fake, node, "nftables")[:2] == (
+        "FAIL", "table bridge filter chain FORWARD (hook forward) drops 10.1.0.2 -> 10.0.0.1: "
+        "policy drop")
+
+
+def test_without_nft_or_root_the_nftables_check_skips(fake):
+    node = healthy_host()
+    node.tools.discard("nft")
+    assert result_of(fake, node, "nftables") == (
+        "SKIP", "nft is not installed: no native nftables to read", None)
+    node = healthy_host()
+    node.root = False
+    assert result_of(fake, node, "nftables") == ("SKIP", "nft needs root: run as root (sudo)",
+                                                 None)
+    assert not any(c[0] == "nft" for c in node.calls)
+
+
 # ---- prerequisites, SKIP paths, crashes --------------------------------------------------------
 
 def test_prerequisite_failure_skips_dependents_instead_of_cascading(fake):
@@ -1463,7 +1591,7 @@ def test_without_ip_nothing_crashes(fake):
 LOSABLE = {"host": {"links": "host.kohaku_host.present", "links2": "host.vxlan_traffic",
                     "routes": "host.underlay_mtu", "ipt": "host.forward_rules",
                     "zones": "host.firewalld.trusted", "state": "host.state_file",
-                    "nameservers": "host.cidr_overlap"},
+                    "nameservers": "host.cidr_overlap", "nft": "host.nftables"},
            "runner": {"links": "runner.vxlan0.present", "links2": "runner.vxlan_traffic",
                       "routes": "runner.route", "ipt": "runner.nat",
                       "zones": "runner.firewalld.trusted", "docker_net": "runner.docker.network",
@@ -1983,7 +2111,7 @@ def test_command_count_does_not_grow_with_tunnels(fake):
     assert results["host.tunnels"]["detail"] == "255 allocations, 255 tunnels"
     assert len(big.calls) == len(small.calls)
     assert sorted(c[0] for c in big.calls) == ["ip", "ip", "ip", "iptables-legacy-save",
-                                               "iptables-nft-save"]
+                                               "iptables-nft-save", "nft"]
 
 
 def test_runner_commands_are_the_read_only_set(fake):
@@ -1992,7 +2120,7 @@ def test_runner_commands_are_the_read_only_set(fake):
     assert sorted(node.calls) == sorted([
         ["ip", "-j", "-d", "-s", "addr", "show"],
         ["ip", "-j", "route", "show", "table", "main"],
-        ["iptables-nft-save"], ["iptables-legacy-save"],
+        ["iptables-nft-save"], ["iptables-legacy-save"], ["nft", "-j", "list", "ruleset"],
         ["docker", "network", "inspect", "kohakuriver-overlay"],
         ["bridge", "-j", "fdb", "show", "br", "kohaku-overlay"],
         ["ping", "-n", "-c", "1", "-W", "1", "10.0.0.1"],
