@@ -672,7 +672,7 @@ class Actions(object):
     ip: `ip -batch` lines; links: {name: Link it becomes, or None when it goes}; rules: filter
     table lines for one iptables-restore; chains: our filter chains once the rules are in
     (None: the rules do not change them); trust: interfaces for firewalld's trusted zone;
-    repair: the runners' IPs when our chain is not known to be there, so the table is probed
+    repair: the filter's pairs when our chain is not known to be there, so the table is probed
     (after the devices) and every rule of ours repaired; ipv6_off: devices whose IPv6 is
     switched off (IPV6_OFF) once they exist, written in-process: no process per device.
     """
@@ -681,7 +681,7 @@ class Actions(object):
                  ipv6_off=()):
         self.ip, self.links, self.rules = list(ip), dict(links or {}), list(rules)
         self.chains, self.trust = chains, list(trust)
-        self.repair = repair  # runner IPs: probe the table after the devices, repair every rule
+        self.repair = repair  # filter pairs: probe the table after the devices, repair all
         self.ipv6_off = list(ipv6_off)
 
     def __add__(self, other):
@@ -766,9 +766,11 @@ class Kernel(object):
 
     # -- rules -------------------------------------------------------------------------------
     def forward_rules(self):
-        cidr = self.layout.cidr
-        return ["-s {} -m comment --comment {} -j ACCEPT".format(cidr, RULE_COMMENT),
-                "-d {} -m comment --comment {} -j ACCEPT".format(cidr, RULE_COMMENT)]
+        """Overlay to overlay between the tunnels only: nothing from the LAN or another
+        interface is forwarded into the overlay by our rule (issue 11.1)."""
+        cidr, tunnels = self.layout.cidr, DEVICE_PREFIX + "+"
+        return ["-s {0} -d {0} -i {1} -o {1} -m comment --comment {2} -j ACCEPT".format(
+            cidr, tunnels, RULE_COMMENT)]
 
     def input_rule(self):
         return "-p udp -m udp --dport {} -m comment --comment {} -j {}".format(
@@ -788,32 +790,10 @@ class Kernel(object):
             rules.append(self.input_rule())
         return rules
 
-    @staticmethod
-    def filter_tree(ips):
-        """{chain: [rules]} of the VXLAN source filter.
-
-        A binary tree over the runners' addresses: a chain lists at most FILTER_LEAF addresses,
-        else it splits them at their first differing bit into two sub-chains, each entered
-        through its common prefix. A packet walks about 2*log2(n) + FILTER_LEAF rules instead
-        of one rule per runner.
-        """
-        tree = collections.OrderedDict()
-
-        def fill(name, addrs):
-            tree[name] = rules = []
-            for group in _split(addrs):
-                if len(group) <= FILTER_LEAF:
-                    rules += ["-s {}/32 -j ACCEPT".format(ip) for ip in group]
-                else:
-                    net = _common_prefix(group)
-                    child = "{}-{:08x}-{}".format(
-                        FILTER_CHAIN, int(net.network_address), net.prefixlen)
-                    rules.append("-s {} -j {}".format(net, child))
-                    fill(child, group)
-
-        fill(FILTER_CHAIN, sorted(ipaddress.IPv4Address(ip) for ip in ips))
-        tree[FILTER_CHAIN].append("-j DROP")
-        return tree
+    def filter_tree(self, pairs):
+        """{chain: [rules]} of the VXLAN source filter for [(runner address, its VNI)]."""
+        lo = self.cfg["OVERLAY_VXLAN_ID"]
+        return filter_tree(pairs, (lo, lo + self.layout.max_id))
 
     @staticmethod
     def chain_lines(tree, stale=()):
@@ -827,16 +807,16 @@ class Kernel(object):
     def our_chains(chains):
         return set(c for c in chains if c == FILTER_CHAIN or c.startswith(FILTER_CHAIN + "-"))
 
-    def rules_plan(self, rules_text, ips):
+    def rules_plan(self, rules_text, pairs):
         """iptables-restore lines that put our rules first and the filter chains right, or []."""
         chains, rules = parse_rules(rules_text)
         want_forward = self.forward_rules()
         use_filter = self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]
         want_input = self.input_rules()
-        tree = self.filter_tree(ips) if use_filter else {}
+        tree = self.filter_tree(pairs) if use_filter else {}
         ours = self.our_chains(chains)
-        ok = (rules["FORWARD"][:2] == want_forward
-              and sum(RULE_COMMENT in r for r in rules["FORWARD"]) == 2
+        ok = (rules["FORWARD"][:len(want_forward)] == want_forward
+              and sum(RULE_COMMENT in r for r in rules["FORWARD"]) == len(want_forward)
               and rules["INPUT"][:len(want_input)] == want_input
               and sum(RULE_COMMENT in r for r in rules["INPUT"]) == len(want_input)
               and ours == set(tree) and all(rules[c] == r for c, r in tree.items()))
@@ -859,26 +839,27 @@ class Kernel(object):
         self.filter_chains = self.our_chains(parse_rules(text)[0])
         return text
 
-    def rules_actions(self, ips):
+    def rules_actions(self, pairs):
         """Probe once; the Actions that repair every rule of ours (none when all is right)."""
-        lines = self.rules_plan(self.read_rules(), ips)
-        chains = set(self.filter_tree(ips)) if self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"] else set()
+        lines = self.rules_plan(self.read_rules(), pairs)
+        chains = set(self.filter_tree(pairs)) if self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"] else \
+            set()
         return Actions(rules=lines, chains=chains)
 
-    def filter_actions(self, ips):
+    def filter_actions(self, pairs):
         """The registration path: rewrite only the filter chains (no probe), unless our chain
         is not known to be there: then the full repair."""
         if not self.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]:
             return Actions()
         if FILTER_CHAIN not in self.filter_chains:
-            return Actions(repair=ips)
-        tree = self.filter_tree(ips)
+            return Actions(repair=pairs)
+        tree = self.filter_tree(pairs)
         return Actions(rules=self.chain_lines(tree, self.filter_chains - set(tree)),
                        chains=set(tree))
 
-    def ensure_rules(self, ips):
+    def ensure_rules(self, pairs):
         """Probe once, then repair in one iptables-restore. Returns the lines applied."""
-        act = self.rules_actions(ips)
+        act = self.rules_actions(pairs)
         self.apply(act)
         return act.rules
 
@@ -1140,6 +1121,45 @@ def _rule_command(line):
     """A restore line as the iptables command it stands for (`:CHAIN - [0:0]` is `-N CHAIN`),
     so --dry-run and the log show the rules themselves."""
     return "-N " + line[1:].split()[0] if line.startswith(":") else line
+
+
+def vni_match(lo, hi=None):
+    """The u32 match on the VNI of a VXLAN datagram, as `iptables -S` prints it: the IHL jumps
+    to the UDP header, the VNI is the top 24 bits of the 4 bytes at UDP offset 12."""
+    want = "{:#x}".format(lo) if hi is None else "{:#x}:{:#x}".format(lo, hi)
+    return '-m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8={}"'.format(want)
+
+
+def filter_tree(pairs, vnis):
+    """{chain: [rules]} of the VXLAN source filter: each runner's address is accepted for its
+    own VNI only, then ONE drop of our VNI range vnis = (lo, hi); frames of other VNIs (Docker
+    Swarm, EVPN on the same port) fall through to the rest of INPUT.
+
+    A binary tree over the runners' addresses: a chain lists at most FILTER_LEAF addresses,
+    else it splits them at their first differing bit into two sub-chains, each entered
+    through its common prefix. A packet walks about 2*log2(n) + FILTER_LEAF rules instead
+    of one rule per runner.
+    """
+    tree, by_ip = collections.OrderedDict(), collections.defaultdict(set)
+    for ip, vni in pairs:
+        by_ip[ipaddress.IPv4Address(ip)].add(vni)
+
+    def fill(name, addrs):
+        tree[name] = rules = []
+        for group in _split(addrs):
+            if len(group) <= FILTER_LEAF:
+                rules += ["-s {}/32 {} -j ACCEPT".format(ip, vni_match(vni))
+                          for ip in group for vni in sorted(by_ip[ip])]
+            else:
+                net = _common_prefix(group)
+                child = "{}-{:08x}-{}".format(FILTER_CHAIN, int(net.network_address),
+                                              net.prefixlen)
+                rules.append("-s {} -j {}".format(net, child))
+                fill(child, group)
+
+    fill(FILTER_CHAIN, sorted(by_ip))
+    tree[FILTER_CHAIN].append("{} -j DROP".format(vni_match(*vnis)))
+    return tree
 
 
 def _split(addrs):
@@ -1736,11 +1756,13 @@ class Hub(object):
         unseen = time.monotonic() - t if t is not None else time.time() - alloc["last_seen"]
         return unseen > EVICT_FACTOR * self.cfg["OVERLAY_INACTIVE_AFTER"]
 
-    def runner_ips(self, allocs=None):
-        """The addresses the tunnels point at (the source filter's): the runners' physical
-        IPs, or their kohaku-wg addresses with encryption."""
-        allocs = self.allocs if allocs is None else allocs
-        return sorted(set(self.remotes(allocs).values()), key=lambda ip: ipaddress.IPv4Address(ip))
+    def filter_pairs(self, allocs):
+        """[(address, VNI)] the VXLAN source filter accepts: each runner for its own VNI, from
+        the address its tunnel points at (its physical IP, or its kohaku-wg address with
+        encryption)."""
+        return sorted(set((ip, self.cfg["OVERLAY_VXLAN_ID"] + n)
+                          for n, ip in self.remotes(allocs).items()),
+                      key=lambda p: (ipaddress.IPv4Address(p[0]), p[1]))
 
     def wg_peers(self, allocs):
         """{runner public key: its tunnel address} of every runner that registered a key."""
@@ -1958,7 +1980,7 @@ class Hub(object):
                                            [self.layout.device(n) for n in allocs])
         if ipv6:
             repairs.append("IPv6 off on " + " ".join(ipv6))
-        if self.kernel.ensure_rules(self.runner_ips(allocs)):
+        if self.kernel.ensure_rules(self.filter_pairs(allocs)):
             repairs.append("iptables rules")
             kinds["rules"] += 1
         trusted = self.kernel.ensure_trusted(
@@ -2038,13 +2060,13 @@ class Hub(object):
         return allocs
 
     def converge(self, before, allocs):
-        """One Kernel.apply for the group: the tunnels, the filter when the runners' addresses
+        """One Kernel.apply for the group: the tunnels, the filter when its (address, VNI) pairs
         changed, the zone for new devices. Returns {id: error or None} of the tunnels."""
         wanted = self.remotes(allocs)
         act = self.kernel.tunnel_actions(wanted, prune=True)
-        ips = self.runner_ips(allocs)
-        if ips != self.runner_ips(before):
-            act += self.kernel.filter_actions(ips)
+        pairs = self.filter_pairs(allocs)
+        if pairs != self.filter_pairs(before):
+            act += self.kernel.filter_actions(pairs)
         act += Actions(trust=[self.layout.device(n) for n in set(allocs) - set(before)])
         errors = self.kernel.tunnel_errors(wanted, self.kernel.apply(act, "commit", tolerate=True))
         peers = self.wg_peers(allocs)

@@ -14,6 +14,7 @@ while the same frame from the registered runner's address does (the control).
 """
 
 import json
+import shlex
 import struct
 import subprocess
 import sys
@@ -523,6 +524,48 @@ def test_forged_vxlan_frames_from_an_unregistered_address_do_not_reach_vxkr1(c):
     rx, replies = _inject(c, c.legit, frames)
     assert rx >= 3
     assert "10.1.0.254" in replies
+
+
+# ---- the source filter is bound to VNIs (issue 11.3) ------------------------------------------
+
+LEGIT2_IP = "198.51.100.22"
+
+
+def test_a_runners_address_with_another_runners_vni_is_dropped(c):
+    """Before, the filter accepted any registered runner for every VNI: legit (runner 1) could
+    inject into runner 2's segment. The control: runner 2's own frames arrive."""
+    if not getattr(c, "legit2", None):
+        c.legit2 = c.add_bare_node("legit2", LEGIT2_IP)
+        res = send(c, c.legit2, [http_request("POST", "/api/overlay/register", json.dumps(
+            registration("legit2", LEGIT2_IP)).encode(), auth())])[0]
+        assert (res["status"], json.loads(res["body"])["runner_id"]) == (200, 2), res["raw"]
+        c.wait_for(lambda: "vxkr2" in c.sh(c.host, "ip", "link").stdout, what="vxkr2")
+    _, _, mac = vxkr_stats(c, "vxkr2")
+    frames = [vxlan_frame(102, "ff:ff:ff:ff:ff:ff", arp_request("10.2.0.5", "10.2.0.254")),
+              vxlan_frame(102, mac, icmp_echo("10.2.0.5", "10.2.0.254", seq=3))]
+    before = vxkr_stats(c, "vxkr2")[0]
+    py(c, c.legit, SENDER, HOST, *(f.hex() for f in frames))       # runner 1 with VNI 102
+    time.sleep(0.3)
+    assert vxkr_stats(c, "vxkr2")[0] == before
+    py(c, c.legit2, SENDER, HOST, *(f.hex() for f in frames))      # runner 2 itself
+    c.wait_for(lambda: vxkr_stats(c, "vxkr2")[0] >= before + 2, timeout=5,
+               what="runner 2's own frames on vxkr2")
+
+
+def test_a_vni_outside_our_range_is_not_touched_by_our_rules(c):
+    """Docker Swarm or EVPN on the same UDP port: a VNI outside OVERLAY_VXLAN_ID..+max id
+    falls through our chain to the rest of INPUT (a counting rule at its end sees it), even
+    from an address that is not a runner's. Before, the chain's last rule dropped all UDP 4789."""
+    count = '-p udp --dport 4789 -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x1388"'  # VNI 5000
+    c.sh(c.host, "iptables", "-A", "INPUT", *shlex.split(count))
+    try:
+        py(c, c.attacker, SENDER, HOST, *[vxlan_frame(5000, "ff:ff:ff:ff:ff:ff", arp_request(
+            "172.16.0.5", "172.16.0.1")).hex()] * 3)
+        rules = c.sh(c.host, "iptables", "-S", "INPUT", "-v").stdout
+        counted = [line for line in rules.splitlines() if "0x1388" in line]
+        assert len(counted) == 1 and " -c 3 " in counted[0], rules
+    finally:
+        c.sh(c.host, "iptables", "-D", "INPUT", *shlex.split(count))
 
 
 # ---- the documented limit: a forged source address gets through --------------------------------

@@ -251,7 +251,7 @@ def test_200_concurrent_registrations_from_20_namespaces(c):
                 if r.startswith("-A KOHAKU-VXLAN") and r.endswith("-j ACCEPT")]
     assert sorted(accepted) == sorted("%s/32" % n.ip for n in nodes)
     top = c.sh(c.host, "iptables", "-S", "KOHAKU-VXLAN").stdout.splitlines()
-    assert top[-1] == "-A KOHAKU-VXLAN -j DROP"
+    assert top[-1] == '-A KOHAKU-VXLAN -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x64:0x163" -j DROP'
     assert elapsed < 30
 
 
@@ -341,6 +341,34 @@ def _ours(c, node):
     return [line for table in ("filter", "nat") for line in
             c.sh(node, "iptables", "-t", table, "-S").stdout.splitlines()
             if "kohaku-overlay" in line or "KOHAKU-VXLAN" in line]
+
+
+def test_the_host_forwards_only_between_tunnels(c):
+    """Issue 11.1: the Host's FORWARD rule accepts overlay traffic from a vxkr to a vxkr only.
+    Under a FORWARD policy DROP two runners' containers still talk through the Host, while a
+    machine on the Host's LAN that routes 10.0.0.0/8 via the Host no longer reaches them
+    (before: `-d 10.0.0.0/8 -j ACCEPT` let the LAN route into every container)."""
+    fresh_host(c)
+    r1, r2 = c.runners
+    lan = bare(c, 20)
+    c.sh(lan, "ip", "route", "replace", "10.0.0.0/8", "via", labkit.HOST_IP)
+    try:
+        c.start_runner(1)
+        c.start_runner(2)
+        c.wait_active(["runner1", "runner2"])
+        ca, cb = c.container(r1, "fwd-a"), c.container(r2, "fwd-b")
+        ip_b = c.container_ip(r2, cb)
+        assert marked_forward(c, c.host) == [
+            "-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment "
+            "kohaku-overlay -j ACCEPT"]
+        c.iptables_drift(c.host, policy={"FORWARD": "DROP"})
+        assert c.ping(r1, ca, ip_b, count=2)              # tunnel to tunnel: still first
+        assert not c.ping(lan, None, ip_b, count=2)       # the LAN into the overlay: no
+    finally:
+        c.sh(c.host, "iptables", "-P", "FORWARD", "ACCEPT")
+        c.sh(lan, "ip", "route", "del", "10.0.0.0/8", check=False)
+        for i in (1, 2):
+            clean_runner(c, i)
 
 
 def test_drift_is_repaired_by_serve_on_both_sides(c):

@@ -105,12 +105,14 @@ def test_registrations_build_the_hub_end_of_each_tunnel(host):
             if a["family"] == "inet"] == [("10.0.0.1", 8)]
     assert have["kohaku-host"]["linkinfo"]["info_kind"] == "bridge"  # this kernel has no dummy
     forward = c.sh(c.host, "iptables", "-S", "FORWARD").stdout.splitlines()
-    assert forward[1:3] == [
-        "-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT",
-        "-A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"]
+    assert forward[1:3] == [   # issue 11.1: between the tunnels only, and nothing else of ours
+        "-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment "
+        "kohaku-overlay -j ACCEPT"]
+    u32 = '-m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=%s"'   # issue 11.3: each runner its own VNI
     assert c.sh(c.host, "iptables", "-S", "KOHAKU-VXLAN").stdout.splitlines() == [
-        "-N KOHAKU-VXLAN", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
-        "-A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT", "-A KOHAKU-VXLAN -j DROP"]
+        "-N KOHAKU-VXLAN", "-A KOHAKU-VXLAN -s 198.51.100.11/32 %s -j ACCEPT" % (u32 % "0x65"),
+        "-A KOHAKU-VXLAN -s 198.51.100.12/32 %s -j ACCEPT" % (u32 % "0x66"),
+        "-A KOHAKU-VXLAN %s -j DROP" % (u32 % "0x64:0x163")]
     assert c.sh(c.host, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
     # the same name gets the same id back, and nothing is rebuilt
     before = links(c)["vxkr1"]["ifindex"]

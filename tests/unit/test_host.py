@@ -12,7 +12,7 @@ network namespace, after applying the host's own commands there:
         ip link set vxkra down; ip link set vxkra mtu 1400; ip addr flush dev vxkra
         ip link set vxkra address 02:00:00:00:00:01
         ip -j -d addr show                           # -> CAPTURED_LINKS
-        iptables-restore --noflush < (rules_plan("", [.11, .12]))
+        iptables-restore --noflush < (rules_plan("", [(.11, 101), (.12, 102)]))
         iptables -S                                  # -> CAPTURED_RULES_OK
         iptables -N DOCKER-USER; iptables -I FORWARD 1 -j DOCKER-USER
         iptables -S                                  # -> CAPTURED_RULES_BURIED
@@ -59,8 +59,17 @@ BATCH = ["ip", "-force", "-batch", "-"]
 RESTORE = ["iptables-restore", "--noflush"]
 IP_SHOW = ["ip", "-j", "-d", "addr", "show"]
 IPT_S = ["iptables", "-S"]
-FWD_S = "-s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"
-FWD_D = "-d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"
+FWD = "-s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment kohaku-overlay -j ACCEPT"
+VNIS = (100, 355)                # OVERLAY_VXLAN_ID .. + max runner id: the range the filter drops
+
+
+def u32(vni):
+    """The VNI match of the source filter, as iptables -S prints it."""
+    return '-m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=%s"' % (
+        "%#x" % vni if isinstance(vni, int) else "%#x:%#x" % vni)
+
+
+VNI_DROP = u32(VNIS) + " -j DROP"
 INPUT_JUMP = "-p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN"
 
 # ---------------------------------------------------------------------------------------------
@@ -83,12 +92,11 @@ CAPTURED_RULES_OK = """\
 -P OUTPUT ACCEPT
 -N KOHAKU-VXLAN
 -A INPUT -p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN
--A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
--A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
--A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT
--A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT
--A KOHAKU-VXLAN -j DROP
-"""
+-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment kohaku-overlay -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.11/32 -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x65" -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.12/32 -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x66" -j ACCEPT
+-A KOHAKU-VXLAN -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x64:0x163" -j DROP
+"""  # noqa: E501 (captured verbatim)
 
 CAPTURED_RULES_BURIED = """\
 -P INPUT ACCEPT
@@ -98,22 +106,20 @@ CAPTURED_RULES_BURIED = """\
 -N KOHAKU-VXLAN
 -A INPUT -p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN
 -A FORWARD -j DOCKER-USER
--A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
--A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
--A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT
--A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT
--A KOHAKU-VXLAN -j DROP
-"""
+-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment kohaku-overlay -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.11/32 -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x65" -j ACCEPT
+-A KOHAKU-VXLAN -s 198.51.100.12/32 -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x66" -j ACCEPT
+-A KOHAKU-VXLAN -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x64:0x163" -j DROP
+"""  # noqa: E501 (captured verbatim)
 
 CAPTURED_RULES_NOFILTER = """\
 -P INPUT ACCEPT
 -P FORWARD ACCEPT
 -P OUTPUT ACCEPT
 -N DOCKER-USER
--A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
--A FORWARD -d 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT
+-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment kohaku-overlay -j ACCEPT
 -A FORWARD -j DOCKER-USER
-"""
+"""  # noqa: E501 (captured verbatim)
 
 CLEAN_RULES = "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n"
 
@@ -283,17 +289,17 @@ def link_json(name, kind=None, vni=None, remote=None, addrs=(), up=True, mtu=145
     return item
 
 
-def iptables_s(ips, source_filter=True, port=4789):
+def iptables_s(pairs, source_filter=True, port=4789):
     """`iptables -S` of a table where the host's rules are exactly right.
 
     CAPTURED_RULES_OK's form."""
     lines = CLEAN_RULES.splitlines()
-    tree = host.Kernel.filter_tree(ips) if source_filter else {}
+    tree = host.filter_tree(pairs, VNIS) if source_filter else {}
     if source_filter:
         lines += ["-N " + c for c in tree]
         lines.append("-A INPUT -p udp -m udp --dport {} -m comment --comment kohaku-overlay "
                      "-j KOHAKU-VXLAN".format(port))
-    lines += ["-A FORWARD " + FWD_S, "-A FORWARD " + FWD_D]
+    lines += ["-A FORWARD " + FWD]
     lines += ["-A {} {}".format(c, r) for c, rules in tree.items() for r in rules]
     return "\n".join(lines) + "\n"
 
@@ -835,15 +841,15 @@ def test_link_json_helper_matches_the_real_shape():
 def test_parse_rules_on_captured_output():
     chains, rules = host.parse_rules(CAPTURED_RULES_BURIED)
     assert chains == {"DOCKER-USER", "KOHAKU-VXLAN"}
-    assert rules["FORWARD"] == ["-j DOCKER-USER", FWD_S, FWD_D]
+    assert rules["FORWARD"] == ["-j DOCKER-USER", FWD]
     assert rules["INPUT"] == [INPUT_JUMP]
-    assert rules["KOHAKU-VXLAN"] == ["-s 198.51.100.11/32 -j ACCEPT",
-                                     "-s 198.51.100.12/32 -j ACCEPT", "-j DROP"]
+    assert rules["KOHAKU-VXLAN"] == ["-s 198.51.100.11/32 %s -j ACCEPT" % u32(101),
+                                     "-s 198.51.100.12/32 %s -j ACCEPT" % u32(102), VNI_DROP]
     assert host.parse_rules("") == (set(), {})
 
 
 def test_iptables_s_helper_matches_the_real_shape():
-    assert iptables_s(["198.51.100.11", "198.51.100.12"]) == CAPTURED_RULES_OK
+    assert iptables_s(IPS_2) == CAPTURED_RULES_OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1238,15 +1244,21 @@ def test_sync_tunnels_dry_run_prints_and_runs_nothing(tmp_path, popen, monkeypat
 
 # -- rules ------------------------------------------------------------------------------------
 
-CHAIN_2 = [":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
-           "-A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT", "-A KOHAKU-VXLAN -j DROP"]
-IPS_2 = ["198.51.100.11", "198.51.100.12"]
+CHAIN_2 = [":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 %s -j ACCEPT" % u32(101),
+           "-A KOHAKU-VXLAN -s 198.51.100.12/32 %s -j ACCEPT" % u32(102),
+           "-A KOHAKU-VXLAN " + VNI_DROP]
+IPS_2 = [("198.51.100.11", 101), ("198.51.100.12", 102)]   # (address, VNI): runners 1 and 2
+
+
+def numbered(ips):
+    """[(ip, VNI)] for runners 1..n at these addresses."""
+    return [(ip, 101 + k) for k, ip in enumerate(ips)]
 
 
 def test_rules_plan_clean_table(tmp_path):
     k = kernel(tmp_path)
     assert k.rules_plan(CLEAN_RULES, IPS_2) == CHAIN_2 + [
-        "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D, "-I INPUT 1 " + INPUT_JUMP]
+        "-I FORWARD 1 " + FWD, "-I INPUT 1 " + INPUT_JUMP]
     assert k.filter_chains == set()
 
 
@@ -1261,32 +1273,31 @@ def test_rules_plan_already_correct_is_empty(tmp_path, fake):
 
 def test_rules_plan_rules_present_but_not_first(tmp_path):
     assert kernel(tmp_path).rules_plan(CAPTURED_RULES_BURIED, IPS_2) == CHAIN_2 + [
-        "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D, "-D INPUT " + INPUT_JUMP,
-        "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D, "-I INPUT 1 " + INPUT_JUMP]
+        "-D FORWARD " + FWD, "-D INPUT " + INPUT_JUMP,
+        "-I FORWARD 1 " + FWD, "-I INPUT 1 " + INPUT_JUMP]
 
 
 def test_rules_plan_new_runner_rewrites_the_filter_chain(tmp_path):
-    assert kernel(tmp_path).rules_plan(CAPTURED_RULES_OK, IPS_2 + ["198.51.100.13"])[:5] == [
-        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
-        "-A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT",
-        "-A KOHAKU-VXLAN -s 198.51.100.13/32 -j ACCEPT", "-A KOHAKU-VXLAN -j DROP"]
+    three = IPS_2 + [("198.51.100.13", 103)]
+    assert kernel(tmp_path).rules_plan(CAPTURED_RULES_OK, three)[:5] == CHAIN_2[:3] + [
+        "-A KOHAKU-VXLAN -s 198.51.100.13/32 %s -j ACCEPT" % u32(103),
+        "-A KOHAKU-VXLAN " + VNI_DROP]
 
 
 def test_rules_plan_duplicate_rule_is_removed(tmp_path):
-    text = CAPTURED_RULES_OK + "-A FORWARD " + FWD_S + "\n"
+    text = CAPTURED_RULES_OK + "-A FORWARD " + FWD + "\n"
     plan = kernel(tmp_path).rules_plan(text, IPS_2)
-    assert plan.count("-D FORWARD " + FWD_S) == 2
-    assert plan[-3:] == ["-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
-                         "-I INPUT 1 " + INPUT_JUMP]
+    assert plan.count("-D FORWARD " + FWD) == 2
+    assert plan[-2:] == ["-I FORWARD 1 " + FWD, "-I INPUT 1 " + INPUT_JUMP]
 
 
 def test_rules_plan_without_source_filter(tmp_path):
     k = kernel(tmp_path, OVERLAY_VXLAN_SOURCE_FILTER=False)
     assert k.rules_plan(CAPTURED_RULES_BURIED, IPS_2) == [
-        "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D, "-D INPUT " + INPUT_JUMP,
-        "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D, "-F KOHAKU-VXLAN", "-X KOHAKU-VXLAN"]
+        "-D FORWARD " + FWD, "-D INPUT " + INPUT_JUMP,
+        "-I FORWARD 1 " + FWD, "-F KOHAKU-VXLAN", "-X KOHAKU-VXLAN"]
     assert k.rules_plan(CAPTURED_RULES_NOFILTER, IPS_2) == []
-    assert k.rules_plan(CLEAN_RULES, IPS_2) == ["-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D]
+    assert k.rules_plan(CLEAN_RULES, IPS_2) == ["-I FORWARD 1 " + FWD]
 
 
 def test_ensure_rules_probes_once_and_restores_once(tmp_path, fake):
@@ -1317,51 +1328,75 @@ def test_set_source_filter_without_chain_does_the_full_repair(tmp_path, fake):
     assert k.filter_chains == {"KOHAKU-VXLAN"}
 
 
-def walk(tree, ip, chain="KOHAKU-VXLAN"):
+def walk(tree, ip, vni, chain="KOHAKU-VXLAN"):
     """(verdict or None for a return to the caller, rules looked at) of a VXLAN packet from ip
-    through the filter tree, as netfilter walks it."""
+    with this VNI through the filter tree, as netfilter walks it."""
     import ipaddress
     seen = 0
     for rule in tree[chain]:
         seen += 1
         parts = rule.split()
-        if parts[0] == "-j":
-            return parts[1], seen
-        if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(parts[1]):
-            if parts[3] == "ACCEPT":
-                return "ACCEPT", seen
-            verdict, more = walk(tree, ip, parts[3])
-            seen += more
-            if verdict is not None:
-                return verdict, seen
+        match = re.search(r'=0x([0-9a-f]+)(?::0x([0-9a-f]+))?"', rule)
+        if match:
+            lo = int(match.group(1), 16)
+            if not lo <= vni <= int(match.group(2) or match.group(1), 16):
+                continue
+        if parts[0] == "-s" and ipaddress.IPv4Address(ip) not in ipaddress.IPv4Network(parts[1]):
+            continue
+        if parts[-1] in ("ACCEPT", "DROP"):
+            return parts[-1], seen
+        verdict, more = walk(tree, ip, vni, parts[-1])
+        seen += more
+        if verdict is not None:
+            return verdict, seen
     return None, seen
 
 
 def test_filter_tree_accepts_exactly_the_runners_in_few_rules():
     ips = ["198.51.100.%d" % i for i in range(2, 255)] + ["203.0.113.7", "10.200.0.9"]
-    tree = host.Kernel.filter_tree(ips)
-    assert list(tree)[0] == "KOHAKU-VXLAN" and tree["KOHAKU-VXLAN"][-1] == "-j DROP"
+    pairs = numbered(ips)
+    tree = host.filter_tree(pairs, VNIS)
+    assert list(tree)[0] == "KOHAKU-VXLAN" and tree["KOHAKU-VXLAN"][-1] == VNI_DROP
     assert max(len(c) for c in tree) <= 28      # iptables' limit on chain names
-    verdicts = [walk(tree, ip) for ip in ips]
+    verdicts = [walk(tree, ip, vni) for ip, vni in pairs]
     assert set(v for v, _ in verdicts) == {"ACCEPT"}
     assert max(n for _, n in verdicts) <= 2 * 8 + 2 * host.FILTER_LEAF  # not one per runner
     for stranger in ("198.51.100.1", "198.51.100.255", "203.0.113.8", "192.0.2.1"):
-        assert walk(tree, stranger)[0] == "DROP"
+        assert walk(tree, stranger, 101)[0] == "DROP"
     assert sum(len(r) for r in tree.values()) < 2 * len(ips)
 
 
+def test_filter_tree_binds_each_address_to_its_own_vni_and_drops_only_our_range():
+    """Issue 11.3: runner A's address with runner B's VNI is dropped; a VNI outside our range
+    (Docker Swarm's, EVPN's) returns untouched to the rest of INPUT."""
+    ips = ["198.51.100.%d" % i for i in range(2, 60)]
+    tree = host.filter_tree(numbered(ips), VNIS)
+    assert walk(tree, ips[0], 101)[0] == "ACCEPT"
+    assert walk(tree, ips[0], 102)[0] == "DROP"             # runner 2's VNI from runner 1
+    assert walk(tree, ips[-1], 101)[0] == "DROP"
+    for foreign in (99, 356, 4096, 0xFFFFFF):                # not ours: not touched
+        assert walk(tree, ips[0], foreign)[0] is None
+        assert walk(tree, "192.0.2.1", foreign)[0] is None
+    assert walk(tree, "192.0.2.1", 100)[0] == "DROP"          # VNI 100: vxdirect0's, ours
+
+
 def test_filter_tree_of_a_few_runners_is_one_flat_chain():
-    assert host.Kernel.filter_tree(IPS_2) == {"KOHAKU-VXLAN": [
-        "-s 198.51.100.11/32 -j ACCEPT", "-s 198.51.100.12/32 -j ACCEPT", "-j DROP"]}
-    assert host.Kernel.filter_tree([]) == {"KOHAKU-VXLAN": ["-j DROP"]}
+    assert host.filter_tree(IPS_2, VNIS) == {"KOHAKU-VXLAN": [
+        "-s 198.51.100.11/32 %s -j ACCEPT" % u32(101),
+        "-s 198.51.100.12/32 %s -j ACCEPT" % u32(102), VNI_DROP]}
+    assert host.filter_tree([], VNIS) == {"KOHAKU-VXLAN": [VNI_DROP]}
+    assert host.filter_tree([("198.51.100.11", 101), ("198.51.100.11", 103)], (100, 103)) == {
+        "KOHAKU-VXLAN": ["-s 198.51.100.11/32 %s -j ACCEPT" % u32(101),
+                         "-s 198.51.100.11/32 %s -j ACCEPT" % u32(103),
+                         u32((100, 103)) + " -j DROP"]}    # two runners behind one address
 
 
 def test_set_source_filter_deletes_the_sub_chains_a_shrunk_cluster_no_longer_needs(tmp_path, fake):
     k = kernel(tmp_path)
-    many = ["198.51.100.%d" % i for i in range(2, 40)]
+    many = numbered(["198.51.100.%d" % i for i in range(2, 40)])
     k.filter_chains = {"KOHAKU-VXLAN"}
     k.apply(k.filter_actions(many))
-    grown = set(host.Kernel.filter_tree(many))
+    grown = set(host.filter_tree(many, VNIS))
     assert len(grown) > 1 and k.filter_chains == grown
     fake.inputs[:] = []
     k.apply(k.filter_actions(IPS_2))
@@ -1373,12 +1408,11 @@ def test_set_source_filter_deletes_the_sub_chains_a_shrunk_cluster_no_longer_nee
 
 def test_rules_plan_and_down_see_the_sub_chains(tmp_path, fake):
     k = kernel(tmp_path)
-    many = ["198.51.100.%d" % i for i in range(2, 40)]
-    tree = host.Kernel.filter_tree(many)
+    many = numbered(["198.51.100.%d" % i for i in range(2, 40)])
+    tree = host.filter_tree(many, VNIS)
     text = CAPTURED_RULES_OK.replace("-N KOHAKU-VXLAN\n", "".join(
         "-N %s\n" % c for c in tree)).replace(
-        "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT\n-A KOHAKU-VXLAN -s 198.51.100.12/32 "
-        "-j ACCEPT\n-A KOHAKU-VXLAN -j DROP\n",
+        "".join(line + "\n" for line in CHAIN_2[1:]),
         "".join("-A %s %s\n" % (c, r) for c, rules in tree.items() for r in rules))
     assert k.rules_plan(text, many) == []
     fake.answer(IPT_S, (0, text, ""))
@@ -1398,7 +1432,7 @@ def test_set_source_filter_disabled_runs_nothing(tmp_path, fake):
 def test_removal_plan_removes_by_marker(tmp_path):
     k = kernel(tmp_path)
     assert k.removal_plan(CAPTURED_RULES_BURIED) == [
-        "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D, "-D INPUT " + INPUT_JUMP,
+        "-D FORWARD " + FWD, "-D INPUT " + INPUT_JUMP,
         "-F KOHAKU-VXLAN", "-X KOHAKU-VXLAN"]
     assert k.removal_plan(CLEAN_RULES) == []
 
@@ -1674,7 +1708,7 @@ def healthy(hub, n_allocs):
     items = [link_json("kohaku-host", "bridge", addrs=["10.0.0.1/8"], mtu=1500)]
     items += [link_json(hub.layout.device(n), "vxlan", 100 + n, a["physical_ip"],
                         [hub.layout.host_vxlan_cidr(n)]) for n, a in sorted(allocs.items())]
-    return json.dumps(items), iptables_s(hub.runner_ips())
+    return json.dumps(items), iptables_s(hub.filter_pairs(hub.allocs))
 
 
 @pytest.mark.parametrize("firewalld", [False, True])
@@ -1724,8 +1758,8 @@ def test_reconcile_at_startup_builds_everything_from_scratch(tmp_path, fake, cap
     assert fake.batches() == [["addr replace 10.0.0.1/8 dev kohaku-host",
                                "link set kohaku-host up"], ADD_VXKR1]
     assert fake.inputs[-1] == "*filter\n" + "\n".join([
-        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
-        "-A KOHAKU-VXLAN -j DROP", "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
+        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 " + u32(101) + " -j ACCEPT",
+        "-A KOHAKU-VXLAN " + VNI_DROP, "-I FORWARD 1 " + FWD,
         "-I INPUT 1 " + INPUT_JUMP]) + "\nCOMMIT\n"
     assert "start-up reconcile put in place: kohaku-host, vxkr1, iptables rules" in caplog.text
 
@@ -1861,8 +1895,8 @@ def test_register_answers_the_allocation_and_persists_it_first(served, fake):
     assert fake.calls == [BATCH, IPT_S, RESTORE]
     assert fake.batches() == [ADD_VXKR1]
     assert fake.inputs[2] == "*filter\n" + "\n".join([
-        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
-        "-A KOHAKU-VXLAN -j DROP", "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
+        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 " + u32(101) + " -j ACCEPT",
+        "-A KOHAKU-VXLAN " + VNI_DROP, "-I FORWARD 1 " + FWD,
         "-I INPUT 1 " + INPUT_JUMP]) + "\nCOMMIT\n"
     # the same name gets the same id; a second runner the next one
     assert register(api, "runner1", "198.51.100.11")[1]["runner_id"] == 1
@@ -1883,7 +1917,8 @@ def test_register_with_a_changed_physical_ip_recreates_the_tunnel(served, fake):
         "198.51.100.1 remote 198.51.100.99 dstport 4789 nolearning", "link set vxkr1 mtu 1450",
         "addr replace 10.1.0.254/16 dev vxkr1", "link set vxkr1 up"]
     assert fake.inputs[-1] == ("*filter\n:KOHAKU-VXLAN - [0:0]\n-A KOHAKU-VXLAN -s "
-                               "198.51.100.99/32 -j ACCEPT\n-A KOHAKU-VXLAN -j DROP\nCOMMIT\n")
+                               "198.51.100.99/32 " + u32(101) + " -j ACCEPT\n-A KOHAKU-VXLAN "
+                               + VNI_DROP + "\nCOMMIT\n")
 
 
 def test_an_active_name_from_a_second_address_is_409_naming_both(served, fake):
@@ -2848,13 +2883,13 @@ def test_serve_dry_run_prints_the_plan_and_changes_nothing(tmp_path, popen, isol
         "[#] ip addr replace 10.10.0.254/16 dev vxkra", "[#] ip link set vxkra up",
         # the rules plan: Docker's jump is first in CAPTURED_RULES_BURIED
         "[#] iptables -N KOHAKU-VXLAN",
-        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
-        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.12/32 -j ACCEPT",
-        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.20/32 -j ACCEPT",
-        "[#] iptables -A KOHAKU-VXLAN -j DROP",
-        "[#] iptables -D FORWARD " + FWD_S, "[#] iptables -D FORWARD " + FWD_D,
+        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.11/32 " + u32(101) + " -j ACCEPT",
+        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.12/32 " + u32(102) + " -j ACCEPT",
+        "[#] iptables -A KOHAKU-VXLAN -s 198.51.100.20/32 " + u32(110) + " -j ACCEPT",
+        "[#] iptables -A KOHAKU-VXLAN " + VNI_DROP,
+        "[#] iptables -D FORWARD " + FWD,
         "[#] iptables -D INPUT " + INPUT_JUMP,
-        "[#] iptables -I FORWARD 1 " + FWD_S, "[#] iptables -I FORWARD 2 " + FWD_D,
+        "[#] iptables -I FORWARD 1 " + FWD,
         "[#] iptables -I INPUT 1 " + INPUT_JUMP,
         "dry run: the commands above would run; nothing was changed"]
     assert popen.calls == [["ip", "-j", "addr", "show"], IP_SHOW, IPT_S]
@@ -2866,8 +2901,9 @@ def test_serve_dry_run_shows_the_rules_it_would_apply(tmp_path, popen, isolated,
     --noflush`; the rules it would insert or delete are not printed anywhere."""
     code, out = dry_run_serve(tmp_path, popen, isolated, capsys)
     assert code == 0
-    assert "-I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT" in out.out
-    assert "-D FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT" in out.out
+    assert "-I FORWARD 1 " + FWD in out.out
+    assert "-D FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment " \
+        "kohaku-overlay -j ACCEPT" in out.out
 
 
 def test_serve_dry_run_leaves_a_corrupt_state_file_alone(tmp_path, popen, isolated, capsys):
@@ -2908,7 +2944,7 @@ def test_serve_refuses_an_unusable_reachable_address(tmp_path, popen, isolated, 
 
 # -- down --------------------------------------------------------------------------------------
 
-DOWN_RESTORE = ("*filter\n-D FORWARD " + FWD_S + "\n-D FORWARD " + FWD_D + "\n-D INPUT " +
+DOWN_RESTORE = ("*filter\n-D FORWARD " + FWD + "\n-D INPUT " +
                 INPUT_JUMP + "\n-F KOHAKU-VXLAN\n-X KOHAKU-VXLAN\nCOMMIT\n")
 
 
@@ -2922,7 +2958,7 @@ def test_down_removes_devices_and_rules_by_marker(tmp_path, fake, capsys):
                                "link del vxkra"]]
     assert fake.inputs[3] == DOWN_RESTORE
     assert capsys.readouterr().out == (
-        "removed 4 device(s) and 5 rule change(s); allocations kept in {}\n".format(
+        "removed 4 device(s) and 4 rule change(s); allocations kept in {}\n".format(
             tmp_path / "state" / "overlay-state.json"))
 
 
@@ -2936,7 +2972,7 @@ def test_down_with_firewalld_running_removes_the_zone_entries(tmp_path, fake, mo
                           ["firewall-cmd", "--zone=trusted", "--list-interfaces"],
                           ["firewall-cmd", "--zone=trusted", "--remove-interface=kohaku-host",
                            "--remove-interface=vxkr1"], BATCH, IPT_S, RESTORE]
-    assert fake.inputs[-1] == "*filter\n-D FORWARD " + FWD_S + "\n-D FORWARD " + FWD_D + \
+    assert fake.inputs[-1] == "*filter\n-D FORWARD " + FWD + \
         "\nCOMMIT\n"
 
 
@@ -2956,7 +2992,7 @@ def test_down_dry_run_prints_and_removes_nothing(tmp_path, popen, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[:4] == ["[#] ip link del kohaku-host", "[#] ip link del vxkr1",
                        "[#] ip link del vxkr2", "[#] ip link del vxkra"]
-    assert out[-1].startswith("would remove 4 device(s) and 5 rule change(s)")
+    assert out[-1].startswith("would remove 4 device(s) and 4 rule change(s)")
     assert popen.calls == [IP_SHOW, IPT_S]
 
 
@@ -3239,9 +3275,9 @@ def test_serve_reconciles_at_start_and_stops_on_sigterm_without_touching_tunnels
     assert fake.calls == [["ip", "-j", "addr", "show"], IP_SHOW, BATCH, IPT_S, RESTORE]
     assert fake.batches() == [["link del vxkr2", "link del vxkra"]]
     assert fake.inputs[-1] == "*filter\n" + "\n".join([
-        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 -j ACCEPT",
-        "-A KOHAKU-VXLAN -j DROP", "-D FORWARD " + FWD_S, "-D FORWARD " + FWD_D,
-        "-D INPUT " + INPUT_JUMP, "-I FORWARD 1 " + FWD_S, "-I FORWARD 2 " + FWD_D,
+        ":KOHAKU-VXLAN - [0:0]", "-A KOHAKU-VXLAN -s 198.51.100.11/32 " + u32(101) + " -j ACCEPT",
+        "-A KOHAKU-VXLAN " + VNI_DROP, "-D FORWARD " + FWD,
+        "-D INPUT " + INPUT_JUMP, "-I FORWARD 1 " + FWD,
         "-I INPUT 1 " + INPUT_JUMP]) + "\nCOMMIT\n"             # one atomic restore
     assert calls == len(fake.calls)                       # stopping ran nothing: tunnels stay
     assert store.read()[0] == {1: alloc(1, "runner1", "198.51.100.11")}
@@ -3392,7 +3428,7 @@ def test_reconcile_logs_a_tunnel_it_cannot_build(tmp_path, fake, caplog):
     fake.answer(IP_SHOW, (0, json.dumps([link_json("kohaku-host", "bridge",
                                                    addrs=["10.0.0.1/8"], mtu=1500)]), ""))
     fake.answer(BATCH, (2, "", "Error: Unknown device type.\n"))
-    fake.answer(IPT_S, (0, iptables_s(["198.51.100.11"]), ""))
+    fake.answer(IPT_S, (0, iptables_s([("198.51.100.11", 101)]), ""))
     assert hub.reconcile() == ["vxkr1"]
     assert "cannot build vxkr1 for r1: Error: Unknown device type." in caplog.text
 

@@ -170,7 +170,7 @@ def test_tunnels_and_the_source_filter_use_the_tunnel_addresses(tmp_path, fake):
     allocs = {1: base.alloc(1, "runner1", "198.51.100.11"),
               2: base.alloc(2, "runner2", "198.51.100.12")}
     assert hub.remotes(allocs) == {1: "172.16.0.2", 2: "172.16.0.3"}
-    assert hub.runner_ips(allocs) == ["172.16.0.2", "172.16.0.3"]
+    assert hub.filter_pairs(allocs) == [("172.16.0.2", 101), ("172.16.0.3", 102)]  # 11.3
     lines, spec = hub.kernel.tunnel_plan(1, "172.16.0.2")
     assert lines[0] == ("link add vxkr1 address 02:6b:6f:00:00:65 type vxlan id 101 local "
                         "172.16.0.1 remote 172.16.0.2 dstport 4789 nolearning")
@@ -182,10 +182,11 @@ def test_input_rules_open_the_wireguard_port_and_take_vxlan_only_from_kohaku_wg(
         "-p udp -m udp --dport 51820 -m comment --comment kohaku-overlay -j ACCEPT",
         "! -i kohaku-wg -p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j DROP",
         "-p udp -m udp --dport 4789 -m comment --comment kohaku-overlay -j KOHAKU-VXLAN"]
-    lines = hub.kernel.rules_plan("-P INPUT ACCEPT\n-P FORWARD ACCEPT\n", ["172.16.0.2"])
+    lines = hub.kernel.rules_plan("-P INPUT ACCEPT\n-P FORWARD ACCEPT\n", [("172.16.0.2", 101)])
     assert lines[-3:] == ["-I INPUT %d %s" % (i + 1, r)
                           for i, r in enumerate(hub.kernel.input_rules())]
-    assert "-A KOHAKU-VXLAN -s 172.16.0.2/32 -j ACCEPT" in lines
+    assert ('-A KOHAKU-VXLAN -s 172.16.0.2/32 -m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8=0x65" '
+            '-j ACCEPT') in lines             # issue 11.3: its tunnel address for its own VNI
     assert base.make_hub(tmp_path).kernel.input_rules() == [hub.kernel.input_rules()[2]]
 
 
