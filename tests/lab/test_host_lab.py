@@ -149,12 +149,13 @@ def test_restart_repairs_drift_and_removes_orphans(host):
     c.sh(c.host, "ip", "link", "set", "vxkr1", "mtu", "1300")
     c.sh(c.host, "ip", "link", "add", "vxkr9", "type", "vxlan", "id", "109", "local",
          labkit.HOST_IP, "remote", "198.51.100.99", "dstport", "4789")
-    c.iptables_drift(c.host, delete=[
-        "-A FORWARD -s 10.0.0.0/8 -m comment --comment kohaku-overlay -j ACCEPT"])
+    c.iptables_drift(c.host, delete=[     # issue 11.1: the Host's one scoped FORWARD rule
+        "-A FORWARD -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment --comment "
+        "kohaku-overlay -j ACCEPT"])
     c.start_host()
     assert vxkr(c) == ["vxkr1"]
     assert links(c)["vxkr1"]["mtu"] == 1450
-    assert len([ln for ln in ours(c, "FORWARD")]) == 2
+    assert len([ln for ln in ours(c, "FORWARD")]) == 1
     # and while serving, the periodic pass puts a deleted device back
     c.sh(c.host, "ip", "link", "del", "vxkr1")
     c.wait_for(lambda: vxkr(c) == ["vxkr1"], timeout=10, what="vxkr1 recreated", log=["host"])
@@ -211,8 +212,8 @@ def test_dry_run_prints_the_plan_and_changes_nothing(cluster):
     before = (sorted(links(c)), c.sh(c.host, "iptables-save").stdout.count("\n-A"))
     res = c.script(c.host, "host", "serve", "--dry-run", check=True)
     assert "[#] ip link add kohaku-host type dummy" in res.stdout
-    assert "[#] iptables -I FORWARD 1 -s 10.0.0.0/8 -m comment --comment kohaku-overlay " \
-        "-j ACCEPT" in res.stdout
+    assert "[#] iptables -I FORWARD 1 -s 10.0.0.0/8 -d 10.0.0.0/8 -i vxkr+ -o vxkr+ -m comment " \
+        "--comment kohaku-overlay -j ACCEPT" in res.stdout
     assert (sorted(links(c)), c.sh(c.host, "iptables-save").stdout.count("\n-A")) == before
 
 
