@@ -1,4 +1,4 @@
-"""The runner's firewall and routes for real (issue 11.1, 11.3, 11.4).
+"""The runner hardened, for real (issue 11.1, 11.3, 11.4, 11.8).
 
 One cluster for the module: the Host, two runners with their own dockerd, and a bare namespace
 `outsider` (198.51.100.66) on the underlay that stands for "the internet" and for an attacker on
@@ -14,9 +14,12 @@ the LAN. Runner 1 also has a second Docker network (`other`, 172.31.0.0/16) with
   Swarm, EVPN keep the port).
 - 11.4: an operator's 10.0.0.0/8 route via the LAN makes `up` refuse with one sentence (exit 2),
   is left as it was, and `down` does not delete it.
+- 11.8: `serve` started while the Host is down builds from its saved allocation and sends
+  READY=1 to NOTIFY_SOCKET; once the Host starts, the runner registers and is Active.
 """
 
 import json
+import socket
 import struct
 import sys
 
@@ -187,3 +190,43 @@ def test_an_operator_route_covering_the_overlay_is_never_replaced_nor_deleted(c)
     assert res.returncode == 0, res.stdout + res.stderr
     c.b = c.container(r2, "cb")
     assert c.ping(r2, c.b, "10.0.0.1")
+
+
+# ---- 11.8: serve started while the Host is down -------------------------------------------------
+
+
+def test_serve_with_the_host_down_builds_from_its_saved_allocation_and_says_ready(c, tmp_path):
+    r2 = c.runners[1]
+    c.docker(r2, "rm", "-f", c.b)
+    assert c.script(r2, "runner", "down").returncode == 0       # devices gone, state file kept
+    assert "vxlan0" not in c.sh(r2, "ip", "-br", "link").stdout
+    c.stop_host()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    notify.bind(path)
+    notify.settimeout(30)
+    try:
+        env = c._env(r2)
+        env["NOTIFY_SOCKET"] = path
+        c._spawn(r2.name, r2.workdir / "runner.log", c._script_argv(r2, "runner", ["serve"]), env)
+        try:
+            assert notify.recv(64) == b"READY=1"               # the Host is still down
+        except socket.timeout:
+            raise AssertionError("no READY=1 within 30 s:\n" + c.log_tail(r2.name))
+        assert "vxlan0" in c.sh(r2, "ip", "-br", "link").stdout
+        assert c.docker(r2, "network", "inspect", labkit.OVERLAY_NETWORK,
+                        check=False).returncode == 0
+        c.start_host()
+
+        def active():
+            return [a["active"] for a in c.status()["allocations"]
+                    if a["runner_name"] == r2.name] == [True]
+        c.wait_for(active, timeout=20, interval=0.3, what="runner2 Active once the Host runs",
+                   log=[r2.name, "host"])
+        c.b = c.container(r2, "cb")
+        assert c.ping(r2, c.b, "10.0.0.1")
+    finally:
+        notify.close()
+        if not c.proc_running("host"):
+            c.start_host()
+        c.stop_runner(2)
