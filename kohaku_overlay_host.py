@@ -1276,10 +1276,11 @@ def write_secret(path, text):
     os.replace(tmp, path)
 
 
-def ensure_wg_key(state_path):
+def ensure_wg_key(state_path, read_only=False):
     """The host's public key, making the key pair on first start: `wg genkey` into a 0600 file,
     `wg pubkey` with the private key on stdin. Never logged, never in argv. Under --dry-run
-    nothing is made (the public key is then None)."""
+    (read_only; run() alone reads DRY_RUN) nothing is made or changed (the public key is then
+    None when there is no key yet)."""
     priv, pub = wg_key_paths(state_path)
     private = read_wg_key(priv)
     if private is None:
@@ -1290,13 +1291,13 @@ def ensure_wg_key(state_path):
         if not WG_KEY_RE.match(private):
             raise OverlayError("`wg genkey` printed no key: reinstall wireguard-tools")
         write_secret(priv, private + "\n")
-    elif os.stat(priv).st_mode & 0o077 and not DRY_RUN:
+    elif os.stat(priv).st_mode & 0o077 and not read_only:
         os.chmod(priv, 0o600)
         log.warning("%s was readable by others: set to mode 0600", priv)
     public = read_wg_key(pub)
     if public is None:
         public = run(["wg", "pubkey"], input=private + "\n", mutates=False).stdout.strip()
-        if not DRY_RUN:
+        if not read_only:
             write_secret(pub, public + "\n")
             log.info("WireGuard key pair in %s (public key %s)", priv, public)
     return public
@@ -2739,7 +2740,8 @@ def cmd_serve(args, cfg, layout):
             kernel.check_wg_mtu()
     if args.dry_run:
         if enabled:
-            kernel.wg_public = ensure_wg_key(cfg["OVERLAY_STATE_FILE"]) if kernel.wg else None
+            kernel.wg_public = ensure_wg_key(cfg["OVERLAY_STATE_FILE"], read_only=True) \
+                if kernel.wg else None
             hub.load()
             hub.reconcile(startup=True)
         print("dry run: the commands above would run; nothing was changed")

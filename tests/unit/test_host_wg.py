@@ -124,6 +124,19 @@ def test_dry_run_makes_no_key_and_shows_none(tmp_path, fake, mocker):
     assert not os.path.exists(host.wg_key_paths(state)[0])
 
 
+def test_dry_run_changes_no_key_file(tmp_path, fake):
+    """--dry-run reaches ensure_wg_key as read_only (run() alone reads DRY_RUN): a key readable
+    by others is not chmodded and a missing public key file is not written."""
+    state = str(tmp_path / "overlay-state.json")
+    priv, pub = host.wg_key_paths(state)
+    with open(priv, "w") as fh:
+        fh.write(PRIV + "\n")
+    os.chmod(priv, 0o644)
+    fake.answer(["wg", "pubkey"], (0, PUB + "\n", ""))
+    assert host.ensure_wg_key(state, read_only=True) == PUB
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o644 and not os.path.exists(pub)
+
+
 # ---- kohaku-wg and the tunnels ----------------------------------------------------------------
 
 def test_kohaku_wg_is_made_with_key_port_address_and_mtu(tmp_path, fake):
