@@ -66,6 +66,7 @@ HOST_VXLAN_PREFIX = "vxkr"
 RUNNER_VXLAN = "vxlan0"
 DIRECT_DEVICE = "vxdirect0"         # a runner's direct-routing VXLAN device
 WG_DEVICE = "kohaku-wg"             # the WireGuard device under the tunnels
+WG_HANDSHAKE_MAX = 180              # seconds: WireGuard re-keys every 120 s while traffic flows
 RESOLV_CONF = "/etc/resolv.conf"
 SOURCE_FILTER_CHAIN = "KOHAKU-VXLAN"
 SERVICES = {"host": "kohakuriver-overlay-host", "runner": "kohakuriver-overlay-runner"}
@@ -494,6 +495,24 @@ def ipv4_addrs(link):
 def counters(link):
     s = link.get("stats64") or link.get("stats") or {}
     return (s.get("rx") or {}).get("packets", 0), (s.get("tx") or {}).get("packets", 0)
+
+
+def parse_wg_dump(text):
+    """`wg show IF dump` -> {"public_key", "listen_port", "peers": {key: {...}}}; the first
+    line's private key is dropped here, never kept, printed or bundled."""
+    lines = [line.split("\t") for line in (text or "").splitlines() if line.strip()]
+    have = {"public_key": None, "listen_port": None, "peers": {}}
+    if lines and len(lines[0]) >= 3:
+        have["public_key"] = None if lines[0][1] == "(none)" else lines[0][1]
+        have["listen_port"] = int(lines[0][2]) if lines[0][2].isdigit() else None
+    for f in lines[1:]:
+        if len(f) >= 8:
+            have["peers"][f[0]] = {
+                "endpoint": None if f[2] == "(none)" else f[2],
+                "allowed_ips": sorted(x for x in f[3].split(",") if x and x != "(none)"),
+                "handshake": int(f[4]) if f[4].isdigit() else 0,
+                "rx": int(f[5]) if f[5].isdigit() else 0, "tx": int(f[6]) if f[6].isdigit() else 0}
+    return have
 
 
 def parse_snmp(text):
@@ -1009,6 +1028,7 @@ class Snapshot(object):
         self.alloc = None               # runner: the expected allocation
         self.layout = None              # host: Layout
         self.kernel = ""
+        self.wg = None                  # `wg show kohaku-wg dump`, parsed (encryption on)
         self.memo = {}
 
     def cached(self, key, compute):
@@ -1056,6 +1076,17 @@ class Snapshot(object):
     def overlay_device(self, dev):
         """True for a device the overlay itself creates (its routes and addresses are ours)."""
         return dev in self.overlay_ifaces() or dev in (DIRECT_DEVICE, WG_DEVICE)
+
+    def encrypted(self):
+        """OVERLAY_ENCRYPTION on the host; what the host told a runner (its state file)."""
+        if self.role == "host":
+            return self.cfg.get("OVERLAY_ENCRYPTION") == "wireguard"
+        return (self.alloc or {}).get("encryption") == "wireguard"
+
+    def wg_ip(self, n):
+        """The host's (0) or runner n's address on kohaku-wg (the host daemon's rule)."""
+        net = ipaddress.IPv4Network(self.cfg.get("OVERLAY_WG_SUBNET") or "172.16.0.0/23")
+        return str(net.network_address + 1 + n)
 
     def overlay_cidr(self):
         if self.role == "host":
@@ -1145,6 +1176,8 @@ def gather(snap, links, links_text=""):
     backends, snap.ipt_active = iptables_backends()
     for backend, cmd in backends:
         jobs["ipt:" + backend] = (lambda c: lambda: run([c]).out)(cmd)
+    if WG_DEVICE in links:
+        jobs["wg"] = lambda: run(["wg", "show", WG_DEVICE, "dump"]).out
     if not host:
         jobs["docker"] = lambda: gather_docker(cfg["OVERLAY_NETWORK_NAME"])
         jobs["fdb"] = lambda: run(["bridge", "-j", "fdb", "show", "br",
@@ -1434,6 +1467,12 @@ def store_results(snap, results):
             snap.direct = val
         else:
             snap.lost("direct", val)
+    if "wg" in results:
+        ok, val = results["wg"]
+        if ok:
+            snap.wg = parse_wg_dump(val)    # the private key is dropped there
+        else:
+            snap.lost("wg", val)
     if "fdb" in results:
         ok, val = results["fdb"]
         if ok:
@@ -1692,9 +1731,12 @@ def compute_host_tunnels(snap):
     for dev in snap.vxlan_devices():
         n = vxkr_id(dev)
         alloc = allocs.get(n) or {}
+        wg = snap.encrypted()
         out.append((dev, snap.links[dev], {
-            "vni": cfg["OVERLAY_VXLAN_ID"] + n, "local": cfg["HOST_REACHABLE_ADDRESS"],
-            "remote": alloc.get("physical_ip"), "port": cfg["OVERLAY_VXLAN_PORT"],
+            "vni": cfg["OVERLAY_VXLAN_ID"] + n,
+            "local": snap.wg_ip(0) if wg else cfg["HOST_REACHABLE_ADDRESS"],
+            "remote": snap.wg_ip(n) if wg else alloc.get("physical_ip"),
+            "port": cfg["OVERLAY_VXLAN_PORT"],
             "mtu": cfg["OVERLAY_MTU"], "mac": tunnel_mac(cfg["OVERLAY_VXLAN_ID"] + n),
             "address": "%s/%d" % (snap.layout.host_addr(n), snap.layout.subnet_prefix)}))
     return out
@@ -1853,10 +1895,13 @@ def check_allocation(snap):
 def runner_tunnel(snap):
     alloc, cfg = snap.alloc, snap.cfg
     local = cfg["RUNNER_ADDRESS"] or alloc.get("physical_ip")
+    remote = alloc.get("host_physical_ip")
+    if snap.encrypted():            # VXLAN between the tunnel addresses, inside kohaku-wg
+        local, remote = alloc.get("wg_ip"), alloc.get("host_wg_ip")
     n = alloc.get("runner_id")
     return [(RUNNER_VXLAN, snap.links[RUNNER_VXLAN], {
         "vni": alloc.get("vni") or (cfg["OVERLAY_VXLAN_ID"] + n if n else None),
-        "local": local, "remote": alloc.get("host_physical_ip"),
+        "local": local, "remote": remote,
         "port": alloc.get("vxlan_port") or cfg["OVERLAY_VXLAN_PORT"],
         "mtu": alloc.get("mtu") or cfg["OVERLAY_MTU"], "up": True})]
 
@@ -2063,12 +2108,15 @@ def underlay_peers(snap):
     """(this node's underlay address, [the peers' underlay addresses]) that VXLAN flows between:
     host: HOST_REACHABLE_ADDRESS and every registered runner; runner: its vxlan0 local address
     (RUNNER_ADDRESS without one) and the host."""
+    if snap.role == "host" and snap.encrypted():  # VXLAN arrives on kohaku-wg from the tunnels
+        return snap.wg_ip(0), [snap.wg_ip(n) for n in sorted(host_allocations(snap))]
     if snap.role == "host":
         return snap.cfg["HOST_REACHABLE_ADDRESS"], sorted(set(
             a["physical_ip"] for a in host_allocations(snap).values() if a.get("physical_ip")))
     link = snap.links.get(RUNNER_VXLAN)
     local = vxlan_info(link).get("local") if link else snap.cfg["RUNNER_ADDRESS"]
-    host_ip = (snap.alloc or {}).get("host_physical_ip")
+    host_ip = (snap.alloc or {}).get(
+        "host_wg_ip" if snap.encrypted() else "host_physical_ip")
     return local, [host_ip] if host_ip else []
 
 
@@ -2169,8 +2217,9 @@ def check_host_vxlan_port(snap):
     table = snap.table("filter")
     port, base = snap.cfg["OVERLAY_VXLAN_PORT"], snap.cfg["OVERLAY_VXLAN_ID"]
     local, _peers = underlay_peers(snap)
-    pairs = sorted((a["physical_ip"], base + n) for n, a in host_allocations(snap).items()
-                   if a.get("physical_ip"))
+    wg = snap.encrypted()               # then the sources are the runners' tunnel addresses
+    pairs = sorted((snap.wg_ip(n) if wg else a["physical_ip"], base + n)
+                   for n, a in host_allocations(snap).items() if a.get("physical_ip"))
     source_filter = snap.cfg["OVERLAY_VXLAN_SOURCE_FILTER"]
     if source_filter:
         missing = filter_chain_missing(snap, table, port)
@@ -2208,6 +2257,112 @@ def check_host_vxlan_port(snap):
                       "VNIs: the Host's filter of before issue 11.3)" % (port, len(pairs)))
     return ok("UDP %d accepted from %d registered runners only, each for its own VNI" % (
         port, len(pairs)))
+
+
+# -- WireGuard (OVERLAY_ENCRYPTION = "wireguard") -------------------------------------------------
+
+def wg_needed(snap):
+    if not snap.encrypted():
+        raise Skip('encryption is off (OVERLAY_ENCRYPTION = "none" on the host)')
+
+
+def wg_port(snap):
+    if snap.role == "host":
+        return snap.cfg["OVERLAY_WG_PORT"]
+    return (snap.alloc or {}).get("wg_port") or 51820
+
+
+def wg_want(snap):
+    """{public key: (who, [allowed IPs])} kohaku-wg should hold, as the host sees it."""
+    if snap.role == "host":
+        return dict((a["wg_public_key"], (a.get("runner_name") or "runner %d" % n,
+                                          ["%s/32" % snap.wg_ip(n)]))
+                    for n, a in host_allocations(snap).items() if a.get("wg_public_key"))
+    alloc = snap.alloc or {}
+    key = alloc.get("host_wg_public_key")
+    return {key: ("the host", ["%s/32" % alloc.get("host_wg_ip")])} if key else {}
+
+
+def check_wg_interface(snap):
+    """PASS: kohaku-wg is up, kernel WireGuard or userspace wireguard-go (the detail says which).
+    FAIL: missing, down, or not a WireGuard device. SKIP: encryption is off."""
+    wg_needed(snap)
+    link = snap.links.get(WG_DEVICE)
+    if link is None:
+        return fail("%s does not exist: nothing carries the encrypted tunnels" % WG_DEVICE,
+                    restart(snap))
+    impl = {"wireguard": "kernel WireGuard", "tun": "userspace wireguard-go"}.get(
+        link_kind(link))
+    if impl is None:
+        return fail("%s is a %s, not a WireGuard device" % (WG_DEVICE, link_kind(link)),
+                    "ip link del %s; %s" % (WG_DEVICE, restart(snap)))
+    if "UP" not in link.get("flags", []):
+        return fail("%s is down" % WG_DEVICE, "ip link set %s up" % WG_DEVICE)
+    return ok("%s is up (%s, MTU %s)" % (WG_DEVICE, impl, link.get("mtu")))
+
+
+def check_wg_peers(snap):
+    """PASS: kohaku-wg's peers and their allowed IPs are the host's view (host: one per runner
+    that registered a key; runner: the host alone), and a runner's own key is the one the host
+    lists. FAIL: names the missing, stale or wrong peers."""
+    wg_needed(snap)
+    have = snap.need("wg")
+    if have is None:
+        raise Skip("%s is not there to read" % WG_DEVICE)
+    want = wg_want(snap)
+    problems = []
+    for key in sorted(set(want) - set(have["peers"])):
+        problems.append("%s (%s) is not a peer" % (want[key][0], key))
+    for key in sorted(set(have["peers"]) - set(want)):
+        problems.append("stale peer %s" % key)
+    for key in sorted(set(want) & set(have["peers"])):
+        if have["peers"][key]["allowed_ips"] != sorted(want[key][1]):
+            problems.append("%s allows %s, not %s" % (want[key][0], listed(
+                have["peers"][key]["allowed_ips"]) or "nothing", listed(want[key][1])))
+    if snap.role == "runner":
+        mine = my_allocation(snap, host_status(snap)[0] or {}) or {}
+        if mine.get("wg_public_key") and mine["wg_public_key"] != have["public_key"]:
+            problems.append("the host lists key %s for this runner, %s has %s" % (
+                mine["wg_public_key"], WG_DEVICE, have["public_key"]))
+    if problems:
+        return fail("; ".join(problems[:MAX_LISTED]), "%s (it sets key, port and peers in one "
+                    "`wg set`)" % restart(snap))
+    return ok("%d peer(s), keys and allowed IPs as the host sees them" % len(want))
+
+
+def check_wg_handshake(snap):
+    """PASS: every peer we talk to handshook within the last 180 s. FAIL: a peer sent to (tx
+    growing) without any handshake: UDP OVERLAY_WG_PORT does not get through between the nodes,
+    or the keys differ; or a handshake older than 180 s."""
+    wg_needed(snap)
+    have = snap.need("wg")
+    if have is None:
+        raise Skip("%s is not there to read" % WG_DEVICE)
+    want = wg_want(snap)
+    if snap.role == "host":             # runners that are Inactive are not expected to talk
+        body = host_status(snap)[0] or {}
+        active = set(a.get("runner_name") for a in body.get("allocations") or []
+                     if a.get("active"))
+        want = dict((k, v) for k, v in want.items() if v[0] in active) if body else want
+    now, never, old = time.time(), [], []
+    for key, (who, _) in sorted(want.items()):
+        peer = have["peers"].get(key)
+        if peer is None:
+            continue                    # wg.peers names it
+        if not peer["handshake"]:
+            never.append("%s (%d bytes sent, none answered)" % (who, peer["tx"]))
+        elif now - peer["handshake"] > WG_HANDSHAKE_MAX:
+            old.append("%s (%d s ago)" % (who, now - peer["handshake"]))
+    port = wg_port(snap)
+    if never or old:
+        return fail("no WireGuard handshake with %s: UDP %d does not get through between the "
+                    "nodes, or the keys differ" % (listed(never + old), port),
+                    "open UDP %d between the nodes (iptables -I INPUT -p udp --dport %d -j "
+                    "ACCEPT; firewall-cmd --add-port=%d/udp), then check wg.peers" % (
+                        port, port, port))
+    if not want:
+        raise Skip("no WireGuard peer to talk to yet")
+    return ok("%d peer(s) handshook within %d s (UDP %d)" % (len(want), WG_HANDSHAKE_MAX, port))
 
 
 def check_backends(snap):
@@ -2855,6 +3010,11 @@ CHECKS = [
         needs=("allocation",)),
     Row("vxlan_port", "UDP to the VXLAN port is accepted from the peers",
         {"host": check_host_vxlan_port, "runner": check_runner_vxlan_port}),
+    Row("wg.interface", "kohaku-wg is up (kernel WireGuard or wireguard-go)", check_wg_interface),
+    Row("wg.peers", "kohaku-wg's peers and keys are the host's view", check_wg_peers,
+        needs=("wg.interface",)),
+    Row("wg.handshake", "every WireGuard peer handshook recently", check_wg_handshake,
+        needs=("wg.interface",)),
     Row("iptables.backends", "overlay rules live in one iptables backend only", check_backends),
     Row("nftables", "no native nftables chain drops overlay traffic", check_nftables),
     Row("firewalld.trusted", "overlay interfaces are in firewalld's trusted zone",

@@ -145,6 +145,19 @@ def test_cross_runner_same_runner_host_and_gateway_pings(c):
     assert not c.ping(1, "a1", b1, size=MTU - 27, df=True)   # one byte more does not
 
 
+def test_the_check_script_sees_the_encrypted_stack(c):
+    want = {"host": ["wg.interface", "wg.peers", "wg.handshake", "vxkr.local", "vxkr.remote",
+                     "vxlan_port", "underlay_mtu"],
+            "runner": ["wg.interface", "wg.peers", "wg.handshake", "vxlan0.local",
+                       "vxlan0.remote", "vxlan_port", "ping", "ping_df", "underlay_mtu"]}
+    for node in (c.host, c.runners[0]):
+        res = c.script(node, "check", "--json")
+        results = {r["id"]: r for r in json.loads(res.stdout)["results"]}
+        got = {i: results["%s.%s" % (node.role, i)]["status"] for i in want[node.role]}
+        assert got == {i: "PASS" for i in want[node.role]}, res.stdout[-3000:]
+        assert "userspace wireguard-go" in results[node.role + ".wg.interface"]["detail"]
+
+
 def test_the_underlay_carries_only_the_wireguard_port_and_no_plaintext(c):
     pcap = str(c.workdir / "underlay.pcap")
     dump = subprocess.Popen(["ip", "netns", "exec", c.switch_ns, "tcpdump", "-i", c.prefix + "sw",

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import re
 import tarfile
+import time
 
 import pytest
 
@@ -192,6 +193,7 @@ class FakeNode(object):
         self.raises = {}                # file path -> exception class
         self.fw_process = True          # a firewalld process exists
         self.nft = nft_ruleset()        # what nft -j list ruleset prints
+        self.wg_dump = ""               # `wg show kohaku-wg dump` (encrypt() fills it)
 
     # -- the mocked doors --
     def run(self, argv, check=True, mutates=False, input=None, timeout=10):
@@ -234,6 +236,8 @@ class FakeNode(object):
             out = json.dumps(self.nft)
         elif a[:3] == ("bridge", "-j", "fdb"):
             out = json.dumps(self.direct_fdb if a[-2:] == ("dev", "vxdirect0") else self.fdb)
+        elif a[:2] == ("wg", "show"):
+            out = self.wg_dump
         elif tool == "ping":
             good = self.ping_ok["df" if "-M" in a else "ping"]
             rc = 0 if good else 1
@@ -395,6 +399,64 @@ def healthy_runner():
     return node
 
 
+WG_PRIV = "sDdrII8zPN6ZL49PRBKIYakCt4hU3PgsznWVWRXPhWk="
+WG_HOST_PUB = "8j5HGeeO6kifm5bHVkUKUonREAc5cK9lJUY7ZUjZg38="
+WG_PUB = {1: "zoqzNnmdkTXXIjN6uNs62/r9rm60A93zFCS7n/Y+RUc=",
+          2: "H4iiBV58GYmvvRV1GkeenMfWx61/UQYsBd9Z23dX1TM="}
+
+
+def wg_dump_text(public, peers):
+    """A `wg show kohaku-wg dump`: peers are (key, endpoint, allowed IPs, handshake, tx)."""
+    lines = ["%s\t%s\t51820\toff" % (WG_PRIV, public)]
+    lines += ["%s\t(none)\t%s\t%s\t%d\t100\t%d\toff" % p for p in peers]
+    return "\n".join(lines) + "\n"
+
+
+def encrypt(node):
+    """The healthy node of a cluster with OVERLAY_ENCRYPTION = "wireguard" (underlay MTU 1560,
+    so kohaku-wg's 1500 still carries OVERLAY_MTU 1450)."""
+    now = int(time.time()) - 5
+    node.tools.add("wg")
+    node.link("eth0")["mtu"] = 1560
+    status = node.http["http://%s:8000/api/overlay/status" % (
+        "127.0.0.1" if node.role == "host" else "198.51.100.1")][1]
+    status["encryption"] = "wireguard"
+    for a in status["allocations"]:
+        a.update(wg_ip="172.16.0.%d" % (a["runner_id"] + 1), wg_public_key=WG_PUB[a["runner_id"]])
+    if node.role == "host":
+        node.config('OVERLAY_ENCRYPTION = "wireguard"\n')
+        state = json.loads(node.files[HOST_STATE])
+        for a in state["allocations"]:
+            a["wg_public_key"] = WG_PUB[a["runner_id"]]
+        node.files[HOST_STATE] = json.dumps(state)
+        node.links.append(link(chk.WG_DEVICE, "tun", addrs=["172.16.0.1/23"]))
+        for n in (1, 2):
+            node.link(chk.vxkr_name(n))["linkinfo"]["info_data"].update(
+                local="172.16.0.1", remote="172.16.0.%d" % (n + 1))
+        node.ipt["nft"] = HOST_IPT.replace(
+            "-A INPUT -p udp -m udp --dport 4789",
+            "-A INPUT -p udp -m udp --dport 51820 -m comment --comment kohaku-overlay -j ACCEPT\n"
+            "-A INPUT ! -i kohaku-wg -p udp -m udp --dport 4789 -m comment --comment "
+            "kohaku-overlay -j DROP\n-A INPUT -p udp -m udp --dport 4789").replace(
+            "198.51.100.11/32", "172.16.0.2/32").replace("198.51.100.12/32", "172.16.0.3/32")
+        node.wg_dump = wg_dump_text(WG_HOST_PUB, [
+            (WG_PUB[n], "%s:51820" % phys(n), "172.16.0.%d/32" % (n + 1), now, 900)
+            for n in (1, 2)])
+    else:
+        state = json.loads(node.files[RUNNER_STATE])
+        state.update(encryption="wireguard", wg_port=51820, host_wg_public_key=WG_HOST_PUB,
+                     host_wg_ip="172.16.0.1", wg_ip="172.16.0.2", wg_subnet="172.16.0.0/23")
+        node.files[RUNNER_STATE] = json.dumps(state)
+        node.links.append(link(chk.WG_DEVICE, "tun", addrs=["172.16.0.2/23"]))
+        node.link("vxlan0")["linkinfo"]["info_data"].update(
+            local="172.16.0.2", remote="172.16.0.1")
+        node.wg_dump = wg_dump_text(WG_PUB[1], [
+            (WG_HOST_PUB, "198.51.100.1:51820", "172.16.0.1/32", now, 900)])
+        node.ipt["nft"] = RUNNER_IPT.replace("-s 198.51.100.1/32", "-s 172.16.0.1/32")
+    node.routes.append({"dst": "172.16.0.0/23", "dev": chk.WG_DEVICE, "protocol": "kernel"})
+    return node
+
+
 @pytest.fixture
 def fake(mocker):
     """Install a fake node; the test sets .node (healthy_host() / healthy_runner())."""
@@ -434,22 +496,30 @@ def not_passing(results):
 
 # ---- healthy nodes ----------------------------------------------------------------------------
 
+WG_OFF = dict((role, dict(("%s.wg.%s" % (role, name), "SKIP")
+                          for name in ("interface", "peers", "handshake")))
+              for role in ("host", "runner"))
+
+
 def test_healthy_host_all_pass(fake):
     rc, results, data = check_run(fake, healthy_host())
-    assert not_passing(results) == {"host.firewalld.trusted": "SKIP",
-                                    "host.firewalld.vxlan_port": "SKIP"}
+    assert not_passing(results) == dict({"host.firewalld.trusted": "SKIP",
+                                         "host.firewalld.vxlan_port": "SKIP"}, **WG_OFF["host"])
     assert results["host.firewalld.trusted"]["detail"] == "firewall-cmd is not installed"
+    assert results["host.wg.interface"]["detail"] == \
+        'encryption is off (OVERLAY_ENCRYPTION = "none" on the host)'
     assert rc == 0
     host_checks = len(chk.checks_for("host"))     # rows are added: count them, not a number
-    assert data["summary"] == {"passed": host_checks - 2, "warnings": 0, "failed": 0,
-                               "skipped": 2}
+    assert data["summary"] == {"passed": host_checks - 5, "warnings": 0, "failed": 0,
+                               "skipped": 5}
     assert data["exit_code"] == 0
 
 
 def test_healthy_runner_all_pass(fake):
     rc, results, data = check_run(fake, healthy_runner())
-    assert not_passing(results) == {"runner.firewalld.trusted": "SKIP",
-                                    "runner.firewalld.vxlan_port": "SKIP"}
+    assert not_passing(results) == dict({"runner.firewalld.trusted": "SKIP",
+                                         "runner.firewalld.vxlan_port": "SKIP"},
+                                        **WG_OFF["runner"])
     assert rc == 0
     assert results["runner.ping"]["detail"] == "10.0.0.1 answers"
     assert results["runner.settings"]["detail"] == \
@@ -461,8 +531,23 @@ def test_healthy_with_firewalld_running_all_pass(fake):
     node.tools.add("firewall-cmd")
     node.zones = ZONES % "kohaku-overlay vxlan0"
     rc, results, _ = check_run(fake, node)
-    assert not_passing(results) == {}
+    assert not_passing(results) == WG_OFF["runner"]
     assert rc == 0
+
+
+@pytest.mark.parametrize("role", ["host", "runner"])
+def test_healthy_encrypted_nodes_pass_every_wireguard_check(fake, role):
+    node = encrypt(healthy_host() if role == "host" else healthy_runner())
+    rc, results, _ = check_run(fake, node)
+    assert not_passing(results) == {"%s.firewalld.trusted" % role: "SKIP",
+                                    "%s.firewalld.vxlan_port" % role: "SKIP"}
+    assert rc == 0
+    assert results[role + ".wg.interface"]["detail"] == (
+        "kohaku-wg is up (userspace wireguard-go, MTU 1500)")
+    assert results[role + ".wg.handshake"]["detail"].endswith("within 180 s (UDP 51820)")
+    assert results[role + ".vxlan_port"]["status"] == "PASS"
+    text = json.dumps(results)
+    assert WG_PRIV not in text
 
 
 # ---- each fault makes the named check fail with the fix ---------------------------------------
@@ -942,8 +1027,57 @@ def f_runner_direct_relayed(n):
     direct_on(n, relayed=True)
 
 
+def f_host_wg_missing(n):
+    encrypt(n)
+    n.drop_link(chk.WG_DEVICE)
+
+
+def f_runner_wg_down(n):
+    encrypt(n)
+    n.link(chk.WG_DEVICE)["flags"] = ["POINTOPOINT", "NOARP"]
+
+
+def f_host_wg_peer_missing(n):
+    encrypt(n)
+    n.wg_dump = "".join(line + "\n" for line in n.wg_dump.splitlines()
+                        if not line.startswith(WG_PUB[2]))
+
+
+def f_runner_wg_other_key(n):
+    encrypt(n)
+    n.http["http://198.51.100.1:8000/api/overlay/status"][1]["allocations"][0][
+        "wg_public_key"] = WG_PUB[2]
+
+
+def f_host_wg_no_handshake(n):
+    encrypt(n)
+    now = int(time.time()) - 5
+    n.wg_dump = wg_dump_text(WG_HOST_PUB, [
+        (WG_PUB[1], "%s:51820" % phys(1), "172.16.0.2/32", 0, 900),
+        (WG_PUB[2], "%s:51820" % phys(2), "172.16.0.3/32", now, 900)])
+
+
+def f_runner_wg_old_handshake(n):
+    encrypt(n)
+    now = int(time.time()) - 5
+    n.wg_dump = n.wg_dump.replace("\t%d\t" % now, "\t%d\t" % (now - 600))
+
+
 FAULTS = [
     # (fault, check id, status, words in the detail, words in the fix)
+    (f_host_wg_missing, "host.wg.interface", "FAIL", "kohaku-wg does not exist",
+     "systemctl restart kohakuriver-overlay-host"),
+    (f_runner_wg_down, "runner.wg.interface", "FAIL", "kohaku-wg is down",
+     "ip link set kohaku-wg up"),
+    (f_host_wg_peer_missing, "host.wg.peers", "FAIL", "runner2 (%s) is not a peer" % WG_PUB[2],
+     "systemctl restart kohakuriver-overlay-host"),
+    (f_runner_wg_other_key, "runner.wg.peers", "FAIL",
+     "the host lists key %s for this runner, kohaku-wg has %s" % (WG_PUB[2], WG_PUB[1]),
+     "systemctl restart kohakuriver-overlay-runner"),
+    (f_host_wg_no_handshake, "host.wg.handshake", "FAIL",
+     "no WireGuard handshake with runner1 (900 bytes sent, none answered): UDP 51820 does not "
+     "get through", "open UDP 51820 between the nodes"),
+    (f_runner_wg_old_handshake, "runner.wg.handshake", "FAIL", "the host (", "open UDP 51820"),
     (f_host_ip_forward, "host.ip_forward", "FAIL", "ip_forward = 0",
      "sysctl -w net.ipv4.ip_forward=1"),
     (f_host_forward_deleted_policy_drop, "host.forward_rules", "FAIL",
@@ -1868,8 +2002,8 @@ def test_report_format(fake, capsys):
                               "the", "node", "does", "not", "route", "overlay", "traffic"]
     assert out[i + 1] == "       fix: sysctl -w net.ipv4.ip_forward=1"
     assert out[1].startswith("[PASS] host.config.file ")
-    assert out[-1] == "%d passed, 0 warnings, 1 failed, 2 skipped" % (
-        len(chk.checks_for("host")) - 3)
+    assert out[-1] == "%d passed, 0 warnings, 1 failed, 5 skipped" % (
+        len(chk.checks_for("host")) - 6)
 
 
 def test_report_multi_line_fix_is_indented(fake, capsys):
@@ -2151,7 +2285,7 @@ def test_bundle_holds_the_diagnostics_and_never_the_token(fake, tmp_path):
         assert TOKEN not in text, name
     assert 'OVERLAY_TOKEN = "<redacted>"' in members["runner_config.py"]
     assert members["report.txt"].splitlines()[-1] == \
-        "%d passed, 0 warnings, 0 failed, 2 skipped" % (len(chk.checks_for("runner")) - 2)
+        "%d passed, 0 warnings, 0 failed, 5 skipped" % (len(chk.checks_for("runner")) - 5)
     assert (["journalctl", "-u", "kohakuriver-overlay-runner", "-n", "300", "--no-pager"]
             in node.calls)
 
