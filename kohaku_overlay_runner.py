@@ -2788,9 +2788,20 @@ def build_parser():
     return p
 
 
+def refuse_while_serving(cfg, why, then):
+    """up and down do not act beside a serve of the same state file (--dry-run may)."""
+    pid = serve_running(cfg)
+    if pid and not DRY_RUN:
+        raise OverlayError("kohaku_overlay_runner.py serve (pid %s) is running and %s: stop it "
+                           "first (systemctl stop kohakuriver-overlay-runner), %s" % (
+                               pid, why, then))
+
+
 def cmd_up(args):
     cfg = load_config(args.config)
     require_root("up")
+    refuse_while_serving(cfg, "keeps this overlay built (and its state file) itself",
+                         "or leave the work to it")
     if not cfg["OVERLAY_ENABLED"]:
         created = ensure_default_network(cfg)
         print("overlay disabled (OVERLAY_ENABLED = False in %s): containers use %s%s" % (
@@ -2874,11 +2885,7 @@ def cmd_serve(args):
 def cmd_down(args):
     cfg = load_config(args.config)
     require_root("down")
-    pid = serve_running(cfg)
-    if pid and not DRY_RUN:
-        raise OverlayError("kohaku_overlay_runner.py serve (pid %s) is running and would build "
-                           "the overlay again: stop it first (systemctl stop "
-                           "kohakuriver-overlay-runner), then run down" % pid)
+    refuse_while_serving(cfg, "would build the overlay again", "then run down")
     changes = teardown(cfg, force=args.force)
     verb = "would remove" if DRY_RUN else "removed"
     print("overlay %s: %d thing(s)" % (verb, len(changes)) if changes

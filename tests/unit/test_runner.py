@@ -1216,6 +1216,14 @@ def test_one_serve_per_state_file_and_down_refuses_while_it_runs(cfg, mocker, ca
         assert runner.main(["down"]) == 1
         assert "serve (pid %d) is running" % os.getpid() in capsys.readouterr().err
         assert teardown.call_count == 0
+        # issue 11.12: up refuses too (it would register and write the state file beside it)
+        register = mocker.patch.object(runner, "register_with_retry")
+        assert runner.main(["up"]) == 1
+        assert capsys.readouterr().err == (
+            "error: kohaku_overlay_runner.py serve (pid %d) is running and keeps this overlay "
+            "built (and its state file) itself: stop it first (systemctl stop "
+            "kohakuriver-overlay-runner), or leave the work to it\n" % os.getpid())
+        assert register.call_count == 0
     finally:
         held.close()
     assert runner.serve_running(cfg) is None
