@@ -287,8 +287,11 @@ def test_a_failed_up_rolls_back_what_it_built(c):
     r1 = c.runners[0]
     c.docker(r1, "rm", "-f", "ca", check=False)
     assert down(c, 1, "--force").returncode == 0
-    # a network of the admin's that holds the runner's subnet: docker network create must fail
-    c.docker(r1, "network", "create", "--subnet", "10.1.0.0/16", "blocker")
+    # a network of the admin's that holds the runner's subnet: docker network create must fail.
+    # macvlan: Docker's address pool holds the subnet, but no route or address of the node is
+    # in the overlay (a bridge network would be, and up refuses before anything: issue 11.4)
+    c.docker(r1, "network", "create", "-d", "macvlan", "-o", "parent=eth0", "--subnet",
+             "10.1.0.0/16", "blocker")
     try:
         res = c.script(r1, "runner", "up")
         assert res.returncode == 1
