@@ -1976,9 +1976,9 @@ def check_route(snap):
 # -- iptables -----------------------------------------------------------------------------------
 
 # The FORWARD accept rules of daemons before issue 11.1: the overlay CIDR in and out, whatever
-# the interface. BROAD_FORWARD is their verdict: PASS while the daemons on main still build them,
-# WARN (too broad) once they build the scoped rules of forward_forms().
-BROAD_FORWARD = PASS
+# the interface. BROAD_FORWARD is their verdict: WARN (too broad) since both daemons build the
+# scoped rules of forward_forms() (it was PASS while they switched).
+BROAD_FORWARD = WARN
 RULE_KEYS = ("src", "dst", "in", "out", "proto", "dport", "dports", "states", "target")
 
 
@@ -2121,9 +2121,9 @@ def underlay_peers(snap):
 
 
 # The VXLAN filter of daemons before issue 11.3 accepts a registered sender for every VNI.
-# UNBOUND_VXLAN is its verdict: PASS while the Host on main still builds it, WARN once it binds
-# each runner to its own VNI.
-UNBOUND_VXLAN = PASS
+# UNBOUND_VXLAN is its verdict: WARN since the Host binds each runner to its own VNI (it was PASS
+# while the Host switched).
+UNBOUND_VXLAN = WARN
 
 
 def dropped(table, pkt):
