@@ -28,6 +28,9 @@ Phases (in this order; --phases picks a subset, --quick leaves out those marked 
     restart  SIGTERM the Host with 255 tunnels, start it, poll status until total == 255
     cost     processes spawned per registration / heartbeat / reconcile pass (PATH shims),
              state-file writes per registration (strace)
+    wg       encryption: cross-runner over WireGuard (a second lab, OVERLAY_ENCRYPTION =
+             "wireguard") vs a hand-built wireguard-go hub in the same namespaces, and vs the
+             plain overlay; needs data; full run
 A phase that needs another refuses to run without it (exit 2, before the lab is built); check,
 scrape, restart and cost get the 255 tunnels from a silent burst when burst is not selected.
 
