@@ -144,15 +144,16 @@ def install_source(m):
         (m.root / "etc/systemd/system" / ("kohaku-before-%s.service" % role)).write_text(text)
 
 
-@pytest.fixture(scope="module")
-def nodes():
+def booted_cluster(encryption=False, runner2=True):
+    """Generator for a module fixture: yields (host, runner1, info) installed and started as the
+    README says; info["r2"] is runner2 (Docker, no firewalld) or None. Removes everything."""
     labkit.require(docker=False, firewalld=True)
     reason = nspawn.cannot_run_reason()
     if reason:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true but systemd-nspawn cannot run: %s" % reason, pytrace=False)
         pytest.skip(reason)
-    lab = labkit.Lab(runners=2, docker=False)
+    lab = labkit.Lab(runners=2 if runner2 else 1, docker=False)
     fleet = None
     try:
         lab.up()
@@ -161,7 +162,9 @@ def nodes():
                           masks=("docker.service", "docker.socket", "containerd.service"))
         r = fleet.machine("runner1", lab.runners[0].netns_path)
         # runner2: Docker as the service, firewalld absent (masked)
-        r2 = fleet.machine("runner2", lab.runners[1].netns_path, masks=("firewalld.service",))
+        r2 = fleet.machine("runner2", lab.runners[1].netns_path, masks=("firewalld.service",)) \
+            if runner2 else None
+        machines = [m for m in (h, r, r2) if m is not None]
         # RHEL's layout on the Host: firewalld's own command line, and the RHEL 8 interpreter
         h.dropin("firewalld.service", "rhel.conf",
                  "[Service]\nExecStart=\nExecStart=%s\n" % RHEL_FIREWALLD)
@@ -172,13 +175,14 @@ def nodes():
         # the services as Debian enables them (whatever this machine's own /etc says)
         h.enable("firewalld.service")
         r.enable("firewalld.service", "docker.service", "containerd.service")
-        r2.enable("docker.service", "containerd.service")
-        for m in (h, r, r2):
+        if r2:
+            r2.enable("docker.service", "containerd.service")
+        for m in machines:
             install_source(m)
         fleet.boot_all()
         info = {"r2": r2, "lock_at_boot": {m.name: m.sh("test", "-e", "/run/xtables.lock",
                                                         check=False).returncode == 0
-                                           for m in (h, r, r2)}}
+                                           for m in machines}}
         # the unit as it was: a fresh boot ends it at status=226/NAMESPACE
         info["before"] = {}
         for m, role in ((h, "host"), (r, "runner")):
@@ -188,22 +192,27 @@ def nodes():
             m.sh("systemctl", "stop", unit, check=False)
             m.sh("systemctl", "reset-failed", unit, check=False)
         # the README, step 1: open the ports (firewalld runs in both)
-        h.sh("sh", "-c", "firewall-cmd --permanent --add-port=4789/udp --add-port=8000/tcp && "
-             "firewall-cmd --reload", timeout=60)
-        r.sh("sh", "-c", "firewall-cmd --permanent --add-port=4789/udp && firewall-cmd --reload",
-             timeout=60)
+        # (and the WireGuard port with encryption)
+        wgport = " --add-port=51820/udp" if encryption else ""
+        h.sh("sh", "-c", "firewall-cmd --permanent --add-port=4789/udp --add-port=8000/tcp%s && "
+             "firewall-cmd --reload" % wgport, timeout=60)
+        r.sh("sh", "-c", "firewall-cmd --permanent --add-port=4789/udp%s && firewall-cmd --reload"
+             % wgport, timeout=60)
         blocks = readme_blocks()
         steps = {}
+        # WireGuard: the MTU of a 1500 underlay minus 110, on both sides (README)
+        wg = dict(OVERLAY_ENCRYPTION="wireguard", OVERLAY_MTU=1390) if encryption else {}
+        rwg = dict(OVERLAY_MTU=1390) if wg else {}
         configs = (
             (h, "host", dict(HOST_REACHABLE_ADDRESS=labkit.HOST_IP, OVERLAY_ENABLED=True,
-                             OVERLAY_TOKEN=labkit.TOKEN, OVERLAY_REPAIR_INTERVAL=2)),
+                             OVERLAY_TOKEN=labkit.TOKEN, OVERLAY_REPAIR_INTERVAL=2, **wg)),
             (r, "runner", dict(HOST_ADDRESS=labkit.HOST_IP, RUNNER_NAME="runner1",
                                OVERLAY_ENABLED=True, OVERLAY_TOKEN=labkit.TOKEN,
-                               HEARTBEAT_INTERVAL=2)),
+                               HEARTBEAT_INTERVAL=2, **rwg)),
             (r2, "runner", dict(HOST_ADDRESS=labkit.HOST_IP, RUNNER_NAME="runner2",
                                 OVERLAY_ENABLED=True, OVERLAY_TOKEN=labkit.TOKEN,
-                                HEARTBEAT_INTERVAL=2)))
-        for m, role, cfg in configs:
+                                HEARTBEAT_INTERVAL=2, **rwg)))
+        for m, role, cfg in [c for c in configs if c[0] is not None]:
             install = [ln for ln in blocks[role] if not ln.startswith("systemctl")]
             start = [ln for ln in blocks[role] if ln.startswith("systemctl")]
             steps.setdefault(role, install + start)
@@ -225,6 +234,11 @@ def nodes():
                 fleet.close()
         finally:
             lab.teardown()
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    yield from booted_cluster()
 
 
 def test_the_readme_steps_are_what_ran(nodes):

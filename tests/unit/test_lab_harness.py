@@ -177,7 +177,9 @@ def test_units_are_notify_restart_on_failure_and_hardened(role):
     assert (svc["NoNewPrivileges"], svc["ProtectSystem"], svc["ProtectHome"],
             svc["PrivateTmp"]) == ("yes", "strict", "read-only", "yes")
     assert "/var/lib/kohakuriver" in svc["ReadWritePaths"].split()
-    assert svc["KillMode"] == "mixed"
+    # process, not mixed (issue 15): wireguard-go lives in the unit's cgroup and must survive a
+    # stop or restart of the daemon, or the encrypted overlay stops with it
+    assert svc["KillMode"] == "process"
 
 
 def test_runner_unit_starts_after_docker():
