@@ -25,9 +25,10 @@ Importable API (tests/ is on sys.path)::
         m.poweroff(); m.boot(); m.wait_booted()   # a reboot keeps the upper dir (the "disk")
         fleet.close()                   # idempotent; also at exit: containers, mounts, folders
 
-Boot: only what the tests need starts (the machine's /etc/systemd/system/*.wants are cut to
-firewalld, docker and containerd, the SysV generator is masked, ``masks`` are masked per
-machine); /tmp is a tmpfs in each container.
+/etc/resolv.conf is ``nameserver 127.0.0.1`` (nspawn's --resolv-conf=off), as in labkit's
+namespaces. Boot: only what the tests need starts (the machine's /etc/systemd/system/*.wants
+are cut to firewalld, docker and containerd, the SysV generator is masked, ``masks`` are masked
+per machine); /tmp is a tmpfs in each container.
 """
 
 import atexit
@@ -43,6 +44,7 @@ BASE = Path(os.environ.get("KOHAKU_NSPAWN_DIR", "/tmp"))
 KEEP_WANTS = {"firewalld.service", "docker.service", "containerd.service", "docker.socket"}
 CAPABILITIES = "CAP_NET_ADMIN,CAP_NET_RAW"
 NSPAWN_RUN = Path("/run/systemd/nspawn")
+RESOLV_CONF = "nameserver 127.0.0.1\n"
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
        "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "TERM": "dumb"}
 
@@ -157,6 +159,12 @@ class Machine(object):
     # -- before boot --
 
     def _trim_boot(self, masks):
+        # the machine's nameserver is nothing a lab namespace can reach (and may sit inside the
+        # overlay's range): the container gets the lab's resolv.conf, as labkit's namespaces
+        resolv = self.root / "etc/resolv.conf"
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        resolv.write_text(RESOLV_CONF)
         etc = self.root / "etc/systemd/system"
         for wants in etc.glob("*.wants"):
             for link in wants.iterdir():
@@ -193,6 +201,7 @@ class Machine(object):
                 "--machine", self.machine, "--hostname", self.name, "--register=no",
                 "--keep-unit", "--network-namespace-path=" + self.netns_path,
                 "--capability=" + CAPABILITIES, "--tmpfs=/tmp", "--console=pipe",
+                "--resolv-conf=off",
                 "--kill-signal=SIGRTMIN+3"]
         with open(str(self.console), "a") as log:
             log.write("=== boot %s ===\n" % time.strftime("%H:%M:%S"))
