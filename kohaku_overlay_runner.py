@@ -17,12 +17,13 @@ Exit codes: 0 success, 1 failure, 2 bad usage or bad config (or a host that refu
 
 Touches: links vxlan0 and OVERLAY_BRIDGE_NAME, the route of the overlay CIDR, iptables rules
 marked `-m comment --comment kohaku-overlay` (filter FORWARD and INPUT, nat POSTROUTING) and
-the chain KOHAKU-VXLAN (the VXLAN filter INPUT jumps to), firewalld's
-runtime trusted zone, net.ipv4.ip_forward, the Docker networks OVERLAY_NETWORK_NAME and
-DOCKER_NETWORK_NAME, the local state file OVERLAY_STATE_FILE and, when set, OVERLAY_METRICS_FILE
-(node_exporter textfile-collector figures, rewritten every heartbeat). Docker is reached with the
-plain `docker` CLI (DOCKER_HOST is honoured). Reads /etc/resolv.conf: a nameserver, route or
-address of this node inside the overlay CIDR that is not the overlay's makes the build refuse.
+the chain KOHAKU-VXLAN (the VXLAN filter INPUT jumps to), firewalld's runtime trusted zone,
+net.ipv4.ip_forward, net.ipv6.conf.DEV.disable_ipv6 of its devices, the Docker networks
+OVERLAY_NETWORK_NAME and DOCKER_NETWORK_NAME, the local state file OVERLAY_STATE_FILE and, when
+set, OVERLAY_METRICS_FILE (node_exporter textfile-collector figures, rewritten every heartbeat).
+Docker is reached with the plain `docker` CLI (DOCKER_HOST is honoured). Reads /etc/resolv.conf:
+a nameserver, route or address of this node inside the overlay CIDR that is not the overlay's
+makes the build refuse.
 """
 
 __version__ = "0.1.0"
@@ -985,8 +986,10 @@ def probe_chains(table):
 
 
 def read_sysctl(name):
+    """A sysctl's value, or None when it does not exist. name: dotted, or slashed (a device
+    name may hold dots)."""
     try:
-        with open("/proc/sys/" + name.replace(".", "/")) as f:
+        with open("/proc/sys/" + (name if "/" in name else name.replace(".", "/"))) as f:
             return f.read().strip()
     except OSError:
         return None
@@ -1157,6 +1160,18 @@ def refuse_conflicts(cfg, alloc):
             "would take its traffic: set OVERLAY_SUBNET on the Host to a range clear of it, then "
             "restart the Host and its runners" % (cidr, ", ".join(found[:3]) + (
                 " and %d more" % (len(found) - 3) if len(found) > 3 else "")))
+
+
+def ensure_ipv6_off(devices):
+    """IPv6 off on every overlay device that exists (disable_ipv6=1): a container's router
+    advertisement through the bridge configures nothing here, and nothing of ours speaks IPv6
+    into vxlan0. One sysctl process for all; slashed names, since a device name may hold dots."""
+    names = ["net/ipv6/conf/%s/disable_ipv6" % d for d in devices]
+    on = [n for n in names if read_sysctl(n) not in ("1", None)]     # None: no device, no IPv6
+    if not on:
+        return []
+    run(["sysctl", "-w"] + ["%s=1" % n for n in on])
+    return ["IPv6 off on %s" % ", ".join(n.split("/")[3] for n in on)]
 
 
 def ensure_ip_forward():
@@ -1999,7 +2014,8 @@ def build(cfg, alloc, address, errors=None, direct=None):
         # created before the rules because `docker network create` puts Docker's own FORWARD
         # jumps back on top, and ours must end up first.
         steps = [ensure_ip_forward,
-                 lambda: ensure_links(cfg, alloc, address, stack, direct is not None)]
+                 lambda: ensure_links(cfg, alloc, address, stack, direct is not None),
+                 lambda: ensure_ipv6_off(own_devices(cfg))]
         if direct is not None:
             steps += [lambda: ensure_no_redirects(br), lambda: ensure_peers(direct)]
         if diff:

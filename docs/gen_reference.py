@@ -109,6 +109,8 @@ FILES = [
      "WireGuard key pair (mode 0600, the private key never logged or in argv)",
      "once, at the first registration the Host answers with encryption; kept by `down`"),
     ("runner", "`/proc/sys/net/ipv4/ip_forward`", "set to 1 (sysctl)", "up, serve"),
+    ("runner", "`/proc/sys/net/ipv6/conf/DEV/disable_ipv6`", "set to 1 on the bridge, "
+     "`vxlan0`, `vxdirect0`, `kohaku-wg` where they exist (sysctl)", "up, serve"),
     ("check", "the role's config file", "read, never executed", "never"),
     ("check", "`OVERLAY_STATE_FILE`", "read: the host's allocations, a runner's last allocation",
      "never"),

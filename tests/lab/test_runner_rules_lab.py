@@ -1,4 +1,4 @@
-"""The runner hardened, for real (issue 11.1, 11.3, 11.4, 11.8).
+"""The runner hardened, for real (issue 11.1, 11.3, 11.4, 11.8, 11.9).
 
 One cluster for the module: the Host, two runners with their own dockerd, and a bare namespace
 `outsider` (198.51.100.66) on the underlay that stands for "the internet" and for an attacker on
@@ -14,6 +14,7 @@ the LAN. Runner 1 also has a second Docker network (`other`, 172.31.0.0/16) with
   Swarm, EVPN keep the port).
 - 11.4: an operator's 10.0.0.0/8 route via the LAN makes `up` refuse with one sentence (exit 2),
   is left as it was, and `down` does not delete it.
+- 11.9: IPv6 is off on the bridge and vxlan0 (no address, no router advertisement taken).
 - 11.8: `serve` started while the Host is down builds from its saved allocation and sends
   READY=1 to NOTIFY_SOCKET; once the Host starts, the runner registers and is Active.
 """
@@ -159,6 +160,17 @@ def test_down_removes_the_vxlan_filter_and_up_builds_it_again(c):
     c.b = c.container(r2, "cb")
     assert "-N KOHAKU-VXLAN" in c.sh(r2, "iptables", "-S").stdout
     assert c.ping(r2, c.b, "10.0.0.1")
+
+
+# ---- 11.9: IPv6 off on the runner's overlay devices -------------------------------------------
+
+
+def test_ipv6_is_off_on_the_bridge_and_vxlan0(c):
+    r1 = c.runners[0]
+    for dev in (labkit.OVERLAY_BRIDGE, "vxlan0"):
+        assert c.sh(r1, "cat", "/proc/sys/net/ipv6/conf/%s/disable_ipv6" % dev).stdout == "1\n"
+    out = json.loads(c.sh(r1, "ip", "-j", "addr", "show", "dev", labkit.OVERLAY_BRIDGE).stdout)
+    assert [a for a in out[0]["addr_info"] if a["family"] == "inet6"] == []
 
 
 # ---- 11.4: routes that are not ours ------------------------------------------------------------

@@ -129,6 +129,7 @@ class FakeNode(object):
         self.firewalld = firewalld
         self.trusted = set()
         self.ip_forward = ip_forward
+        self.ipv6 = {}                    # device -> disable_ipv6 ("1", the default: off)
         self.docker_up = True
         self.calls = []
         self.fail_on = None
@@ -189,6 +190,11 @@ class FakeNode(object):
             return 1, "[]\n", "Error response from daemon: network %s not found\n" % argv[3]
         raise AssertionError("unexpected probe %r" % (argv,))
 
+    def sysctl(self, name):
+        if name.endswith("/disable_ipv6"):
+            return self.ipv6.get(name.split("/")[3], "1")
+        return self.ip_forward
+
     def filter_table(self):
         """`iptables -S` of the filter table, in the order iptables prints it."""
         return (["-P INPUT ACCEPT", "-P FORWARD DROP", "-P OUTPUT ACCEPT"] +
@@ -240,7 +246,7 @@ def node(mocker):
     def make(**kw):
         n = FakeNode(**kw)
         mocker.patch.object(runner, "run", side_effect=n)
-        mocker.patch.object(runner, "read_sysctl", side_effect=lambda name: n.ip_forward)
+        mocker.patch.object(runner, "read_sysctl", side_effect=n.sysctl)
         return n
     return make
 
@@ -517,6 +523,19 @@ def test_down_deletes_only_our_route(cfg, node):
     runner.teardown(cfg)
     batch = [c.input for c in n.mutations() if c.argv == ["ip", "-batch", "-"]][0]
     assert "route del" not in batch
+
+
+def test_ipv6_goes_off_on_every_overlay_device_there_in_one_sysctl(cfg, node):
+    """Issue 11.9: a container's router advertisement into the bridge must configure nothing
+    on the runner, and nothing of ours speaks IPv6 into vxlan0."""
+    n = node(built=True)
+    n.ipv6 = {BR: "0", "vxlan0": "0", "vxdirect0": None, "kohaku-wg": None}   # None: absent
+    assert runner.build(cfg, alloc(), ME) == ["IPv6 off on kohaku-overlay, vxlan0"]
+    assert n.argvs() == [["sysctl", "-w", "net/ipv6/conf/kohaku-overlay/disable_ipv6=1",
+                          "net/ipv6/conf/vxlan0/disable_ipv6=1"]]
+    n.calls = []
+    n.ipv6 = {}
+    assert runner.build(cfg, alloc(), ME) == [] and n.mutations() == []
 
 
 def test_link_drift_is_repaired_with_minimal_commands(cfg, node):
