@@ -45,6 +45,8 @@ KEEP_WANTS = {"firewalld.service", "docker.service", "containerd.service", "dock
 CAPABILITIES = "CAP_NET_ADMIN,CAP_NET_RAW"
 NSPAWN_RUN = Path("/run/systemd/nspawn")
 RESOLV_CONF = "nameserver 127.0.0.1\n"
+# nspawn --keep-unit puts the container in <our cgroup>/payload and itself in .../supervisor
+NSPAWN_CGROUPS = ("payload", "supervisor")
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
        "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "TERM": "dumb"}
 
@@ -357,6 +359,7 @@ class Fleet(object):
         self.dir.mkdir(mode=0o700)
         (self.dir / "owner").write_text("%d\n" % os.getpid())
         self.nspawn_run_existed = NSPAWN_RUN.exists()
+        self.cgroups_before = {str(p) for p in _nspawn_cgroups()}
         self.machines = []
         self._closed = False
         self.keep = False
@@ -415,8 +418,42 @@ class Fleet(object):
                     d.rmdir()
                 except OSError:
                     pass
+        # the empty cgroups nspawn made (rmdir only removes a cgroup without processes)
+        for top in _nspawn_cgroups():
+            if str(top) in self.cgroups_before:
+                continue
+            for dirpath, _dirs, _files in sorted(os.walk(str(top)), key=lambda x: -len(x[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
         if errors:
             raise NspawnError("; ".join(errors))
+
+
+def _nspawn_cgroups():
+    """payload/ and supervisor/ beside this process's cgroup, in every hierarchy it is in."""
+    found = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount = Path("/sys/fs/cgroup/unified")
+            if not mount.is_dir():
+                mount = Path("/sys/fs/cgroup")
+        elif controllers == "name=systemd":
+            mount = Path("/sys/fs/cgroup/systemd")
+        else:
+            continue
+        for name in NSPAWN_CGROUPS:
+            p = mount / path.lstrip("/") / name
+            if p.is_dir():
+                found.append(p)
+    return found
 
 
 def remove_stale():
