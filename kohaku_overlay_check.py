@@ -2104,11 +2104,17 @@ def underlay_packet(snap, src, dst, port, vni=None):
             "dport": port, "in": local.get(dst), "out": None, "vni": vni}
 
 
-def underlay_peers(snap):
+def underlay_peers(snap, inner=True):
     """(this node's underlay address, [the peers' underlay addresses]) that VXLAN flows between:
     host: HOST_REACHABLE_ADDRESS and every registered runner; runner: its vxlan0 local address
-    (RUNNER_ADDRESS without one) and the host."""
-    if snap.role == "host" and snap.encrypted():  # VXLAN arrives on kohaku-wg from the tunnels
+    (RUNNER_ADDRESS without one) and the host. With encryption VXLAN flows between the tunnel
+    addresses; inner=False gives the physical ones WireGuard's packets flow between."""
+    if not inner and snap.encrypted() and snap.role == "runner":
+        alloc = snap.alloc or {}
+        host_ip = alloc.get("host_physical_ip")
+        return (snap.cfg["RUNNER_ADDRESS"] or alloc.get("physical_ip"),
+                [host_ip] if host_ip else [])
+    if snap.role == "host" and inner and snap.encrypted():  # VXLAN comes out of kohaku-wg
         return snap.wg_ip(0), [snap.wg_ip(n) for n in sorted(host_allocations(snap))]
     if snap.role == "host":
         return snap.cfg["HOST_REACHABLE_ADDRESS"], sorted(set(
@@ -2485,12 +2491,12 @@ def check_firewalld_trusted(snap):
 
 
 def check_firewalld_port(snap):
-    """PASS: the zone that receives the peers' VXLAN packets (by source, interface or
-    default) is trusted, lists PORT/udp or has an accepting rich rule. FAIL: it does none of
-    these."""
+    """PASS: the zone that receives the peers' VXLAN packets (WireGuard's, OVERLAY_WG_PORT,
+    with encryption) by source, interface or default is trusted, lists PORT/udp or has an
+    accepting rich rule. FAIL: it does none of these."""
     zones = snap.need("zones")
-    port = snap.cfg["OVERLAY_VXLAN_PORT"]
-    local, peers = underlay_peers(snap)
+    port = wg_port(snap) if snap.encrypted() else snap.cfg["OVERLAY_VXLAN_PORT"]
+    local, peers = underlay_peers(snap, inner=False)
     iface = snap.local_ips().get(local)
     closed = []
     for peer in peers or [None]:

@@ -541,6 +541,23 @@ def test_healthy_with_firewalld_running_all_pass(fake):
     assert rc == 0
 
 
+def test_with_encryption_firewalld_must_open_the_wireguard_port_not_vxlans(fake):
+    node = encrypt(healthy_host())
+    node.tools.add("firewall-cmd")
+    node.zones = ZONES % "kohaku-host vxkr1 vxkr2 kohaku-wg"
+    _rc, results, _ = check_run(fake, node)
+    r = results["host.firewalld.vxlan_port"]
+    assert (r["status"], r["detail"]) == (
+        "FAIL", "firewalld zone public does not open UDP 51820 from 198.51.100.11, "
+        "198.51.100.12")
+    assert r["fix"].startswith("firewall-cmd --zone=public --add-port=51820/udp")
+    node.zones = node.zones.replace("ports: 4789/udp", "ports: 51820/udp")
+    _rc, results, _ = check_run(fake, node)
+    assert results["host.firewalld.vxlan_port"]["status"] == "PASS"
+    assert results["host.firewalld.vxlan_port"]["detail"] == (
+        "UDP 51820 open in firewalld for 198.51.100.11, 198.51.100.12")
+
+
 @pytest.mark.parametrize("role", ["host", "runner"])
 def test_healthy_encrypted_nodes_pass_every_wireguard_check(fake, role):
     node = encrypt(healthy_host() if role == "host" else healthy_runner())
