@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+import nspawn
 from test_systemd_lab import UNITS, active, booted_cluster, ping_from_gateway, state, wait
 
 
@@ -19,9 +20,18 @@ def nodes():
 
 
 def wireguard_go(m):
-    """Pids (in the container) of wireguard-go processes, by their command line."""
-    res = m.sh("pgrep", "-x", "wireguard-go", check=False)
-    return sorted(int(p) for p in res.stdout.split())
+    """Pids (seen from here) of the container's wireguard-go processes, by /proc/PID/comm."""
+    tree, todo, found = nspawn._children(), [m.leader], []
+    while todo:
+        pid = todo.pop()
+        try:
+            with open("/proc/%d/comm" % pid) as f:
+                if f.read().strip() == "wireguard-go":
+                    found.append(pid)
+        except OSError:
+            continue
+        todo += tree.get(pid, [])
+    return sorted(found)
 
 
 def test_both_units_start_ready_with_wireguard_go(nodes):
