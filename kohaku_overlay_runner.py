@@ -1875,14 +1875,16 @@ def ensure_peers(direct):
 
 
 def ensure_no_redirects(bridge):
-    """Containers must not cache an ICMP redirect to the Host (their traffic enters and leaves
-    the bridge), or they would not follow a path change: send_redirects 0 on `all` and bridge."""
-    names = ["net.ipv4.conf.all.send_redirects", "net.ipv4.conf.%s.send_redirects" % bridge]
-    off = [n for n in names if read_sysctl(n) not in ("0", None)]
-    if not off:
+    """Containers must not cache an ICMP redirect to the Host (their traffic to other runners
+    enters and leaves the bridge), or they would not follow a path change (direct routing
+    switched on, a peer falling back or healing) for minutes: send_redirects 0 on `all` and the
+    bridge, in hub mode too, since a redirect cached then outlives the switch."""
+    names = ["net/ipv4/conf/%s/send_redirects" % d for d in ("all", bridge)]   # slashed: dots
+    on = [n for n in names if read_sysctl(n) not in ("0", None)]
+    if not on:
         return []
-    run(["sysctl", "-w"] + ["%s=0" % n for n in off])
-    return ["%s set to 0" % n for n in off]
+    run(["sysctl", "-w"] + ["%s=0" % n for n in on])
+    return ["ICMP redirects off on %s" % ", ".join(n.split("/")[3] for n in on)]
 
 
 def icmp_checksum(data):
@@ -2016,8 +2018,9 @@ def build(cfg, alloc, address, errors=None, direct=None):
         steps = [ensure_ip_forward,
                  lambda: ensure_links(cfg, alloc, address, stack, direct is not None),
                  lambda: ensure_ipv6_off(own_devices(cfg))]
+        steps.append(lambda: ensure_no_redirects(br))     # before any path can change
         if direct is not None:
-            steps += [lambda: ensure_no_redirects(br), lambda: ensure_peers(direct)]
+            steps.append(lambda: ensure_peers(direct))
         if diff:
             steps.insert(0, lambda: remove_mismatched_network(cfg, diff))
         if diff or (net is None and diff is not None):

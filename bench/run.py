@@ -31,6 +31,9 @@ Phases (in this order; --phases picks a subset, --quick leaves out those marked 
     wg       encryption: cross-runner over WireGuard (a second lab, OVERLAY_ENCRYPTION =
              "wireguard") vs a hand-built wireguard-go hub in the same namespaces, and vs the
              plain overlay; needs data; full run
+    bisect   direct routing: a lab of its own with 4 runners and every underlay NIC shaped
+             to 400 Mbit/s, 2 concurrent cross-runner flows through the Host, direct and on
+             the underlay; the Host's share meanwhile; applying 254 peers; full run
 A phase that needs another refuses to run without it (exit 2, before the lab is built); check,
 scrape, restart and cost get the 255 tunnels from a silent burst when burst is not selected.
 

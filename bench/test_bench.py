@@ -143,7 +143,7 @@ def test_rules_walked_follows_the_tree_of_filter_chains():
 def test_every_phase_is_registered_once_with_a_summary_and_runs_in_registry_order():
     names = [p.name for p in phases.all_phases()]
     assert names == ["up", "data", "why", "burst", "data255", "check", "scrape", "restart",
-                     "cost", "wg"]
+                     "cost", "wg", "bisect"]
     for p in phases.all_phases():
         assert p.summary and callable(p.run), p.name
         assert all(n in names[:names.index(p.name)] for n in p.needs), p.name
@@ -181,7 +181,7 @@ def test_help_lists_every_phase_with_its_needs():
 
 @pytest.mark.parametrize("asked, quick, want", [
     (None, False, ["up", "data", "why", "burst", "data255", "check", "scrape", "restart",
-                   "cost", "wg"]),
+                   "cost", "wg", "bisect"]),
     (None, True, ["up", "data", "burst", "check", "scrape", "restart", "cost"]),
     (["cost", "up"], False, ["up", "cost"]),                 # always in registry order
     (["up", "data", "data255"], True, ["up", "data", "data255"]),   # asked for: kept
@@ -199,7 +199,7 @@ def test_phase_selection(asked, quick, want):
     (["why", "burst"], "phase why needs data in the same run (it measures what data leaves): "
                        "use --phases up,data,why,burst"),
     (["up", "nope"], "unknown phase nope: choose from up, data, why, burst, data255, check, "
-                     "scrape, restart, cost, wg"),
+                     "scrape, restart, cost, wg, bisect"),
 ])
 def test_a_selection_that_cannot_run_is_refused_in_one_sentence(asked, message):
     with pytest.raises(phases.UsageError) as exc:

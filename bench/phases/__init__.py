@@ -20,7 +20,7 @@ import importlib
 Phase = collections.namedtuple("Phase", "name needs quick summary run")
 
 REGISTRY = [importlib.import_module("phases." + name) for name in (
-    "up", "data", "why", "burst", "data255", "check", "scrape", "restart", "cost", "wg",
+    "up", "data", "why", "burst", "data255", "check", "scrape", "restart", "cost", "wg", "bisect",
 )]
 
 

@@ -115,8 +115,8 @@ def dnode(mocker):
     def make(**kw):
         n = DirectNode(**kw)
         mocker.patch.object(runner, "run", side_effect=n)
-        mocker.patch.object(runner, "read_sysctl", side_effect=lambda name: (
-            n.ip_forward if name == "net.ipv4.ip_forward" else n.sysctls.get(name, "1")))
+        mocker.patch.object(runner, "read_sysctl", side_effect=lambda name: n.sysctls.get(
+            name, n.sysctl(name)))
         mocker.patch.object(runner, "read_proc_net", side_effect=n.proc)
         n.sysctls = {}
         return n
@@ -359,17 +359,14 @@ def test_build_with_direct_routing_on_a_built_node(cfg, dnode):
     n = dnode(built=True)
     changes = runner.build(cfg, direct_alloc(), ME,
                            direct={"peers": [peer(2), peer(3)], "relayed": {"runner3"}})
-    assert n.argvs() == [["ip", "-batch", "-"],
-                         ["sysctl", "-w", "net.ipv4.conf.all.send_redirects=0",
-                          "net.ipv4.conf.kohaku-overlay.send_redirects=0"],
-                         ["bridge", "-batch", "-"], ["ip", "-batch", "-"],
-                         ["iptables-restore", "--noflush"]]
+    assert n.argvs() == [["ip", "-batch", "-"], ["bridge", "-batch", "-"],
+                         ["ip", "-batch", "-"], ["iptables-restore", "--noflush"]]
     m = n.mutations()
     assert m[0].input.splitlines()[0].startswith("link add vxdirect0 address 02:6b:64:00:00:01")
-    assert m[2].input.splitlines() == [
+    assert m[1].input.splitlines() == [
         "fdb replace 02:6b:64:00:00:02 dev vxdirect0 dst 198.51.100.12 self permanent",
         "fdb replace 02:6b:64:00:00:03 dev vxdirect0 dst 198.51.100.13 self permanent"]
-    assert m[3].input.splitlines() == [
+    assert m[2].input.splitlines() == [
         "neigh replace 10.2.0.0 lladdr 02:6b:64:00:00:02 dev vxdirect0 nud permanent",
         "neigh replace 10.3.0.0 lladdr 02:6b:64:00:00:03 dev vxdirect0 nud permanent",
         "route replace 10.2.0.0/16 via 10.2.0.0 dev vxdirect0 onlink",
@@ -377,13 +374,12 @@ def test_build_with_direct_routing_on_a_built_node(cfg, dnode):
         "route replace 10.3.0.0/32 dev vxdirect0 scope link"]
     # the FORWARD pair of vxdirect0 right after ours and each peer accepted on VNI 100 (0x64)
     # by the VXLAN filter, in the same transaction
-    assert m[4].input.splitlines()[1:] == \
+    assert m[3].input.splitlines()[1:] == \
         ["-D" + r[2:] for r in FWD] + \
         ["-I FORWARD %d%s" % (i + 1, r[len("-A FORWARD"):]) for i, r in
          enumerate(FWD + DIRECT_FWD)] + \
         ["-F KOHAKU-VXLAN", VXCHAIN[0]] + peer_accepts(2, 3) + [VXCHAIN[1], "COMMIT"]
     assert "vxdirect0 created (vni 100)" in changes
-    assert "net.ipv4.conf.all.send_redirects set to 0" in changes
 
 
 def test_switch_off_removes_vxdirect0_and_its_forward_pair(cfg, dnode):
@@ -403,8 +399,6 @@ def test_a_fully_built_direct_node_issues_no_mutating_command(cfg, dnode):
     n = dnode(built=True, direct=True, peers=[peer(2)])
     n.forward = FWD + DIRECT_FWD + n.forward[len(FWD):]
     n.chains["KOHAKU-VXLAN"] = VXCHAIN[:1] + peer_accepts(2) + VXCHAIN[1:]
-    n.sysctls = {"net.ipv4.conf.all.send_redirects": "0",
-                 "net.ipv4.conf.kohaku-overlay.send_redirects": "0"}
     assert runner.build(cfg, direct_alloc(), ME,
                         direct={"peers": [peer(2)], "relayed": set()}) == []
     assert n.mutations() == []

@@ -46,6 +46,8 @@ U32 = '-m u32 --u32 "0x0>>0x16&0x3c@0xc>>0x8='
 VXCHAIN = ["-A KOHAKU-VXLAN -s 198.51.100.1/32 " + U32 + '0x65" -j ACCEPT',
            "-A KOHAKU-VXLAN " + U32 + '0x64:0x163" -j DROP']
 
+REDIRECTS_OFF = ["sysctl", "-w", "net/ipv4/conf/all/send_redirects=0",
+                 "net/ipv4/conf/kohaku-overlay/send_redirects=0"]
 CREATE_NET = ["docker", "network", "create", "--driver", "bridge", "--subnet", "10.1.0.0/16",
               "--gateway", "10.1.0.1", "--aux-address", "host=10.1.0.254",
               "-o", "com.docker.network.bridge.name=kohaku-overlay",
@@ -130,6 +132,7 @@ class FakeNode(object):
         self.trusted = set()
         self.ip_forward = ip_forward
         self.ipv6 = {}                    # device -> disable_ipv6 ("1", the default: off)
+        self.redirects = "0" if built else "1"   # send_redirects of `all` and the bridge
         self.docker_up = True
         self.calls = []
         self.fail_on = None
@@ -193,6 +196,8 @@ class FakeNode(object):
     def sysctl(self, name):
         if name.endswith("/disable_ipv6"):
             return self.ipv6.get(name.split("/")[3], "1")
+        if name.endswith("/send_redirects"):
+            return self.redirects
         return self.ip_forward
 
     def filter_table(self):
@@ -352,17 +357,19 @@ def test_clean_node_issues_exactly_the_build_commands(cfg, node):
     assert [c.argv for c in m] == [
         ["sysctl", "-w", "net.ipv4.ip_forward=1"],
         ["ip", "-batch", "-"],
+        REDIRECTS_OFF,                # no ICMP redirect a container would cache (issue 12)
         CREATE_NET,
         ["iptables-restore", "--noflush"],
         ["firewall-cmd", "--zone=trusted", "--change-interface=kohaku-overlay"],
         ["firewall-cmd", "--zone=trusted", "--change-interface=vxlan0"],
     ]
     assert m[1].input.splitlines() == CLEAN_BATCH
-    assert m[3].input == CLEAN_RESTORE
+    assert m[4].input == CLEAN_RESTORE
     assert changes == [
         "net.ipv4.ip_forward set to 1", "bridge kohaku-overlay created",
         "gateway 10.1.0.1/16 added to kohaku-overlay",
         "vxlan0 created (vni 101, remote 198.51.100.1)", "route 10.0.0.0/8 via 10.1.0.254 added",
+        "ICMP redirects off on all, kohaku-overlay",
         "Docker network kohakuriver-overlay created on kohaku-overlay",
         "FORWARD accept rules for 10.0.0.0/8 added", "VXLAN filter KOHAKU-VXLAN added",
         "INPUT jump to KOHAKU-VXLAN for UDP 4789 added", "NAT masquerade for 10.0.0.0/8 added",
@@ -633,9 +640,10 @@ def test_failure_half_way_rolls_back_what_this_run_created(cfg, node):
     with pytest.raises(runner.CommandError):
         runner.build(cfg, alloc(), ME)
     argvs = n.argvs()
-    assert argvs[:3] == [["ip", "-batch", "-"], CREATE_NET, ["iptables-restore", "--noflush"]]
+    assert argvs[:4] == [["ip", "-batch", "-"], REDIRECTS_OFF, CREATE_NET,
+                         ["iptables-restore", "--noflush"]]
     # undone in reverse order: the Docker network, then vxlan0, then the bridge
-    assert argvs[3:] == [["docker", "network", "rm", "kohakuriver-overlay"],
+    assert argvs[4:] == [["docker", "network", "rm", "kohakuriver-overlay"],
                          ["ip", "link", "del", "vxlan0"], ["ip", "link", "del", BR]]
 
 
@@ -769,7 +777,7 @@ def probes_only(mocker):
             n.calls.append(Call(argv, False, None))
             return Proc(rc, out, err)
         mocker.patch.object(runner.subprocess, "run", side_effect=fake_subprocess)
-        mocker.patch.object(runner, "read_sysctl", side_effect=lambda name: n.ip_forward)
+        mocker.patch.object(runner, "read_sysctl", side_effect=n.sysctl)
         return n
     return make
 
@@ -785,15 +793,16 @@ def test_up_dry_run_runs_probes_only_and_prints_the_plan(cfg, mocker, capsys, pr
     assert register.call_count == 0
     assert out[0] == "[#] register runner1 at http://198.51.100.1:8000/api/overlay/register"
     assert out[2:8] == ["[#] ip " + line for line in CLEAN_BATCH]
-    assert out[8] == "[#] " + " ".join(CREATE_NET)
-    assert out[9:11] == [
+    assert out[8] == "[#] " + " ".join(REDIRECTS_OFF)
+    assert out[9] == "[#] " + " ".join(CREATE_NET)
+    assert out[10:12] == [
         "[#] iptables -t filter -I FORWARD 1" + FWD[0][len("-A FORWARD"):],
         "[#] iptables -t filter -N KOHAKU-VXLAN"]
-    assert out[11:15] == ["[#] iptables -t filter " + r for r in VXCHAIN] + [
+    assert out[12:16] == ["[#] iptables -t filter " + r for r in VXCHAIN] + [
         "[#] iptables -t filter -I INPUT 1" + JUMP[len("-A INPUT"):],
         "[#] iptables -t nat " + NAT]
     assert out[-1] == ("runner1: runner 1, subnet 10.1.0.0/16, network kohakuriver-overlay: "
-                       "would change 9 thing(s)")
+                       "would change 10 thing(s)")
     assert len(n.calls) == 9                  # probes only, every one of them answered
     assert Path(cfg["OVERLAY_STATE_FILE"]).read_text() == before
     assert runner.DRY_RUN is False

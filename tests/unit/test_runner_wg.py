@@ -121,7 +121,7 @@ def node(mocker):
     def make(**kw):
         n = WgNode(**kw)
         mocker.patch.object(runner, "run", side_effect=n)
-        mocker.patch.object(runner, "read_sysctl", side_effect=lambda name: n.ip_forward)
+        mocker.patch.object(runner, "read_sysctl", side_effect=n.sysctl)
         return n
     return make
 
@@ -334,12 +334,13 @@ def test_clean_node_builds_the_overlay_over_kohaku_wg(cfg, node):
          HOST_PUB, "allowed-ips", "172.16.0.1/32", "endpoint", HOST + ":51820",
          "persistent-keepalive", "25"],
         ["ip", "-batch", "-"],
+        base.REDIRECTS_OFF,
         base.CREATE_NET[:-2] + ["com.docker.network.driver.mtu=1390", "kohakuriver-overlay"],
         ["iptables-restore", "--noflush"],
         ["iptables-restore", "--noflush"],
     ]
     assert m[3].input.splitlines() == WG_BATCH
-    assert m[6].input == "*filter\n-I INPUT 1" + GUARD[len("-A INPUT"):] + "\nCOMMIT\n"
+    assert m[7].input == "*filter\n-I INPUT 1" + GUARD[len("-A INPUT"):] + "\nCOMMIT\n"
     assert "kohaku-wg created (wireguard-go)" in changes
     assert "VXLAN accepted only through kohaku-wg" in changes
     assert PRIV not in json.dumps([c.argv for c in n.calls])
@@ -414,7 +415,7 @@ def test_up_dry_run_shows_the_plan_without_any_key_and_makes_none(cfg, mocker, c
         n.calls.append(base.Call(argv, False, None))
         return base.Proc(rc, out, err)
     mocker.patch.object(runner.subprocess, "run", side_effect=fake_subprocess)
-    mocker.patch.object(runner, "read_sysctl", side_effect=lambda name: n.ip_forward)
+    mocker.patch.object(runner, "read_sysctl", side_effect=n.sysctl)
     runner.save_state(cfg["OVERLAY_STATE_FILE"], wg_alloc())
     mocker.patch.object(runner, "load_config", return_value=cfg)
     assert runner.main(["up", "--dry-run"]) == 0
