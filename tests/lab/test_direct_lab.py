@@ -5,7 +5,8 @@ container each from the start, runner 4 joining later. The tests run in file ord
 cluster (each leaves it as the next expects, the switch-off last): traffic between runners
 without the Host, a Host killed and restarted under a 10 Hz ping, a runner that joins later, UDP
 blocked between two runners (fallback through the Host and back), `down` on a runner with direct
-routing, a released runner, and the switch turned off. Everything is asserted through the kernel
+routing, a released runner, and the switch turned off; a runner restarted while the Host is
+down rebuilds its direct routes from its state file. Everything is asserted through the kernel
 (ip -j, bridge -j, iptables -S), the runners' `status --json` and real pings from containers.
 """
 
@@ -146,6 +147,23 @@ def test_a_10hz_ping_loses_nothing_while_the_host_is_killed_and_restarted(lab):
     sent, received = stream.stop()
     assert sent >= 40
     assert received == sent
+    c.wait_active(["runner1", "runner2", "runner3"])
+
+
+def test_a_runner_restarted_while_the_host_is_down_restores_its_direct_routes(lab):
+    c = lab
+    c.stop_host()
+    try:
+        c.stop_runner(1)
+        c.sh(1, "ip", "link", "del", "vxdirect0")          # as after a reboot
+        c.start_runner(1, wait=False)
+        c.wait_for(lambda: direct_routes(c, 1).get("10.2.0.0/16") == "10.2.0.0" and
+                   direct_routes(c, 1).get("10.3.0.0/16") == "10.3.0.0", timeout=15,
+                   what="runner1 to rebuild vxdirect0 from its state file", log=["runner1"])
+        assert c.ping(1, "c1", c.ips[2], count=3)
+        assert c.ping(3, "c3", c.ips[1], count=3)
+    finally:
+        c.start_host()
     c.wait_active(["runner1", "runner2", "runner3"])
 
 
