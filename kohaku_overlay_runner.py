@@ -922,6 +922,18 @@ def probe_links():
     return parse_links(run(["ip", "-j", "-d", "addr", "show"], mutates=False).out)
 
 
+ADDR_SET = 3     # /sys/class/net/DEV/addr_assign_type: NET_ADDR_SET, the MAC was set
+
+
+def read_addr_assign_type(dev):
+    """How dev's MAC came to be (in-process, no command), or None when it cannot be read."""
+    try:
+        with open("/sys/class/net/%s/addr_assign_type" % dev) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def probe_routes():
     """The main routing table (`ip -j route show`)."""
     return parse_json(run(["ip", "-j", "route", "show"], mutates=False).out, "ip -j route show")
@@ -1196,12 +1208,19 @@ def plan_links(cfg, alloc, address, links, route):
         raise ConfigError("%s exists and is a %s, not a bridge: remove it (ip link del %s) or set "
                           "OVERLAY_BRIDGE_NAME" % (br, link_kind(bridge) or "device", br, ))
     if bridge is None:
-        lines.append("link add %s mtu %d type bridge" % (br, mtu))
+        lines.append("link add %s address %s mtu %d type bridge"
+                     % (br, bridge_mac(alloc["runner_id"]), mtu))
         changes.append("bridge %s created" % br)
         created.append(br)
         addrs = []
     else:
         addrs = ipv4_addrs(bridge)
+        if bridge.get("addr_assign_type") not in (None, ADDR_SET) and bridge.get("address"):
+            # A bridge whose MAC was never set takes the lowest port MAC: a re-created vxlan0
+            # would change the gateway's MAC under every container's ARP cache. Pin the
+            # current one (same value, so nothing changes for the containers).
+            lines.append("link set dev %s address %s" % (br, bridge["address"]))
+            changes.append("%s MAC %s pinned" % (br, bridge["address"]))
         if bridge.get("mtu") != mtu:
             lines.append("link set dev %s mtu %d" % (br, mtu))
             changes.append("%s mtu %s -> %d" % (br, bridge.get("mtu"), mtu))
@@ -1411,6 +1430,9 @@ def ensure_wg_guard(cfg, alloc, stack):
 
 def ensure_links(cfg, alloc, address, stack, direct=False):
     links = probe_links()
+    bridge = links.get(cfg["OVERLAY_BRIDGE_NAME"])
+    if bridge is not None:
+        bridge["addr_assign_type"] = read_addr_assign_type(cfg["OVERLAY_BRIDGE_NAME"])
     route = probe_route(alloc["overlay_cidr"])
     lines, changes, created = plan_links(cfg, alloc, address, links, route)
     more = plan_direct_link(cfg, alloc, address, links, direct)
@@ -1626,6 +1648,13 @@ def parse_settings(obj):
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         version = 0
     return {"direct_routing": direct, "peers_version": version}
+
+
+def bridge_mac(runner_id):
+    """The overlay bridge's MAC (the containers' gateway), fixed by the runner id, so that no
+    port coming or going changes it (locally administered; 6b:62 is "kb")."""
+    return "02:6b:62:%02x:%02x:%02x" % ((runner_id >> 16) & 0xff, (runner_id >> 8) & 0xff,
+                                        runner_id & 0xff)
 
 
 def vtep_mac(runner_id):

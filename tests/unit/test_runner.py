@@ -54,7 +54,7 @@ CREATE_NET = ["docker", "network", "create", "--driver", "bridge", "--subnet", "
               "-o", "com.docker.network.driver.mtu=1450", "kohakuriver-overlay"]
 
 CLEAN_BATCH = [
-    "link add kohaku-overlay mtu 1450 type bridge",
+    "link add kohaku-overlay address 02:6b:62:00:00:01 mtu 1450 type bridge",
     "addr add 10.1.0.1/16 dev kohaku-overlay",
     "link add vxlan0 mtu 1450 type vxlan id 101 local 198.51.100.11 remote 198.51.100.1 "
     "dstport 4789 nolearning",
@@ -569,6 +569,35 @@ def test_vxlan_with_wrong_remote_is_recreated(cfg, node):
         "link add vxlan0 mtu 1450 type vxlan id 101 local 198.51.100.11 remote 198.51.100.1 "
         "dstport 4789 nolearning",
         "link set dev vxlan0 master kohaku-overlay up"]
+
+
+@pytest.mark.parametrize("assign,pinned", [(1, True), (2, True), (3, False), (None, False)])
+def test_a_bridge_mac_never_set_is_pinned_to_its_current_value(cfg, node, mocker, assign,
+                                                               pinned):
+    """Unset, a bridge takes its lowest port MAC: vxlan0 re-created (encryption switched, the
+    runner re-addressed) would change every container's gateway MAC under its ARP cache."""
+    n = node(built=True)
+    n.links[BR]["address"] = "0e:bf:79:09:9c:91"
+    reads = mocker.patch.object(runner, "read_addr_assign_type", return_value=assign)
+    changes = runner.build(cfg, alloc(), ME)
+    assert reads.call_args_list == [mocker.call(BR)]
+    if pinned:
+        assert n.mutations()[0].input.splitlines() == [
+            "link set dev kohaku-overlay address 0e:bf:79:09:9c:91"]
+        assert changes == ["kohaku-overlay MAC 0e:bf:79:09:9c:91 pinned"]
+    else:
+        assert n.mutations() == []
+
+
+def test_the_bridge_mac_is_fixed_by_the_runner_id():
+    assert runner.bridge_mac(1) == "02:6b:62:00:00:01"
+    assert runner.bridge_mac(255) == "02:6b:62:00:00:ff"
+    assert runner.bridge_mac(0x12345) == "02:6b:62:01:23:45"
+
+
+def test_addr_assign_type_is_read_from_sysfs_and_none_when_absent():
+    assert runner.read_addr_assign_type("no-such-device-kohaku") is None
+    assert runner.read_addr_assign_type("lo") in (0, 1, 2, 3)
 
 
 def test_a_foreign_device_named_like_the_bridge_is_an_error(cfg, node):

@@ -310,7 +310,7 @@ def test_the_dump_parser_drops_the_private_key():
 # ---- build ------------------------------------------------------------------------------------
 
 WG_BATCH = [
-    "link add kohaku-overlay mtu 1390 type bridge",
+    "link add kohaku-overlay address 02:6b:62:00:00:01 mtu 1390 type bridge",
     "addr add 10.1.0.1/16 dev kohaku-overlay",
     "link set dev kohaku-wg mtu 1440",
     "addr add 172.16.0.2/23 dev kohaku-wg",
