@@ -1193,6 +1193,22 @@ def ensure_ip_forward():
     return ["net.ipv4.ip_forward set to 1"]
 
 
+def plan_address(dev, want, have, added, keep=lambda a: False):
+    """`ip -batch` lines (and their change words) that leave `want` on dev and remove every
+    other address of `have` that `keep` does not keep. `added` words the addition (a format
+    of the address and the device), None when the device is new and its creation says it."""
+    lines, changes = [], []
+    for a in have:
+        if a != want and not keep(a):
+            lines.append("addr del %s dev %s" % (a, dev))
+            changes.append("stale address %s removed from %s" % (a, dev))
+    if want not in have:
+        lines.append("addr add %s dev %s" % (want, dev))
+        if added:
+            changes.append(added % (want, dev))
+    return lines, changes
+
+
 def plan_links(cfg, alloc, address, links, route):
     """The `ip -batch` lines that bring vxlan0, the bridge and the route to the wanted state.
 
@@ -1224,13 +1240,10 @@ def plan_links(cfg, alloc, address, links, route):
         if bridge.get("mtu") != mtu:
             lines.append("link set dev %s mtu %d" % (br, mtu))
             changes.append("%s mtu %s -> %d" % (br, bridge.get("mtu"), mtu))
-    for a in addrs:      # a stale gateway of an older allocation, inside the overlay
-        if a != gw_addr and ipaddress.IPv4Interface(a).ip in cidr:
-            lines.append("addr del %s dev %s" % (a, br))
-            changes.append("stale address %s removed from %s" % (a, br))
-    if gw_addr not in addrs:
-        lines.append("addr add %s dev %s" % (gw_addr, br))
-        changes.append("gateway %s added to %s" % (gw_addr, br))
+    # a stale gateway of an older allocation, inside the overlay, goes; others stay
+    more = plan_address(br, gw_addr, addrs, "gateway %s added to %s",
+                        keep=lambda a: ipaddress.IPv4Interface(a).ip not in cidr)
+    lines, changes = lines + more[0], changes + more[1]
 
     local, remote = vxlan_endpoints(alloc, address)
     lines, changes = plan_wg_links(alloc, links, address, lines, changes)
@@ -1299,14 +1312,8 @@ def plan_wg_links(alloc, links, address, lines, changes):
         lines.append("link set dev %s mtu %d" % (WG_DEV, mtu))
         changes.append("%s mtu %d (%s %d - %d)" % (WG_DEV, mtu, dev, under, WG_OVERHEAD))
     want = "%s/%d" % (alloc["wg_ip"], ipaddress.IPv4Network(alloc["wg_subnet"]).prefixlen)
-    have = ipv4_addrs(link)
-    for a in have:
-        if a != want:
-            lines.append("addr del %s dev %s" % (a, WG_DEV))
-            changes.append("stale address %s removed from %s" % (a, WG_DEV))
-    if want not in have:
-        lines.append("addr add %s dev %s" % (want, WG_DEV))
-        changes.append("tunnel address %s added to %s" % (want, WG_DEV))
+    more = plan_address(WG_DEV, want, ipv4_addrs(link), "tunnel address %s added to %s")
+    lines, changes = lines + more[0], changes + more[1]
     if not link_up(link):
         lines.append("link set dev %s up" % WG_DEV)
     return lines, changes
@@ -1838,14 +1845,9 @@ def plan_direct_link(cfg, alloc, address, links, want):
         if dev.get("mtu") != mtu:
             lines.append("link set dev %s mtu %d" % (DIRECT_DEV, mtu))
             changes.append("%s mtu %s -> %d" % (DIRECT_DEV, dev.get("mtu"), mtu))
-    for a in addrs:
-        if a != addr:
-            lines.append("addr del %s dev %s" % (a, DIRECT_DEV))
-            changes.append("stale address %s removed from %s" % (a, DIRECT_DEV))
-    if addr not in addrs:
-        lines.append("addr add %s dev %s" % (addr, DIRECT_DEV))
-        if dev is not None:
-            changes.append("address %s added to %s" % (addr, DIRECT_DEV))
+    more = plan_address(DIRECT_DEV, addr, addrs,
+                        "address %s added to %s" if dev is not None else None)
+    lines, changes = lines + more[0], changes + more[1]
     if dev is None or not link_up(dev):
         lines.append("link set dev %s up" % DIRECT_DEV)
         if dev is not None:
