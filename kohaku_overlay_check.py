@@ -551,7 +551,6 @@ KNOWN_MATCHES = ("udp", "tcp", "comment", "conntrack", "state", "multiport", "u3
 # prints it ("0x0>>0x16&0x3c@0xc>>0x8=0x65"); =LO:HI is a range
 U32_VNI = re.compile(r"^(0x0|0)>>(0x16|22)&0x3c@(0xc|12)>>(0x8|8)=(\w+)(?::(\w+))?$", re.I)
 U32_WRITTEN = "0>>22&0x3C@12>>8"
-TERMINAL = ("ACCEPT", "DROP", "REJECT", "RETURN")
 
 
 def parse_rule(line):
