@@ -549,10 +549,6 @@ def load_settings(path, explicit):
     except ValueError:
         raise ConfigError("HOST_BIND_IP {!r} is not an IPv4 address".format(cfg["HOST_BIND_IP"]))
     check_encryption(cfg, layout)
-    if cfg["OVERLAY_DIRECT_ROUTING"] and cfg["OVERLAY_ENCRYPTION"] == "wireguard":
-        raise ConfigError('OVERLAY_DIRECT_ROUTING = True with OVERLAY_ENCRYPTION = "wireguard" is '
-                          "not supported yet (the direct frames between runners would leave "
-                          "unencrypted): set one of them back")
     return cfg, layout
 
 
@@ -1807,7 +1803,9 @@ class Hub(object):
     def peers(self):
         """Direct routing's peer table from memory: (version, peers). The version is a digest
         of the table, so it changes with every registration, release, eviction or address
-        change and survives a restart unchanged; 0 (and no peers) when direct routing is off."""
+        change and survives a restart unchanged; 0 (and no peers) when direct routing is off.
+        With encryption every peer also carries its WireGuard public key and tunnel address (a
+        full mesh of kohaku-wg), so a new key changes the version too."""
         if not self.cfg["OVERLAY_DIRECT_ROUTING"]:
             return 0, []
         allocs = self.allocs
@@ -1817,6 +1815,10 @@ class Hub(object):
                       "subnet": str(self.layout.subnet(n)), "physical_ip": a["physical_ip"],
                       "vtep_mac": vtep_mac(n)}
                      for n, a in sorted(allocs.items()) if a["runner_name"]]
+            if self.kernel.wg:
+                for p in peers:
+                    p.update(wg_public_key=allocs[p["runner_id"]].get("wg_public_key"),
+                             wg_ip=wg_ip(self.cfg, p["runner_id"]))
             digest = hashlib.sha256(json.dumps(peers, sort_keys=True).encode()).digest()
             cached = self._peers = (allocs, int.from_bytes(digest[:4], "big") >> 1 or 1, peers)
         return cached[1], cached[2]

@@ -1319,13 +1319,20 @@ def plan_wg_links(alloc, links, address, lines, changes):
     return lines, changes
 
 
-def wg_want(alloc, public_key):
-    """What kohaku-wg holds on a runner: its key and port, the Host as peer (keepalive: NAT)."""
-    return {"public_key": public_key, "listen_port": alloc["wg_port"],
-            "peers": {alloc["host_wg_public_key"]: {
-                "allowed_ips": ["%s/32" % alloc["host_wg_ip"]],
-                "endpoint": "%s:%d" % (alloc["host_physical_ip"], alloc["wg_port"]),
-                "keepalive": WG_KEEPALIVE}}}
+def wg_peer(wg_ip, physical_ip, port):
+    """One kohaku-wg peer of a runner: its tunnel address, its underlay endpoint, keepalive."""
+    return {"allowed_ips": ["%s/32" % wg_ip], "endpoint": "%s:%d" % (physical_ip, port),
+            "keepalive": WG_KEEPALIVE}
+
+
+def wg_want(alloc, public_key, mesh=()):
+    """What kohaku-wg holds on a runner: its key and port, the Host as peer (keepalive: NAT)
+    and, with direct routing, every direct peer of the table (mesh_peers): a full mesh."""
+    peers = {p["wg_public_key"]: wg_peer(p["wg_ip"], p["physical_ip"], alloc["wg_port"])
+             for p in mesh}
+    peers[alloc["host_wg_public_key"]] = wg_peer(alloc["host_wg_ip"], alloc["host_physical_ip"],
+                                                 alloc["wg_port"])
+    return {"public_key": public_key, "listen_port": alloc["wg_port"], "peers": peers}
 
 
 def plan_wg(want, have, key_file):
@@ -1378,8 +1385,9 @@ def create_wg_link(stack):
     return impl
 
 
-def ensure_wg(cfg, alloc, links, stack):
-    """Encryption on: the key pair, kohaku-wg, and its key, port and peers in one `wg set`."""
+def ensure_wg(cfg, alloc, links, stack, mesh=()):
+    """Encryption on: the key pair, kohaku-wg, and its key, port and peers (the Host, and the
+    direct peers in mesh) in one `wg set`."""
     public = ensure_wg_key(cfg)
     link = links.get(WG_DEV)
     if link is not None and link_kind(link) not in ("wireguard", "tun"):
@@ -1391,7 +1399,7 @@ def ensure_wg(cfg, alloc, links, stack):
         have = {}
     else:
         have = probe_wg()
-    argv, more = plan_wg(wg_want(alloc, public), have, wg_key_paths(cfg)[0])
+    argv, more = plan_wg(wg_want(alloc, public, mesh), have, wg_key_paths(cfg)[0])
     if argv:
         run(argv)
     return changes + more
@@ -1435,17 +1443,19 @@ def ensure_wg_guard(cfg, alloc, stack):
     return changes
 
 
-def ensure_links(cfg, alloc, address, stack, direct=False):
+def ensure_links(cfg, alloc, address, stack, direct=None):
+    """direct: build()'s (None: direct routing off)."""
     links = probe_links()
     bridge = links.get(cfg["OVERLAY_BRIDGE_NAME"])
     if bridge is not None:
         bridge["addr_assign_type"] = read_addr_assign_type(cfg["OVERLAY_BRIDGE_NAME"])
     route = probe_route(alloc["overlay_cidr"])
     lines, changes, created = plan_links(cfg, alloc, address, links, route)
-    more = plan_direct_link(cfg, alloc, address, links, direct)
+    more = plan_direct_link(cfg, alloc, address, links, direct is not None)
     lines, changes, created = lines + more[0], changes + more[1], created + more[2]
     if encrypted(alloc):            # planned (and the MTU checked) first, then made
-        changes = ensure_wg(cfg, alloc, links, stack) + changes
+        mesh = direct["peers"] if direct is not None else ()
+        changes = ensure_wg(cfg, alloc, links, stack, mesh) + changes
     if not lines:
         return changes
     for name in created:
@@ -1711,9 +1721,41 @@ def parse_peers(obj, own_name):
     return {"version": version, "peers": peers}
 
 
-def peers_wanted(peers, relayed=()):
+def mesh_peers(peers, encrypted):
+    """The peers reached directly: all of the table, or with encryption those whose key and
+    tunnel address it carries (a peer without a key yet goes through the Host)."""
+    if not encrypted:
+        return list(peers)
+    out = []
+    for p in peers:
+        try:
+            if WG_KEY_RE.match(str(p.get("wg_public_key"))) and \
+                    ipaddress.IPv4Address(p.get("wg_ip")):
+                out.append(p)
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
+def direct_arg(alloc, peers, paths):
+    """build()'s direct argument for a peer table and the paths tracked: the mesh_peers, the
+    relayed names, and "encrypted": True with encryption."""
+    direct = {"peers": mesh_peers(peers, encrypted(alloc)),
+              "relayed": {n for n, p in paths.items() if p["path"] == "relayed"}}
+    if encrypted(alloc):
+        direct["encrypted"] = True
+    return direct
+
+
+def peer_vtep(peer, encrypted):
+    """Where vxdirect0 sends a peer's frames: its tunnel address when encrypted, else its
+    physical one."""
+    return peer["wg_ip"] if encrypted else peer["physical_ip"]
+
+
+def peers_wanted(peers, relayed=(), encrypted=False):
     """What vxdirect0 must hold for this table: {"routes": {dst: gateway or None}, "neigh":
-    {ip: mac}, "fdb": {mac: physical ip}}. A relayed peer keeps all but its subnet route."""
+    {ip: mac}, "fdb": {mac: peer_vtep}}. A relayed peer keeps all but its subnet route."""
     wanted = {"routes": {}, "neigh": {}, "fdb": {}}
     for p in peers:
         addr = net_address(p["subnet"])
@@ -1721,7 +1763,7 @@ def peers_wanted(peers, relayed=()):
         if p["runner_name"] not in relayed:
             wanted["routes"][str(ipaddress.IPv4Network(p["subnet"]))] = addr
         wanted["neigh"][addr] = p["vtep_mac"]
-        wanted["fdb"][p["vtep_mac"]] = p["physical_ip"]
+        wanted["fdb"][p["vtep_mac"]] = peer_vtep(p, encrypted)
     return wanted
 
 
@@ -1824,7 +1866,8 @@ def plan_direct_link(cfg, alloc, address, links, want):
         return ["link del %s" % DIRECT_DEV], ["%s removed (direct routing off)" % DIRECT_DEV], []
     mtu, mac = alloc["mtu"], vtep_mac(alloc["runner_id"])
     addr = net_address(alloc["subnet"]) + "/32"
-    spec = {"id": cfg["OVERLAY_VXLAN_ID"], "local": address, "remote": None,
+    local = vxlan_endpoints(alloc, address)[0]      # the tunnel address when encrypted
+    spec = {"id": cfg["OVERLAY_VXLAN_ID"], "local": local, "remote": None,
             "port": alloc["vxlan_port"]}
     diff = vxlan_mismatch(dev, spec) if dev is not None else []
     if dev is not None and (dev.get("address") or "").lower() != mac:
@@ -1835,7 +1878,7 @@ def plan_direct_link(cfg, alloc, address, links, want):
         dev = None
     if dev is None:
         lines.append("link add %s address %s mtu %d type vxlan id %d local %s dstport %d "
-                     "nolearning" % (DIRECT_DEV, mac, mtu, spec["id"], address, spec["port"]))
+                     "nolearning" % (DIRECT_DEV, mac, mtu, spec["id"], local, spec["port"]))
         changes.append("%s recreated (%s)" % (DIRECT_DEV, ", ".join(diff)) if diff else
                        "%s created (vni %d)" % (DIRECT_DEV, spec["id"]))
         created.append(DIRECT_DEV)
@@ -1860,10 +1903,10 @@ def direct_forward_rules(cidr, bridge):
     return [forward_accept(cidr, i, o) for i, o in ((bridge, DIRECT_DEV), (DIRECT_DEV, bridge))]
 
 
-def direct_vxlan_accepts(peers, vxlan_id):
-    """(source IP, VNI) pairs the VXLAN filter accepts for direct routing: each peer, on the
-    node-0 VNI that vxdirect0 uses."""
-    return [(p["physical_ip"], vxlan_id) for p in peers]
+def direct_vxlan_accepts(peers, vxlan_id, encrypted=False):
+    """(source IP, VNI) pairs the VXLAN filter accepts for direct routing: each peer (from its
+    tunnel address when encrypted), on the node-0 VNI that vxdirect0 uses."""
+    return [(peer_vtep(p, encrypted), vxlan_id) for p in peers]
 
 
 def read_proc_net(name):
@@ -1896,7 +1939,8 @@ def ensure_peers(direct):
                            "repair rebuilds it" % DIRECT_DEV)
     have = {"routes": parse_proc_routes(read_proc_net("route"), DIRECT_DEV),
             "neigh": parse_proc_arp(read_proc_net("arp"), DIRECT_DEV), "fdb": fdb or {}}
-    actions = plan_peers(peers_wanted(direct["peers"], direct.get("relayed", ())), have)
+    actions = plan_peers(peers_wanted(direct["peers"], direct.get("relayed", ()),
+                                      direct.get("encrypted", False)), have)
     ip_lines, bridge_lines = render_peer_actions(actions)
     if bridge_lines:
         tool_batch("bridge", bridge_lines)
@@ -2030,8 +2074,9 @@ def build(cfg, alloc, address, errors=None, direct=None):
     Without errors (up): a failing step raises, and everything this call created is undone.
     With an errors list (serve's repairs): every step runs, what got fixed stays, failures are
     appended to errors. Either way a Docker network with containers is never removed.
-    direct: None (direct routing off: vxdirect0 and its rules go) or {"peers": [...],
-    "relayed": names of the peers reached through the Host}.
+    direct: None (direct routing off: vxdirect0 and its rules go) or {"peers": [...] (the
+    mesh_peers), "relayed": names of the peers reached through the Host, and "encrypted": True with
+    encryption}.
     """
     br = cfg["OVERLAY_BRIDGE_NAME"]
     refuse_conflicts(cfg, alloc)            # before anything changes, in up and in repairs
@@ -2047,7 +2092,7 @@ def build(cfg, alloc, address, errors=None, direct=None):
         # created before the rules because `docker network create` puts Docker's own FORWARD
         # jumps back on top, and ours must end up first.
         steps = [ensure_ip_forward,
-                 lambda: ensure_links(cfg, alloc, address, stack, direct is not None),
+                 lambda: ensure_links(cfg, alloc, address, stack, direct),
                  lambda: ensure_ipv6_off(own_devices(cfg))]
         steps.append(lambda: ensure_no_redirects(br))     # before any path can change
         if direct is not None:
@@ -2057,8 +2102,8 @@ def build(cfg, alloc, address, errors=None, direct=None):
         if diff or (net is None and diff is not None):
             steps.append(lambda: create_docker_network(cfg, alloc, stack))
         extra = direct_forward_rules(alloc["overlay_cidr"], br) if direct is not None else []
-        accepts = direct_vxlan_accepts(direct["peers"], cfg["OVERLAY_VXLAN_ID"]) \
-            if direct is not None else []
+        accepts = direct_vxlan_accepts(direct["peers"], cfg["OVERLAY_VXLAN_ID"],
+                                       encrypted(alloc)) if direct is not None else []
         zone = [br, VXLAN_DEV] + ([DIRECT_DEV] if direct is not None else []) + \
             ([WG_DEV] if encrypted(alloc) else [])
         steps += [lambda: ensure_rules(cfg, alloc, stack, extra, accepts),
@@ -2673,8 +2718,11 @@ class Agent(object):
         """build()'s direct argument: None while direct routing is off."""
         if not self.direct_on():
             return None
-        return {"peers": self.peers["peers"],
-                "relayed": {n for n, p in self.paths.items() if p["path"] == "relayed"}}
+        return direct_arg(self.alloc, self.peers["peers"], self.paths)
+
+    def mesh(self):
+        """The peers of the table this runner reaches directly (mesh_peers)."""
+        return mesh_peers(self.peers["peers"], encrypted(self.alloc))
 
     def metric_peers(self):
         """The peer_direct series of the metrics file: None while direct routing is off."""
@@ -2682,7 +2730,7 @@ class Agent(object):
             return None
         return [({"peer": p["runner_name"], "peer_id": p["runner_id"]},
                  0 if (self.paths.get(p["runner_name"]) or {}).get("path") == "relayed" else 1)
-                for p in self.peers["peers"]]
+                for p in self.mesh()]
 
     def direct_state(self):
         """What the state file keeps of direct routing, so a start without the Host rebuilds it."""
@@ -2750,9 +2798,9 @@ class Agent(object):
 
     def probe_round(self):
         """Probe every peer's direct path once; move the peers that changed path."""
-        if not self.direct_on() or not self.built or not self.peers["peers"]:
+        if not self.direct_on() or not self.built or not self.mesh():
             return
-        by_addr = {net_address(p["subnet"]): p["runner_name"] for p in self.peers["peers"]}
+        by_addr = {net_address(p["subnet"]): p["runner_name"] for p in self.mesh()}
         try:
             answered = probe_paths(by_addr)
         except OverlayError as e:
@@ -2899,8 +2947,7 @@ def up_direct(cfg, alloc, state):
             log.warning("cannot fetch the peer table (%s): using the saved one", e)
     paths = {n: p for n, p in paths.items()
              if n in {peer["runner_name"] for peer in table["peers"]}}
-    return {"peers": table["peers"], "table": table, "paths": paths,
-            "relayed": {n for n, p in paths.items() if p["path"] == "relayed"}}
+    return dict(direct_arg(alloc, table["peers"], paths), table=table, paths=paths)
 
 
 def cmd_serve(args):

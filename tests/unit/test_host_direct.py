@@ -143,14 +143,12 @@ def test_vtep_mac_matches_the_runners_formula():
         assert host.vtep_mac(n) == runner.vtep_mac(n)
 
 
-def test_direct_routing_with_wireguard_is_refused_until_the_table_carries_the_keys(tmp_path):
+def test_direct_routing_with_wireguard_is_a_valid_configuration(tmp_path):
+    # issue 13: the peer table carries every runner's key, so the two switches go together
     path = tmp_path / "host_config.py"
     path.write_text('HOST_REACHABLE_ADDRESS = "198.51.100.1"\nOVERLAY_DIRECT_ROUTING = True\n'
-                    'OVERLAY_ENCRYPTION = "wireguard"\n')
-    with pytest.raises(host.ConfigError) as e:
-        host.load_settings(str(path), True)
-    assert str(e.value) == (
-        'OVERLAY_DIRECT_ROUTING = True with OVERLAY_ENCRYPTION = "wireguard" is not supported '
-        "yet (the direct frames between runners would leave unencrypted): set one of them back")
+                    'OVERLAY_ENCRYPTION = "wireguard"\nOVERLAY_MTU = 1390\n')
+    cfg = host.load_settings(str(path), True)[0]
+    assert (cfg["OVERLAY_DIRECT_ROUTING"], cfg["OVERLAY_ENCRYPTION"]) == (True, "wireguard")
     path.write_text('HOST_REACHABLE_ADDRESS = "198.51.100.1"\nOVERLAY_DIRECT_ROUTING = True\n')
     assert host.load_settings(str(path), True)[0]["OVERLAY_DIRECT_ROUTING"] is True

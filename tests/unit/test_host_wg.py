@@ -228,6 +228,33 @@ def test_registration_keeps_the_key_and_answers_the_tunnel_settings(tmp_path, fa
     assert (row["wg_ip"], row["wg_public_key"]) == ("172.16.0.2", R1_PUB)
 
 
+def test_with_direct_routing_the_peer_table_carries_every_key_and_tunnel_address(
+        tmp_path, fake):
+    hub = wg_hub(tmp_path, OVERLAY_DIRECT_ROUTING=True)
+    hub.kernel.wg_public = PUB
+    api = host.Api(hub)
+
+    def table():
+        return api.dispatch("GET", "/api/overlay/peers", base.AUTH, None, "198.51.100.11")[1]
+    with base.writer_running(hub):
+        assert base.register(api, mtu=1390, wg_public_key=R1_PUB)[0] == 200
+        assert base.register(api, "runner2", "198.51.100.12", mtu=1390,
+                             wg_public_key=R2_PUB)[0] == 200
+        first = table()
+        assert [(p["runner_id"], p["physical_ip"], p["wg_public_key"], p["wg_ip"])
+                for p in first["peers"]] == [(1, "198.51.100.11", R1_PUB, "172.16.0.2"),
+                                             (2, "198.51.100.12", R2_PUB, "172.16.0.3")]
+        # runner2 made a new key pair (its key file removed): a new table, a new version
+        new = "b" * 42 + "E="
+        assert base.register(api, "runner2", "198.51.100.12", mtu=1390,
+                             wg_public_key=new)[0] == 200
+        second = table()
+        beat = api.dispatch("PUT", "/api/overlay/heartbeat/runner1", base.AUTH, None,
+                            "198.51.100.11")[1]
+    assert second["peers"][1]["wg_public_key"] == new
+    assert second["version"] != first["version"] and beat["peers_version"] == second["version"]
+
+
 def test_a_bad_or_copied_runner_key_is_refused(tmp_path, fake):
     hub = wg_hub(tmp_path)
     hub.kernel.wg_public = PUB
