@@ -10,13 +10,14 @@ import pytest
 import test_direct as direct
 import test_runner_wg as wg
 from test_runner_wg import HOST, HOST_PUB, ME, OTHER_PUB, PUB, runner
-from test_runner_wg import as_root, no_kernel_module, no_system_bus
+from test_runner_wg import as_root, cfg, no_kernel_module, no_system_bus
 
 PEER2_PUB = OTHER_PUB
 PEER3_PUB = "kA9p2LSHm6SQ0ScxTUCqd7yiVJm/LXf1Vt9lmG5zU0Q="
 KEYS = {2: PEER2_PUB, 3: PEER3_PUB}
 
 assert as_root and no_system_bus and no_kernel_module   # test_runner_wg's autouse fixtures
+assert cfg                                               # and its cfg (OVERLAY_MTU 1390)
 
 
 def peer(i, **over):
@@ -77,17 +78,9 @@ def mesh_link(local="172.16.0.2"):
 
 
 @pytest.fixture
-def cfg(tmp_path):
-    c = dict(runner.KEY_DEFAULTS)
-    c.update(HOST_ADDRESS=HOST, RUNNER_NAME="runner1", OVERLAY_ENABLED=True, OVERLAY_MTU=1390,
-             OVERLAY_STATE_FILE=str(tmp_path / "state" / "runner.json"),
-             _path=str(tmp_path / "runner_config.py"))
-    wg.make_keys(c)
-    return c
+def mnode(mocker, cfg):
+    wg.make_keys(cfg)
 
-
-@pytest.fixture
-def mnode(mocker):
     def make(**kw):
         n = MeshNode(**kw)
         mocker.patch.object(runner, "run", side_effect=n)
