@@ -57,7 +57,8 @@ ENDPOINTS = [
     ("GET", "/api/overlay/peers", True, "",
      '`{"version", "peers": [{"runner_name", "runner_id", "subnet", "physical_ip", '
      '"vtep_mac"}]}` (direct routing; version 0 and no peers while OVERLAY_DIRECT_ROUTING is '
-     'False), served from memory', "503 overlay disabled"),
+     'False; with encryption each peer also has `"wg_public_key"` and `"wg_ip"`), served from '
+     'memory', "503 overlay disabled"),
     ("POST", "/api/overlay/release/<name>", True, "", '`{"released": true}`',
      "400 bad name, 404 no such runner, 503 overlay disabled"),
     ("POST", "/api/overlay/cleanup", True, "", '`{"released": <count>}`',
