@@ -2285,7 +2285,12 @@ def wg_want(snap):
                     for n, a in host_allocations(snap).items() if a.get("wg_public_key"))
     alloc = snap.alloc or {}
     key = alloc.get("host_wg_public_key")
-    return {key: ("the host", ["%s/32" % alloc.get("host_wg_ip")])} if key else {}
+    want = {key: ("the host", ["%s/32" % alloc.get("host_wg_ip")])} if key else {}
+    on, peers, _, _ = direct_expected(snap)
+    if on:                              # direct routing too: every peer with a key, a full mesh
+        want.update((p["wg_public_key"], (p["runner_name"], ["%s/32" % p["wg_ip"]]))
+                    for p in peers)
+    return want
 
 
 def check_wg_interface(snap):
@@ -2850,7 +2855,8 @@ def check_udp_csum(snap):
 
 def direct_expected(snap):
     """(on, peers without this runner, version, source): the Host's peer table when it serves
-    one (GET /api/overlay/peers), else what the runner's state file last kept."""
+    one (GET /api/overlay/peers), else what the runner's state file last kept; with encryption
+    only the peers it carries a key for (mesh_peer)."""
     state = snap.state if isinstance(snap.state, dict) else {}
     res = snap.api.get("peers")
     if isinstance(res, tuple) and res[0] == 200 and isinstance(res[1], dict) and \
@@ -2862,8 +2868,18 @@ def direct_expected(snap):
         on, source = state.get("direct_routing") is True, "the runner's state file"
     name = snap.runner_name()
     peers = [p for p in body.get("peers") or [] if isinstance(p, dict) and
-             p.get("runner_name") != name and is_ipv4(str(p.get("physical_ip")))]
+             p.get("runner_name") != name and is_ipv4(str(p.get("physical_ip"))) and
+             mesh_peer(snap, p)]
     return on, peers, body.get("version"), source
+
+
+def mesh_peer(snap, peer):
+    """With encryption a peer goes direct over kohaku-wg when the table carries its key and
+    tunnel address (the runner's rule); without, every peer does."""
+    if not snap.encrypted():
+        return True
+    return bool(re.match(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
+                         str(peer.get("wg_public_key")))) and is_ipv4(str(peer.get("wg_ip")))
 
 
 def direct_paths(snap):
@@ -2917,7 +2933,7 @@ def check_direct_device(snap):
 def check_direct_peers(snap):
     """PASS: per peer of the host's table, vxdirect0 holds the /32 route to its address, the
     subnet route (unless the peer is relayed), a permanent neighbour with its MAC and an FDB
-    entry to its physical IP, and nothing for runners not in the table. FAIL: what differs."""
+    entry to its physical IP (its tunnel address with encryption), and nothing for runners not in the table. FAIL: what differs."""
     on, peers, version, source = direct_expected(snap)
     if not on:
         return ok("direct routing is off: no peers")
@@ -2941,8 +2957,9 @@ def check_direct_peers(snap):
         n = neigh.get(addr) or {}
         if n.get("lladdr") != mac or "PERMANENT" not in (n.get("state") or []):
             missing.append("the permanent neighbour %s %s" % (addr, mac))
-        if fdb.get(mac) != p["physical_ip"]:
-            missing.append("the FDB entry %s dst %s" % (mac, p["physical_ip"]))
+        dst = p["wg_ip"] if snap.encrypted() else p["physical_ip"]   # VXLAN inside kohaku-wg
+        if fdb.get(mac) != dst:
+            missing.append("the FDB entry %s dst %s" % (mac, dst))
         if missing:
             wrong.append("%s lacks %s" % (p["runner_name"], ", ".join(missing)))
     stale = sorted(set(routes) - wanted_routes) + sorted(
@@ -2958,7 +2975,8 @@ def check_direct_peers(snap):
 
 def check_direct_paths(snap):
     """PASS: every peer is reached directly. WARN: peers reached only through the host, named
-    with the likely cause (UDP to the VXLAN port blocked between the two runners)."""
+    with the likely cause (UDP to the VXLAN port, or with encryption the WireGuard port,
+    blocked between the two runners)."""
     on, peers, _, _ = direct_expected(snap)
     if not on:
         return ok("direct routing is off: every runner is reached through the host")
@@ -2967,7 +2985,7 @@ def check_direct_paths(snap):
     if not relayed:
         return ok("all %d peer(s) reached directly" % len(peers))
     me = (snap.alloc or {}).get("physical_ip") or snap.cfg["RUNNER_ADDRESS"] or "this runner"
-    port = snap.cfg["OVERLAY_VXLAN_PORT"]
+    port = wg_port(snap) if snap.encrypted() else snap.cfg["OVERLAY_VXLAN_PORT"]
     since = paths[relayed[0]["runner_name"]].get("since")
     return warn("%s reached only through the host%s: the direct path does not answer, likely "
                 "UDP %d blocked between %s and %s" % (

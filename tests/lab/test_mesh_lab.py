@@ -111,6 +111,13 @@ def test_the_peer_table_carries_the_keys_and_the_stack_sits_on_the_tunnel_addres
             assert ("-s %s/32 " % wg_ip(j) in chain) == (j != i)
         assert "-s 198.51.100." not in chain          # no VXLAN accepted from the underlay
         assert "-s 172.16.0.1/32 " in chain             # the Host, through its tunnel
+    res = c.script(1, "check", "--json")
+    rows = dict((r["id"], r) for r in json.loads(res.stdout)["results"])
+    assert dict((i, rows["runner." + i]["status"]) for i in (
+        "wg.peers", "wg.handshake", "direct.device", "direct.peers")) == dict(
+        (i, "PASS") for i in ("wg.peers", "wg.handshake", "direct.device", "direct.peers")), \
+        res.stdout[-3000:]
+    assert rows["runner.wg.peers"]["detail"].startswith("3 peer(s)")
 
 
 def test_runner_to_runner_traffic_is_direct_with_the_hosts_underlay_link_down(c):
