@@ -2933,7 +2933,8 @@ def check_direct_device(snap):
 def check_direct_peers(snap):
     """PASS: per peer of the host's table, vxdirect0 holds the /32 route to its address, the
     subnet route (unless the peer is relayed), a permanent neighbour with its MAC and an FDB
-    entry to its physical IP (its tunnel address with encryption), and nothing for runners not in the table. FAIL: what differs."""
+    entry to its physical IP (its tunnel address with encryption), and nothing for runners not
+    in the table. FAIL: what differs."""
     on, peers, version, source = direct_expected(snap)
     if not on:
         return ok("direct routing is off: no peers")
