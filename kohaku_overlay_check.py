@@ -66,6 +66,7 @@ HOST_VXLAN_PREFIX = "vxkr"
 RUNNER_VXLAN = "vxlan0"
 DIRECT_DEVICE = "vxdirect0"         # a runner's direct-routing VXLAN device
 WG_DEVICE = "kohaku-wg"             # the WireGuard device under the tunnels
+WG_KEY_RE = re.compile(r"\A[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\Z")   # a public key
 WG_HANDSHAKE_MAX = 180              # seconds: WireGuard re-keys every 120 s while traffic flows
 RESOLV_CONF = "/etc/resolv.conf"
 SOURCE_FILTER_CHAIN = "KOHAKU-VXLAN"
@@ -2878,8 +2879,8 @@ def mesh_peer(snap, peer):
     tunnel address (the runner's rule); without, every peer does."""
     if not snap.encrypted():
         return True
-    return bool(re.match(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
-                         str(peer.get("wg_public_key")))) and is_ipv4(str(peer.get("wg_ip")))
+    return bool(WG_KEY_RE.match(str(peer.get("wg_public_key")))) and \
+        is_ipv4(str(peer.get("wg_ip")))
 
 
 def direct_paths(snap):
