@@ -141,6 +141,20 @@ _LIVE = []          # labs not torn down yet (atexit / signal handlers walk this
 CREATED = []        # (prefix, workdir) of every lab this process built: the session-end check
 
 
+def _free_prefix():
+    """ko<pid>x<nn>- with an <nn> no namespace or workdir of this machine uses yet: two labs of
+    one process live at once (a module's cluster and a test's own), and a random byte alone
+    collided one CI run in a few dozen ("/run/netns/...-sw: File exists")."""
+    taken = set(list_netns())
+    for nn in random.sample(range(256), 256):
+        prefix = "ko%dx%02x-" % (os.getpid(), nn)
+        used = any(n.startswith(prefix) for n in taken)
+        if not used and not (BASE_DIR / prefix.rstrip("-")).exists():
+            return prefix
+    raise LabError("every lab prefix of this process is taken: remove old labs "
+                   "(python3 tests/labkit.py down)")
+
+
 class LabError(RuntimeError):
     """Something in the lab itself failed; the message says what and quotes the output."""
 
@@ -624,7 +638,7 @@ class Lab(object):
     def __init__(self, runners=2, docker=True, firewalld=False, prefix=None, keep=False,
                  verbose=False, private_run=False):
         if prefix is None:
-            prefix = "ko%dx%02x-" % (os.getpid(), random.randrange(256))
+            prefix = _free_prefix()
         if not re.match(r"^[a-z][a-z0-9]*-$", prefix) or len(prefix) > 13:
             raise LabError("prefix %r: use up to 13 characters [a-z0-9] ending in '-'" % prefix)
         self.prefix = prefix

@@ -309,3 +309,14 @@ def test_private_run_nodes_are_entered_through_their_mount_namespace():
     argv = c._script_argv(private, "host", ["serve"])
     assert argv[:4] == c.enter(private)
     assert argv[-3:] == ["serve", "--config", "/tmp/x/host_config.py"]
+
+
+def test_a_new_lab_prefix_is_one_no_namespace_or_workdir_uses(monkeypatch, tmp_path):
+    pid = os.getpid()
+    taken = ["ko%dx%02x-sw" % (pid, nn) for nn in range(256) if nn != 0x5a]
+    monkeypatch.setattr(labkit, "list_netns", lambda: taken)
+    monkeypatch.setattr(labkit, "BASE_DIR", tmp_path)
+    assert labkit._free_prefix() == "ko%dx5a-" % pid
+    (tmp_path / ("ko%dx5a" % pid)).mkdir()
+    with pytest.raises(labkit.LabError):
+        labkit._free_prefix()
